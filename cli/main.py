@@ -1,0 +1,55 @@
+"""`fspo-engine`: the command-line entry point.
+
+Each command lives in its own module of this package and is registered here. Commands raise
+`FspoError` (engine) or `DataGenError` (data_gen) for bad input; `main` prints those as one line
+on stderr and exits 1. Set FSPO_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+
+class _Group(click.Group):
+    """A click group that turns user-input errors into one line and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - filtered below
+            if os.environ.get("FSPO_DEBUG") or not _is_user_error(exc):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from fspo_engine.data_gen.errors import DataGenError
+    from fspo_engine.engine.errors import FspoError
+
+    return isinstance(exc, (FspoError, DataGenError, FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fspo-engine")
+def cli():
+    """fspo-engine: Few-Shot Preference Optimization of Llama models, with fused Triton kernels."""
+
+
+def _register():
+    # Imported here so `fspo-engine --help` stays fast: heavy imports happen inside each command.
+    from fspo_engine.cli import commands
+
+    for command in commands.ALL:
+        cli.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,31 @@
+"""`fspo-engine model-info DIR`: a model directory's config, parameter count and FLOPs per token."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("model-info")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--context", default=4096, show_default=True, help="Mean context length for attention FLOPs.")
+@click.option("--check-weights/--no-check-weights", default=True, show_default=True,
+              help="Also check every tensor's name and shape in the safetensors headers.")
+def model_info(model_dir: str, context: int, check_weights: bool):
+    """Print a Llama directory's config, parameter count and FLOPs per token."""
+    from dataclasses import asdict
+
+    from fspo_engine.engine.model import check_weights as check_model_weights
+    from fspo_engine.engine.model import read_config
+
+    cfg = read_config(model_dir)
+    if check_weights:  # headers only: names and shapes of every tensor, no weights read
+        check_model_weights(model_dir, cfg)
+    n_params = cfg.num_params
+    flops = cfg.flops_per_token(context)
+    click.echo(json.dumps({k: v for k, v in asdict(cfg).items() if k != "attention_impl"}, indent=2))
+    click.echo(f"parameters: {n_params:,} ({n_params / 1e9:.3f} B)")
+    click.echo(f"forward FLOPs/token: {flops['forward'] / 1e9:.3f} GFLOP "
+               f"(matmuls {flops['matmul'] / 1e9:.3f}, attention at context {context}: {flops['attention'] / 1e9:.3f}); "
+               f"training ~3x forward")
