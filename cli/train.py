@@ -1,0 +1,39 @@
+"""`fspo-engine train`: few-shot Pref-FT, then IPO/DPO, with exact resume."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Run directory.")
+@click.option("--model", "model_name", default=None, help="A named size (tiny, 1B, 3B, 8B) or an HF Llama directory.")
+@click.option("--config", "config_file", default=None, type=click.Path(path_type=str), help="TOML config file.")
+@click.option("--stage", default="all", show_default=True, type=click.Choice(["pref-ft", "ipo", "dpo", "all"]))
+@click.option("--shots", default=None, help="Shots per episode: N or LO-HI (overrides data.shots).")
+@click.option("--max-steps", type=int, default=None, help="Optimiser steps per stage (overrides the config).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (overrides run.save_every).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest valid checkpoint.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config key.")
+def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, save_every, resume, device, sets):
+    """Train a Llama with FSPO on a preference dataset (Pref-FT, then IPO or DPO)."""
+    from fspo_engine.engine.config import load_config, parse_set_option
+    from fspo_engine.engine.train import Trainer
+
+    overrides = parse_set_option(sets)
+    if model_name is not None:
+        overrides["model.name"] = model_name
+    if shots is not None:
+        overrides["data.shots"] = shots
+    if save_every is not None:
+        overrides["run.save_every"] = save_every
+    if max_steps is not None:
+        overrides["pref_ft.steps"] = max_steps
+        overrides["pref.steps"] = max_steps
+    cfg = load_config(config_file, overrides)
+    trainer = Trainer(cfg, data_dir, out_dir, resume=resume, device=device, log=lambda m: click.echo(m, err=True))
+    result = trainer.run(stage)
+    for s, info in result.items():
+        click.echo(f"{s}: {trainer.out / info['final']}")

@@ -1,0 +1,172 @@
+"""Atomic, verifiable training checkpoints.
+
+A checkpoint is a directory `RUN/checkpoints/<stage>/step-<N>/` holding
+    model/            an HF Llama directory (config.json, safetensors, tokenizer files)
+    train_state.pt    optimiser state, RNG states, data position (loaded with weights_only=True)
+    COMPLETE          JSON: every other file's size and sha256, written last
+It is built under a temporary name and renamed into place, so a kill at any moment leaves either no
+checkpoint or a whole one; `COMPLETE` catches a directory that was truncated or edited afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from fspo_engine.engine.errors import FspoError
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step-(\d{9})$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str):
+    """Write a small text file atomically: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seal(directory: Path):
+    """Write the COMPLETE marker listing every file's size and sha256."""
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            rel = p.relative_to(directory).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    atomic_write_text(directory / MARKER, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify(directory: Path) -> str | None:
+    """None if the directory is a whole checkpoint, else the reason it is not."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return "no COMPLETE marker (half-written)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable COMPLETE marker ({exc})"
+    for rel, meta in files.items():
+        p = directory / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has size {p.stat().st_size}, expected {meta['size']}"
+        if sha256_file(p) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def write_checkpoint(stage_dir: Path, step: int, write_fn, keep_last: int) -> Path:
+    """Build a checkpoint with `write_fn(tmp_dir)`, seal it, rename it into place, prune old ones."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / f"step-{step:09d}"
+    tmp = stage_dir / f".tmp-step-{step:09d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_fn(tmp)
+    seal(tmp)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (after a resume): replace the old copy
+        old = stage_dir / f".old-step-{step:09d}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(stage_dir)
+    for stale in list_checkpoints(stage_dir)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in stage_dir.glob(".tmp-step-*"):  # from killed runs
+        if leftover != tmp:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(stage_dir: Path) -> list[Path]:
+    """Checkpoint directories of a stage, oldest first (whole or not)."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+
+
+def latest_valid(stage_dir: Path, log=print) -> Path | None:
+    """The newest whole checkpoint of a stage; broken ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(stage_dir)):
+        why = verify(ckpt)
+        if why is None:
+            return ckpt
+        log(f"{ckpt}: skipping broken checkpoint: {why}")
+    return None
+
+
+def step_of(ckpt: Path) -> int:
+    return int(_STEP_RE.match(ckpt.name).group(1))
+
+
+def save_train_state(path: Path, state: dict):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of a corrupt file
+        raise FspoError(f"{path}: unreadable training state ({exc})") from None
+
+
+def rng_state() -> dict:
+    import random
+
+    state = {"torch": torch.get_rng_state(), "python": list(_flatten_py_state(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    import random
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"][0], tuple(state["python"][1:-1]), state["python"][-1]
+    random.setstate((version, internal, None if gauss == "none" else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten_py_state(st):
+    # random.getstate() = (version, tuple of 625 ints, gauss_next); weights_only loads lists of ints/floats/str.
+    version, internal, gauss = st
+    return [version, *internal, "none" if gauss is None else gauss]

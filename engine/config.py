@@ -1,0 +1,238 @@
+"""Training configuration: typed sections, a TOML file plus CLI overrides, unknown keys are errors.
+
+```toml
+[model]
+name = "tiny"            # or a Hugging Face Llama directory
+[data]
+shots = "2-8"
+[optim]
+lr = 2e-3
+[pref_ft]
+steps = 600
+[pref]
+loss = "ipo"
+beta = 0.5
+steps = 300
+```
+Every field has a one-line doc (the comment after it); `resolved_toml()` writes the config back as TOML,
+and the run directory keeps it as `config.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fspo_engine.engine.errors import FspoError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny"  # a named size (tiny, 1B, 3B, 8B) trained from scratch, or an HF Llama directory
+    dtype: str = "auto"  # parameter dtype: auto (fp32 on CPU, bf16 autocast with fp32 master weights on GPU), float32
+    attention_impl: str = "auto"  # auto (Triton on CUDA), triton, torch
+    logprob_impl: str = "auto"  # fused log-prob op: auto (Triton on CUDA), triton, torch
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more compute)
+    compile: bool = False  # torch.compile each block
+    vocab_size: int = 512  # sentencepiece vocabulary trained on the dataset for a from-scratch model
+    hidden_size: int = 0  # from-scratch only: override the named size's width (0 = keep)
+    num_hidden_layers: int = 0  # from-scratch only: override the named size's depth (0 = keep)
+
+
+@dataclass
+class DataSection:
+    shots: str = "8"  # shots per episode: "8" or a range "1-8" sampled per episode
+    max_tokens: int = 8192  # token budget of one packed row (micro-batch)
+    user_description: bool = False  # targets start with "## User Description" (the paper's user-description CoT)
+    episodes_per_user: int = 0  # episodes per user per epoch (0 = one per preference of the user)
+    seed: int = 0  # episode sampling seed
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 10  # linear warmup steps
+    schedule: str = "cosine"  # cosine, linear or constant decay after warmup
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+
+
+@dataclass
+class BatchSection:
+    episodes: int = 16  # episodes per optimiser step (global batch, across ranks)
+
+
+@dataclass
+class PrefFtSection:
+    steps: int = 100  # optimiser steps of few-shot Pref-FT
+    lr: float = 0.0  # stage learning rate (0 = optim.lr)
+
+
+@dataclass
+class PrefSection:
+    loss: str = "ipo"  # ipo or dpo
+    beta: float = 0.1  # β: IPO target margin 1/(2β); DPO inverse temperature
+    label_smoothing: float = 0.0  # DPO conservative label smoothing ε
+    length_normalize: bool = False  # use mean per-token log-probs (TRL convention) instead of sums
+    steps: int = 100  # optimiser steps of IPO/DPO
+    lr: float = 0.0  # stage learning rate (0 = optim.lr)
+
+
+@dataclass
+class RunSection:
+    seed: int = 0  # model init and RNG seed
+    save_every: int = 0  # checkpoint every N optimiser steps (0 = only at stage ends)
+    keep_last: int = 2  # checkpoints kept per stage
+    log_every: int = 1  # metrics.jsonl line every N steps
+    tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard extra)
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    pref_ft: PrefFtSection = field(default_factory=PrefFtSection)
+    pref: PrefSection = field(default_factory=PrefSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "config"):
+        def bad(key, why):
+            raise FspoError(f"{where}: {key}: {why}")
+
+        if self.pref.loss not in ("ipo", "dpo"):
+            bad("pref.loss", f"must be ipo or dpo, got {self.pref.loss!r}")
+        if self.pref.beta <= 0:
+            bad("pref.beta", "must be > 0")
+        if not 0 <= self.pref.label_smoothing < 0.5:
+            bad("pref.label_smoothing", "must be in [0, 0.5)")
+        if self.optim.schedule not in ("cosine", "linear", "constant"):
+            bad("optim.schedule", f"must be cosine, linear or constant, got {self.optim.schedule!r}")
+        if self.optim.lr <= 0:
+            bad("optim.lr", "must be > 0")
+        for key, value in (("batch.episodes", self.batch.episodes), ("data.max_tokens", self.data.max_tokens)):
+            if value < 1:
+                bad(key, "must be >= 1")
+        for key, value in (("pref_ft.steps", self.pref_ft.steps), ("pref.steps", self.pref.steps),
+                           ("optim.warmup_steps", self.optim.warmup_steps), ("run.save_every", self.run.save_every)):
+            if value < 0:
+                bad(key, "must be >= 0")
+        if self.run.keep_last < 1:
+            bad("run.keep_last", "must be >= 1")
+        for key, value in (("model.attention_impl", self.model.attention_impl),
+                           ("model.logprob_impl", self.model.logprob_impl)):
+            if value not in ("auto", "triton", "torch"):
+                bad(key, f"must be auto, triton or torch, got {value!r}")
+        if self.model.dtype not in ("auto", "float32", "bfloat16"):
+            bad("model.dtype", f"must be auto, float32 or bfloat16, got {self.model.dtype!r}")
+        parse_shots(self.data.shots, where=f"{where}: data.shots")
+
+    def resolved_toml(self) -> str:
+        lines = []
+        for section in dataclasses.fields(self):
+            lines.append(f"[{section.name}]")
+            for f in dataclasses.fields(getattr(self, section.name)):
+                lines.append(f"{f.name} = {_toml_value(getattr(getattr(self, section.name), f.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def parse_shots(spec: str | int, where: str = "shots") -> tuple[int, int]:
+    """"8" -> (8, 8); "1-8" -> (1, 8)."""
+    text = str(spec).strip()
+    try:
+        lo, _, hi = text.partition("-")
+        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+    except ValueError:
+        raise FspoError(f"{where}: expected N or LO-HI, got {text!r}") from None
+    if lo_i < 0 or hi_i < lo_i:
+        raise FspoError(f"{where}: expected 0 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _coerce(value: Any, typ: str, key: str, where: str) -> Any:
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[typ]
+    if typ == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # shots = 8 in TOML
+    if isinstance(value, bool) and typ != "bool" or not isinstance(value, expected):
+        raise FspoError(f"{where}: {key}: expected {typ}, got {type(value).__name__} {value!r}")
+    return float(value) if typ == "float" else value
+
+
+def _apply(cfg: TrainConfig, tree: dict, where: str):
+    for section_name, body in tree.items():
+        if section_name not in {f.name for f in dataclasses.fields(cfg)}:
+            raise FspoError(f"{where}: unknown section [{section_name}] "
+                            f"(known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+        if not isinstance(body, dict):
+            raise FspoError(f"{where}: [{section_name}] must be a table")
+        section = getattr(cfg, section_name)
+        types = {f.name: f.type for f in dataclasses.fields(section)}
+        for key, value in body.items():
+            if key not in types:
+                raise FspoError(f"{where}: unknown key {section_name}.{key} (known: {', '.join(types)})")
+            setattr(section, key, _coerce(value, types[key], f"{section_name}.{key}", where))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then `overrides` ({"section.key": value}); validated at the end."""
+    cfg = TrainConfig()
+    where = "config"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise FspoError(f"{p}: config file not found")
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise FspoError(f"{p}: not UTF-8 ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise FspoError(f"{p}: {exc}") from None
+        _apply(cfg, tree, where)
+    tree: dict[str, dict] = {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        tree.setdefault(section, {})[key] = value
+    _apply(cfg, tree, "command line")
+    cfg.validate(where)
+    return cfg
+
+
+def parse_set_option(items: tuple[str, ...]) -> dict[str, Any]:
+    """`--set optim.lr=3e-4 --set pref.loss=dpo` -> {"optim.lr": 3e-4, "pref.loss": "dpo"} (TOML values)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise FspoError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw.strip()  # a bare string
+    return out

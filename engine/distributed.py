@@ -1,0 +1,80 @@
+"""Applying activation checkpointing, compile and FSDP2 to a finished single-device model (torchtitan style).
+
+The model file knows nothing of any of this: `apply_ac_and_compile` and `parallelize` take the built Llama
+and change how its blocks run, keeping parameter names (checkpoints stay Hugging Face format).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+
+def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
+    """Per-block activation checkpointing (recompute in backward) and per-block torch.compile, in place.
+
+    Returns the module to call for training (the same model): `checkpoint_wrapper` strips its own prefix from
+    state_dict keys and `Module.compile` keeps them, so save/load is unaffected.
+    """
+    layers = model.model.layers
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(layers):
+            if not getattr(block, "_fspo_ac", False):
+                wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+                wrapped._fspo_ac = True
+                layers[i] = wrapped
+    if compile:
+        for block in layers:
+            # Packed rows change length every step: compile for dynamic T once rather than per shape.
+            block.compile(dynamic=True)
+    return model
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not launched by it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device_type: str) -> torch.device:
+    """Start the process group for a torchrun launch (NCCL on CUDA, gloo on CPU); return this rank's device."""
+    import torch.distributed as dist
+
+    rank, local_rank, world_size = world()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return device
+
+
+def parallelize(model: nn.Module, activation_checkpointing: bool = False, compile: bool = False,
+                mixed_precision: bool = False) -> nn.Module:
+    """FSDP2 (`fully_shard`) over a 1-D mesh of all ranks: each block is a unit, then the root.
+
+    Gradients are reduce-scattered as averages over ranks; callers scale their loss so that the average
+    equals the global-batch gradient (see `Trainer._train_step`).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 kept it under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+    apply_ac_and_compile(model, activation_checkpointing, compile)
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model

@@ -1,0 +1,82 @@
+"""Reference log-probs, computed once per planned epoch and cached on disk.
+
+IPO/DPO need log π_ref(response | context) for every episode they train on. Episodes are sampled
+deterministically from (seed, epoch), so the whole plan is known before the stage starts: the reference
+model scores each planned epoch once, in inference mode and packed rows, and no reference forward runs
+inside the training step. The cache file is keyed by the reference weights, the data and the plan, so a
+changed input can never be served a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fspo_engine.engine.checkpoint import sha256_file
+from fspo_engine.engine.scoring import score_episodes
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """sha256 over the named files' contents (sorted by name), for cache keys."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.as_posix()):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    return fingerprint_files([p for p in Path(model_dir).glob("*") if p.is_file() and
+                              (p.suffix in (".safetensors", ".json", ".model"))])
+
+
+def cache_key(ref_fingerprint: str, data_fingerprint: str, plan: dict) -> str:
+    blob = json.dumps({"ref": ref_fingerprint, "data": data_fingerprint, "plan": plan}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class ReferenceCache:
+    """episode_id -> (chosen, rejected) reference log-probs, one file per planned epoch."""
+
+    def __init__(self, cache_dir: Path, ref_fingerprint: str, data_fingerprint: str):
+        self.dir = Path(cache_dir)
+        self.ref_fp = ref_fingerprint
+        self.data_fp = data_fingerprint
+        self._mem: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def path(self, plan: dict) -> Path:
+        return self.dir / f"ref-{cache_key(self.ref_fp, self.data_fp, plan)}.pt"
+
+    def get_epoch(self, plan: dict, episodes, model, max_tokens: int, impl: str, device, log=print,
+                  on_row=None) -> dict[str, tuple[float, float]]:
+        """Reference log-probs of one planned epoch's tokenized episodes (computed and saved on a miss)."""
+        path = self.path(plan)
+        key = path.name
+        if key in self._mem:
+            return self._mem[key]
+        table = None
+        if path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                if blob["episode_ids"] == [ep.episode_id for ep in episodes]:
+                    table = dict(zip(blob["episode_ids"], zip(blob["chosen"].tolist(), blob["rejected"].tolist())))
+            except Exception as exc:  # a corrupt cache file is recomputed, never trusted
+                log(f"{path}: ignoring unreadable reference cache ({exc})")
+        if table is None:
+            was_training = model.training
+            model.eval()
+            out = score_episodes(model, episodes, max_tokens, impl=impl, device=device, on_row=on_row)
+            model.train(was_training)
+            ids = [ep.episode_id for ep in episodes]
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            torch.save({"episode_ids": ids, "chosen": out.chosen, "rejected": out.rejected, "plan": json.dumps(plan)},
+                       tmp)
+            os.replace(tmp, path)
+            table = dict(zip(ids, zip(out.chosen.tolist(), out.rejected.tolist())))
+        self._mem = {key: table}  # one epoch in memory at a time
+        return table

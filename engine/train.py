@@ -1,0 +1,508 @@
+"""The FSPO training loop: few-shot Pref-FT, then few-shot IPO (or DPO) with Pref-FT as the reference.
+
+    for step in stage:
+        episodes = plan[step]                     # deterministic in (seed, stage, epoch): exact resume
+        for row in pack(episodes, max_tokens):    # micro-batches by token budget, no padding
+            logp = episode_logprobs(model, row)   # prefix-shared packed forward + fused lm_head log-probs
+            (loss_part(logp, ref[row]) ).backward()   # parts sum to the global-batch loss
+        clip, step, zero_grad(set_to_none=True)
+
+Run directory:
+    config.toml            the resolved config (a resumed run must match it)
+    run.json               stages done, their final models, which model is the reference
+    metrics.jsonl          one line per optimiser step
+    tokenizer/             the tokenizer trained on the data (from-scratch runs)
+    checkpoints/<stage>/step-N/   atomic, sealed checkpoints (engine/checkpoint.py)
+    <stage>/               the stage's final model, an HF directory
+    reference/             cached reference log-probs
+    loss_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fspo_engine.engine import checkpoint as ckpt
+from fspo_engine.engine.config import TrainConfig
+from fspo_engine.engine.episodes import Dataset, load_dataset, parse_shots, sample_episodes, tokenize_episodes
+from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
+from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_model
+from fspo_engine.engine.packing import PackItem, pack_batches
+from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
+from fspo_engine.engine.scoring import episode_logprobs, segment_logprobs
+from fspo_engine.engine.tokenizer import load_tokenizer, train_tokenizer
+
+STAGE_SEED = {"pref-ft": 0, "ipo": 1, "dpo": 1}  # each stage draws its own episodes
+
+
+def stages_for(stage: str, loss: str) -> list[str]:
+    if stage == "all":
+        return ["pref-ft", loss]
+    if stage in ("pref-ft", "ipo", "dpo"):
+        return [stage]
+    raise FspoError(f"--stage: expected pref-ft, ipo, dpo or all, got {stage!r}")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine/linear decay to peak * min_ratio (or constant). step is 0-based."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return peak * (min_ratio + (1 - min_ratio) * decay)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms (1-D params). Fused on CUDA, foreach elsewhere."""
+    decay, no_decay = [], []
+    for _, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                             eps=cfg.optim.eps, fused=on_cuda or None, foreach=None if on_cuda else True)
+
+
+@dataclass
+class EpisodePlan:
+    """The deterministic stream of training episodes of one stage: step -> its global batch."""
+
+    dataset: Dataset
+    tokenizer: object
+    cfg: TrainConfig
+    stage: str
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.data.seed * 7919 + STAGE_SEED[self.stage]
+
+    def epoch(self, e: int):
+        if e not in self._cache:
+            d = self.cfg.data
+            eps = sample_episodes(self.dataset, "train", parse_shots(d.shots), seed=self.seed, epoch=e,
+                                  episodes_per_user=d.episodes_per_user or None, shuffle=True)
+            if not eps:
+                raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences)")
+            tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens,
+                                    user_description=d.user_description)
+            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # keep memory bounded
+            self._cache[e] = tok
+        return self._cache[e]
+
+    @property
+    def epoch_size(self) -> int:
+        return len(self.epoch(0))
+
+    def batch(self, step: int) -> list:
+        B = self.cfg.batch.episodes
+        out = []
+        for i in range(step * B, (step + 1) * B):
+            e, j = divmod(i, self.epoch_size)
+            out.append(self.epoch(e)[j])
+        return out
+
+    def epochs_for(self, steps: int) -> int:
+        return max(1, math.ceil(steps * self.cfg.batch.episodes / self.epoch_size))
+
+    def plan_key(self, e: int) -> dict:
+        d = self.cfg.data
+        return {"stage_seed": self.seed, "epoch": e, "shots": d.shots, "max_tokens": d.max_tokens,
+                "user_description": d.user_description, "episodes_per_user": d.episodes_per_user,
+                "split": "train"}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir: str, out_dir: str, resume: bool = False,
+                 device: str | None = None, log=print):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.log = log
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dataset = load_dataset(data_dir)
+        self.data_fp = fingerprint_files([self.dataset.root / f for f in ("manifest.json", "users.jsonl",
+                                                                          "prefs.jsonl")])
+        self._prepare_run_dir(resume)
+        self.run_info = self._read_run_info()
+        self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
+        self.tokenizer_dir = self._tokenizer()
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._tb = None
+
+    # ------------------------------------------------------------------ run directory
+
+    def _prepare_run_dir(self, resume: bool):
+        cfg_path = self.out / "config.toml"
+        text = self.cfg.resolved_toml()
+        if cfg_path.is_file():
+            if not resume:
+                raise FspoError(f"{self.out}: already holds a run; pass --resume to continue it or pick a new --out")
+            old = cfg_path.read_text(encoding="utf-8")
+            if old != text:
+                diff = [f"{a.strip()} -> {b.strip()}" for a, b in zip(old.splitlines(), text.splitlines()) if a != b]
+                raise FspoError(f"{cfg_path}: --resume with a different config: {'; '.join(diff[:5])}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(cfg_path, text)
+
+    def _read_run_info(self) -> dict:
+        p = self.out / "run.json"
+        if p.is_file():
+            try:
+                return json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise FspoError(f"{p}: unreadable ({exc})") from None
+        return {"stages": {}, "reference": None, "data": str(self.dataset.root)}
+
+    def _write_run_info(self):
+        ckpt.atomic_write_text(self.out / "run.json", json.dumps(self.run_info, indent=2, sort_keys=True))
+
+    def _tokenizer(self) -> Path:
+        name = self.cfg.model.name
+        if name not in NAMED_SIZES:
+            return Path(name)
+        tok_dir = self.out / "tokenizer"
+        if not (tok_dir / "tokenizer.json").is_file():
+            texts = []
+            for user in self.dataset.users_in("train"):
+                for p in self.dataset.prefs.get(user.user_id, []):
+                    texts += [p.question, p.chosen, p.rejected]
+                texts.append(user.description)
+            # The episode format's own words must be in the vocabulary too.
+            from fspo_engine.engine.episodes import render_prompt, render_response
+
+            prefs = [p for ps in self.dataset.prefs.values() for p in ps][:4]
+            texts += [render_prompt(prefs, "q", ud) for ud in (False, True)] + [render_response("r", "d")]
+            tmp = self.out / f".tokenizer.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            train_tokenizer(texts, self.cfg.model.vocab_size, tmp)
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            os.replace(tmp, tok_dir)
+        return tok_dir
+
+    # ------------------------------------------------------------------ models
+
+    def _param_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
+
+    def _initial_model(self):
+        m = self.cfg.model
+        if m.name in NAMED_SIZES:
+            overrides = {"vocab_size": max(self.tokenizer.vocab_size, m.vocab_size),
+                         "bos_token_id": self.tokenizer.bos_id, "eos_token_id": self.tokenizer.eos_id,
+                         "attention_impl": m.attention_impl}
+            if m.hidden_size:
+                overrides["hidden_size"] = m.hidden_size
+                overrides["head_dim"] = 0
+            if m.num_hidden_layers:
+                overrides["num_hidden_layers"] = m.num_hidden_layers
+            cfg = LlamaConfig.from_name(m.name, **overrides)
+            return build_model(cfg, dtype=self._param_dtype(), device=self.device, seed=self.cfg.run.seed)
+        return load_model(m.name, dtype=self._param_dtype(), device=self.device, attention_impl=m.attention_impl)
+
+    def _load(self, model_dir: Path):
+        return load_model(model_dir, dtype=self._param_dtype(), device=self.device,
+                          attention_impl=self.cfg.model.attention_impl)
+
+    def _wrap(self, model):
+        """Activation checkpointing and compile are applied to the finished model (torchtitan style)."""
+        from fspo_engine.engine.distributed import apply_ac_and_compile
+
+        return apply_ac_and_compile(model, self.cfg.model.activation_checkpointing, self.cfg.model.compile)
+
+    # ------------------------------------------------------------------ metrics
+
+    def _truncate_metrics(self, stage: str, step: int):
+        """After a resume, drop metric lines the killed run wrote past its checkpoint (and torn lines)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        order = self.run_info.get("stage_order", [])
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            s = rec.get("stage")
+            if s == stage and rec.get("step", 0) > step:
+                continue
+            if s in order and stage in order and order.index(s) > order.index(stage):
+                continue
+            keep.append(line)
+        ckpt.atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for ln in keep))
+
+    def _emit(self, record: dict):
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+        if self.cfg.run.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise FspoError("run.tensorboard = true needs the tensorboard package: "
+                                    "pip install 'fspo-engine[tensorboard]'") from None
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            gstep = record["step"] + (10**6 if record["stage"] != "pref-ft" else 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{record['stage']}/{k}", v, gstep)
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self, stage: str = "all", max_steps: int | None = None) -> dict:
+        stages = stages_for(stage, self.cfg.pref.loss)
+        self.run_info["stage_order"] = stages
+        result = {}
+        policy_dir = None
+        for s in stages:
+            done = self.run_info["stages"].get(s)
+            if done and (self.out / done["final"]).is_dir() and ckpt.verify(self.out / done["final"]) is None:
+                self.log(f"[{s}] already complete: {self.out / done['final']}")
+                policy_dir = self.out / done["final"]
+                result[s] = done
+                continue
+            result[s] = self._run_stage(s, policy_dir, max_steps)
+            policy_dir = self.out / result[s]["final"]
+        self._plot()
+        return result
+
+    def _stage_steps(self, stage: str, max_steps: int | None) -> tuple[int, float]:
+        sec = self.cfg.pref_ft if stage == "pref-ft" else self.cfg.pref
+        steps = sec.steps if max_steps is None else max_steps
+        return steps, (sec.lr or self.cfg.optim.lr)
+
+    def _run_stage(self, stage: str, init_dir: Path | None, max_steps: int | None) -> dict:
+        cfg = self.cfg
+        total, peak_lr = self._stage_steps(stage, max_steps)
+        stage_dir = self.out / "checkpoints" / stage
+        plan = EpisodePlan(self.dataset, self.tokenizer, cfg, stage)
+
+        # Policy initialisation and reference.
+        ref_dir = None
+        if stage != "pref-ft":
+            ref_dir = init_dir if init_dir is not None else Path(cfg.model.name)
+            if cfg.model.name in NAMED_SIZES and init_dir is None:
+                raise FspoError(f"--stage {stage} from scratch has no reference model: run pref-ft first "
+                                "(--stage all) or pass --model with a Pref-FT'd HF directory")
+            self.run_info["reference"] = str(ref_dir.relative_to(self.out)) if ref_dir.is_relative_to(self.out) \
+                else str(ref_dir.resolve())
+            self._write_run_info()
+        start_step = 0
+        resume_from = ckpt.latest_valid(stage_dir, log=self.log)
+        if resume_from is not None:
+            model = self._load(resume_from / "model")
+            state = ckpt.load_train_state(resume_from / "train_state.pt")
+            start_step = state["step"]
+            self.log(f"[{stage}] resuming from {resume_from} (step {start_step})")
+        elif init_dir is not None:
+            model = self._load(init_dir)
+        else:
+            model = self._initial_model()
+        self._truncate_metrics(stage, start_step)
+        model.train()
+        optimizer = make_optimizer(model, cfg)
+        if resume_from is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            ckpt.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(cfg.run.seed)
+
+        # Reference log-probs for every planned epoch, computed once, before any training step.
+        ref_tables = {}
+        if ref_dir is not None and start_step < total:
+            ref_model = self._load(ref_dir).eval()
+            cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
+            n_epochs = plan.epochs_for(total)
+            bar = _bar(total=n_epochs * plan.epoch_size, desc=f"[{stage}] reference log-probs", unit="ep",
+                       enabled=cfg.run.progress)
+            for e in range(n_epochs):
+                ref_tables[e] = cache.get_epoch(plan.plan_key(e), plan.epoch(e), ref_model, cfg.data.max_tokens,
+                                                cfg.model.logprob_impl, self.device, log=self.log,
+                                                on_row=bar.update)
+            bar.close()
+            del ref_model
+        ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}
+
+        step_model = self._wrap(model)
+        bar = _bar(total=total, initial=start_step, desc=f"[{stage}]", unit="step", enabled=cfg.run.progress)
+        last_ckpt = resume_from
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, peak_lr, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            episodes = plan.batch(step)
+            rec = self._train_step(stage, step_model, model, episodes, ref_table)
+            if not math.isfinite(rec["loss"]):
+                raise FspoError(f"[{stage}] step {step + 1}: loss is {rec['loss']}; stopping. The last good "
+                                f"checkpoint is {last_ckpt or 'none (no checkpoint yet)'}; resume with --resume "
+                                "after lowering the learning rate")
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                       else float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise FspoError(f"[{stage}] step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The "
+                                f"last good checkpoint is {last_ckpt or 'none'}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            rec.update(stage=stage, step=step + 1, lr=lr, grad_norm=grad_norm.item(),
+                       episodes_per_s=len(episodes) / dt, tokens_per_s=rec.pop("_tokens") / dt, step_time_s=dt)
+            if self.device.type == "cuda":
+                rec["mfu"] = self._mfu(model, rec["tokens_per_s"])
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
+                self._emit(rec)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{rec[k]:.4g}" for k in ("loss", "rewards/accuracy", "tokens_per_s")
+                             if k in rec})
+            if step + 1 < total and cfg.run.save_every and (step + 1) % cfg.run.save_every == 0:
+                last_ckpt = self._save(stage_dir, step + 1, model, optimizer)
+        bar.close()
+        if last_ckpt is None or ckpt.step_of(last_ckpt) != total:
+            last_ckpt = self._save(stage_dir, total, model, optimizer)
+        # The stage's final model: an HF directory, published atomically.
+        final = self.out / stage
+        tmp = self.out / f".{stage}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(last_ckpt / "model", tmp)
+        ckpt.seal(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.run_info["stages"][stage] = {"final": stage, "steps": total, "checkpoint": str(last_ckpt.relative_to(self.out))}
+        self._write_run_info()
+        self.log(f"[{stage}] done: {final}")
+        return self.run_info["stages"][stage]
+
+    def _save(self, stage_dir: Path, step: int, model, optimizer) -> Path:
+        def write(tmp: Path):
+            save_model(model, tmp / "model", tokenizer_dir=self.tokenizer_dir, dtype=torch.float32
+                       if self.cfg.model.dtype != "bfloat16" else torch.bfloat16)
+            ckpt.save_train_state(tmp / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
+                                                            "rng": ckpt.rng_state()})
+
+        return ckpt.write_checkpoint(stage_dir, step, write, self.cfg.run.keep_last)
+
+    def _mfu(self, model, tokens_per_s: float) -> float:
+        c = model.config
+        flops = 3 * c.flops_per_token(self.cfg.data.max_tokens // 2)["forward"]
+        peak = 989e12  # H100/H200 dense bf16 TFLOP/s
+        return flops * tokens_per_s / peak
+
+    def _train_step(self, stage: str, step_model, model, episodes: list, ref_table: dict) -> dict:
+        """Forward/backward over micro-batches (packed rows) summing exactly to the global-batch loss."""
+        cfg = self.cfg
+        E = len(episodes)
+        dev = self.device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
+        n_tokens = 0
+        if stage == "pref-ft":
+            # SFT needs only the chosen branch: pack [context | chosen] blocks.
+            items = [PackItem(ep.prompt_ids, [ep.chosen_ids], ep.episode_id) for ep in episodes]
+            total_targets = sum(len(ep.chosen_ids) for ep in episodes)
+            loss_sum = 0.0
+            for row in pack_batches(items, cfg.data.max_tokens):
+                row = row.to(dev)
+                with autocast:
+                    seg = segment_logprobs(step_model, row, impl=cfg.model.logprob_impl)
+                loss = -seg.sum() / total_targets  # parts sum to the token-mean NLL of the whole batch
+                loss.backward()
+                loss_sum += loss.item()
+                n_tokens += row.num_tokens
+            return {"loss": loss_sum, "nll_per_token": loss_sum, "_tokens": n_tokens}
+        # IPO / DPO
+        beta = cfg.pref.beta
+        stats = {k: [] for k in ("pc", "pr", "rc", "rr")}
+        loss_sum = 0.0
+        for row in pack_batches(episodes, cfg.data.max_tokens):
+            idx = row.episodes
+            ref = torch.tensor([ref_table[episodes[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
+            row = row.to(dev)
+            with autocast:
+                out = episode_logprobs(step_model, row, impl=cfg.model.logprob_impl)
+            pc, pr = out.chosen.float(), out.rejected.float()
+            rc, rr = ref[:, 0], ref[:, 1]
+            if cfg.pref.length_normalize:
+                ct, rt = out.chosen_tokens.to(dev), out.rejected_tokens.to(dev)
+                pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
+                rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
+            if cfg.pref.loss == "ipo":
+                part = ipo_loss(pc, pr, rc, rr, beta)
+            else:
+                part = dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)
+            loss = part * (len(idx) / E)  # mean over the row -> its share of the global-batch mean
+            loss.backward()
+            loss_sum += loss.item()
+            n_tokens += row.num_tokens
+            for k, v in zip(("pc", "pr", "rc", "rr"), (pc, pr, rc, rr)):
+                stats[k].append(v.detach())
+        pc, pr, rc, rr = (torch.cat(stats[k]) for k in ("pc", "pr", "rc", "rr"))
+        rec = {"loss": loss_sum, **reward_metrics(pc, pr, rc, rr, beta),
+               "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(), "_tokens": n_tokens}
+        return rec
+
+    def _plot(self):
+        try:
+            plot_metrics(self.metrics_path, self.out / "loss_curve.png")
+        except Exception as exc:  # a plot must never fail a finished run
+            self.log(f"could not plot the loss curve: {exc}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(total, desc, unit, enabled, initial=0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                leave=True)
+
+
+def plot_metrics(metrics_path: Path, out_png: Path):
+    """Loss per stage and IPO/DPO reward accuracy against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in Path(metrics_path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    stages = list(dict.fromkeys(r["stage"] for r in recs))
+    if not stages:
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        rs = [r for r in recs if r["stage"] == s]
+        ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label="loss", color="tab:blue")
+        ax.set_title(s)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if any("rewards/accuracy" in r for r in rs):
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in rs], [r.get("rewards/accuracy", float("nan")) for r in rs],
+                     color="tab:orange", alpha=0.7, label="reward accuracy")
+            ax2.set_ylabel("reward accuracy")
+            ax2.set_ylim(0, 1)
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)

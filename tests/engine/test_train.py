@@ -1,0 +1,263 @@
+"""The trainer: losses, learning, exact resume after kill -9, checkpoint integrity, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from fspo_engine.engine import checkpoint as ckpt
+from fspo_engine.engine.config import load_config
+from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.losses import dpo_loss, ipo_loss, reward_metrics, sft_loss
+
+
+def write_fixture(root, users=16, prefs_per_user=8, seed=0, everyone_upbeat=False):
+    """A small dataset with one clear trait: half the users prefer upbeat replies, half gloomy ones
+    (or, with `everyone_upbeat`, a preference learnable without reading the shots)."""
+    import random
+
+    r = random.Random(seed)
+    up, down = "great lovely superb bright happy".split(), "awful dull poor grey sad".split()
+    root.mkdir(parents=True, exist_ok=True)
+    us, ps = [], []
+    for u in range(users):
+        likes_up = everyone_upbeat or u % 2 == 0
+        us.append({"user_id": f"u{u:02d}", "domain": "reviews", "split": "test" if u >= users - 4 else "train",
+                   "description": f"prefers {'upbeat' if likes_up else 'gloomy'} replies",
+                   "traits": {"tone": "upbeat" if likes_up else "gloomy"}})
+        for k in range(prefs_per_user):
+            a = " ".join(r.choice(up) for _ in range(3))
+            b = " ".join(r.choice(down) for _ in range(3))
+            c, d = (a, b) if likes_up else (b, a)
+            ps.append({"pref_id": f"u{u:02d}-{k}", "user_id": f"u{u:02d}", "question": f"how was item {k}?",
+                       "chosen": c, "rejected": d})
+    (root / "manifest.json").write_text(json.dumps({"format": "fspo-prefs/1", "domains": ["reviews"], "seed": seed,
+                                                    "generator": {}, "counts": {"users": users, "prefs": len(ps)}}))
+    (root / "users.jsonl").write_text("".join(json.dumps(x) + "\n" for x in us))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ps))
+    return root
+
+
+SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=2", "--set", "model.vocab_size=400",
+         "--set", "batch.episodes=6", "--set", "data.max_tokens=512", "--shots", "1-3",
+         "--set", "run.progress=false"]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def read_metrics(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_losses_against_hand_computed_values():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -3.0])
+    # h = (pc - pr) - (rc - rr) = [1 - (-0.5), -3 - (-1)] = [1.5, -2.0]
+    beta = 0.5
+    assert math.isclose(ipo_loss(pc, pr, rc, rr, beta).item(), ((1.5 - 1.0) ** 2 + (-2.0 - 1.0) ** 2) / 2)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    expect = -(math.log(sig(0.75)) + math.log(sig(-1.0))) / 2
+    assert math.isclose(dpo_loss(pc, pr, rc, rr, beta).item(), expect, rel_tol=1e-6)
+    eps = 0.1
+    smooth = -((1 - eps) * math.log(sig(0.75)) + eps * math.log(sig(-0.75))
+               + (1 - eps) * math.log(sig(-1.0)) + eps * math.log(sig(1.0))) / 2
+    assert math.isclose(dpo_loss(pc, pr, rc, rr, beta, eps).item(), smooth, rel_tol=1e-6)
+    assert math.isclose(sft_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item(), 2.0)
+    m = reward_metrics(pc, pr, rc, rr, beta)
+    assert math.isclose(m["rewards/chosen"], (0.5 * 0.5 + 0.5 * -1.0) / 2)
+    assert m["rewards/accuracy"] == 0.5
+    assert math.isclose(m["rewards/margin"], beta * (1.5 - 2.0) / 2)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlrr = 3\n")
+    with pytest.raises(FspoError, match="unknown key optim.lrr"):
+        load_config(bad)
+    bad.write_text("[optim]\nlr = 'fast'\n")
+    with pytest.raises(FspoError, match="optim.lr: expected float"):
+        load_config(bad)
+    bad.write_text("[nope]\nx = 1\n")
+    with pytest.raises(FspoError, match=r"unknown section \[nope\]"):
+        load_config(bad)
+    bad.write_text("[pref]\nloss = 'kto'\n")
+    with pytest.raises(FspoError, match="pref.loss"):
+        load_config(bad)
+    bad.write_text("[optim\n")
+    with pytest.raises(FspoError, match=str(bad)):
+        load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text("[optim]\nlr = 3e-4\n[data]\nshots = 4\n")
+    cfg = load_config(good, {"pref.beta": 0.25})
+    assert cfg.optim.lr == 3e-4 and cfg.data.shots == "4" and cfg.pref.beta == 0.25
+    # The resolved TOML reads back to the same config.
+    again = tmp_path / "again.toml"
+    again.write_text(cfg.resolved_toml())
+    assert load_config(again) == cfg
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    data = write_fixture(tmp_path / "data")
+    for args, needle in (
+        (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r1")], "missing"),
+        (["--data", str(data), "--out", str(tmp_path / "r2"), "--set", "optim.lr=-1"], "optim.lr"),
+        (["--data", str(data), "--out", str(tmp_path / "r3"), "--set", "optim.nope=1"], "unknown key optim.nope"),
+        (["--data", str(data), "--out", str(tmp_path / "r4"), "--model", str(tmp_path)], "config.json"),
+    ):
+        res = cli("train", *args)
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        assert needle in res.stderr, res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.slow
+def test_pref_ft_learns_and_ipo_accuracy_rises(tmp_path):
+    data = write_fixture(tmp_path / "data", users=20, prefs_per_user=10, everyone_upbeat=True)
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--set", "pref_ft.steps=40",
+              "--set", "pref.steps=40", "--set", "optim.lr=3e-3", "--set", "pref.beta=0.5",
+              "--set", "optim.warmup_steps=5")
+    assert res.returncode == 0, res.stderr
+    recs = read_metrics(run)
+    sft = [r["loss"] for r in recs if r["stage"] == "pref-ft"]
+    ipo = [r for r in recs if r["stage"] == "ipo"]
+    assert len(sft) == 40 and len(ipo) == 40
+    assert sum(sft[-5:]) / 5 < 0.6 * sum(sft[:5]) / 5
+    # Step 1 runs the policy at its initialisation, which is the reference: the cached reference
+    # log-probs must agree with it, so every implicit reward starts at zero.
+    assert abs(ipo[0]["rewards/margin"]) < 1e-4 and abs(ipo[0]["rewards/chosen"]) < 1e-4
+    last_acc = sum(r["rewards/accuracy"] for r in ipo[-5:]) / 5
+    last_margin = sum(r["rewards/margin"] for r in ipo[-5:]) / 5
+    # IPO pulls beta * h towards beta / (2 beta) = 0.5.
+    assert last_acc > 0.9 and 0.25 < last_margin < 1.0, (last_acc, last_margin)
+    for key in ("lr", "grad_norm", "tokens_per_s", "episodes_per_s", "rewards/chosen", "rewards/margin"):
+        assert key in ipo[-1]
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    info = json.loads((run / "run.json").read_text())
+    assert info["reference"] == "pref-ft"
+    # The reference was scored once per planned epoch and cached.
+    assert len(list((run / "reference").glob("ref-*.pt"))) >= 1
+
+
+def test_checkpoint_loads_in_transformers_with_same_logprobs(tmp_path):
+    from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
+    from fspo_engine.engine.model import load_model
+    from fspo_engine.engine.scoring import score_episodes
+    from fspo_engine.engine.tokenizer import load_tokenizer
+
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "3")
+    assert res.returncode == 0, res.stderr
+    model_dir = ckpt.latest_valid(run / "checkpoints" / "pref-ft") / "model"
+    tok = load_tokenizer(model_dir)
+    eps = tokenize_episodes(sample_episodes(load_dataset(data), "test", 2, seed=0)[:4], tok)
+    ours = score_episodes(load_model(model_dir).eval(), eps, max_tokens=512)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, ep in enumerate(eps):
+        for resp, got in ((ep.chosen_ids, ours.chosen[i]), (ep.rejected_ids, ours.rejected[i])):
+            ids = torch.tensor([ep.prompt_ids + resp])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(input_ids=ids).logits[0].double(), -1)
+            n = len(ep.prompt_ids)
+            ref = sum(logp[n - 1 + j, t].item() for j, t in enumerate(resp))
+            assert abs(got.item() - ref) / abs(ref) < 1e-4
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    data = write_fixture(tmp_path / "data")
+    args = [*SMALL, "--set", "pref_ft.steps=8", "--set", "pref.steps=8", "--save-every", "2",
+            "--set", "optim.lr=2e-3", "--set", "pref.beta=0.5"]
+    whole = tmp_path / "whole"
+    res = cli("train", "--data", str(data), "--out", str(whole), *args)
+    assert res.returncode == 0, res.stderr
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "fspo_engine.cli.main", "train", "--data", str(data), "--out", str(cut), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Kill -9 twice: once mid pref-ft, once mid ipo (after its first checkpoint), resuming each time.
+    for marker in (cut / "checkpoints" / "pref-ft" / "step-000000004", cut / "checkpoints" / "ipo" / "step-000000002"):
+        proc = subprocess.Popen(cmd + (["--resume"] if cut.exists() else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # A half-written newer checkpoint (no COMPLETE marker) must be ignored.
+    torn = cut / "checkpoints" / "ipo" / "step-000000006"
+    if not torn.exists():
+        torn.mkdir(parents=True)
+        (torn / "train_state.pt").write_bytes(b"\x00" * 10)
+    res = cli("train", "--data", str(data), "--out", str(cut), *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "[pref-ft] already complete" in res.stderr and "[ipo] resuming from" in res.stderr, res.stderr
+
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * max(1.0, abs(ra["loss"])), (ra, rb)
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    args = [*SMALL, "--stage", "pref-ft", "--set", "pref_ft.steps=4", "--save-every", "2", "--set", "run.keep_last=3"]
+    res = cli("train", "--data", str(data), "--out", str(run), *args)
+    assert res.returncode == 0, res.stderr
+    stage = run / "checkpoints" / "pref-ft"
+    assert [p.name for p in ckpt.list_checkpoints(stage)] == ["step-000000002", "step-000000004"]
+    # Flip bytes inside the newest checkpoint's weights: the checksum catches it.
+    w = stage / "step-000000004" / "model" / "model.safetensors"
+    blob = bytearray(w.read_bytes())
+    blob[-5] ^= 0xFF
+    w.write_bytes(bytes(blob))
+    assert "checksum" in ckpt.verify(stage / "step-000000004")
+    seen = []
+    assert ckpt.latest_valid(stage, log=seen.append) == stage / "step-000000002"
+    assert seen and "step-000000004" in seen[0]
+    # The stage had finished; make it resume: forget that it finished, then --resume redoes steps 3-4.
+    info = json.loads((run / "run.json").read_text())
+    info["stages"] = {}
+    (run / "run.json").write_text(json.dumps(info))
+    before = read_metrics(run)
+    res = cli("train", "--data", str(data), "--out", str(run), *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "skipping broken checkpoint" in res.stderr
+    after = read_metrics(run)
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert all(abs(x["loss"] - y["loss"]) < 1e-6 for x, y in zip(before, after))
+
+
+def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path):
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1")
+    assert res.returncode == 0, res.stderr
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1")
+    assert res.returncode == 1 and "--resume" in res.stderr
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "2",
+              "--resume")
+    assert res.returncode == 1 and "different config" in res.stderr and "Traceback" not in res.stderr
