@@ -34,7 +34,7 @@ from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import TrainConfig
 from fspo_engine.engine.episodes import Dataset, load_dataset, parse_shots, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
+from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
 from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_model
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
@@ -85,6 +85,7 @@ class EpisodePlan:
     cfg: TrainConfig
     stage: str
     _cache: dict = field(default_factory=dict)
+    _size: int | None = None
 
     @property
     def seed(self) -> int:
@@ -99,13 +100,16 @@ class EpisodePlan:
                 raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences)")
             tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens,
                                     user_description=d.user_description)
-            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # keep memory bounded
+            self._cache = {k: v for k, v in self._cache.items() if k == e - 1}  # memory: two epochs at most
             self._cache[e] = tok
         return self._cache[e]
 
     @property
     def epoch_size(self) -> int:
-        return len(self.epoch(0))
+        # Every epoch has the same episodes count (each preference is a target once per epoch).
+        if self._size is None:
+            self._size = len(self.epoch(0))
+        return self._size
 
     def batch(self, step: int) -> list:
         B = self.cfg.batch.episodes

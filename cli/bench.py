@@ -1,0 +1,30 @@
+"""`fspo-engine bench NAME [ARGS...]`: run one of the benchmark scripts in benchmarks/."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+BENCHMARKS = {
+    "kernels": "fused linear log-prob sums vs plain torch / torch.compile / peers (fwd+bwd time, peak memory)",
+    "attention": "prefix-shared attention vs the official duplicated-context layout and flex_attention",
+    "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
+    "train": "a whole training step: fspo-engine's packed path vs the official padded path",
+}
+
+
+@click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(sorted(BENCHMARKS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name, args):
+    """Run a benchmark; ARGS go to the script (try `fspo-engine bench NAME --help`).
+
+    \b
+    kernels    fused linear log-prob sums vs plain torch / torch.compile / peers
+    attention  prefix-shared attention vs the official layout and flex_attention
+    packing    tokens and attention FLOPs per episode vs the official padded layout
+    train      a whole training step, packed vs the official padded path
+    """
+    module = importlib.import_module(f"fspo_engine.benchmarks.bench_{name}")
+    module.main(list(args))

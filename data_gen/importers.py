@@ -1,0 +1,258 @@
+"""Importers for the released FSPO datasets (JSONL or Parquet) into the fspo-prefs/1 directory.
+
+Official schemas:
+- roleplay: `x` (question), `yw` (preferred), `yl` (dispreferred), `level`, `score_persona` (the
+  persona text the labels were scored with: that is the user).
+- review, elix: `prompt`, `response_x`, `response_y`, `label` (0 = response_x preferred, 1 =
+  response_y), `level_x`, `level_y` (the level each response was written for), `scorer_level` (the
+  level of the user who scored the pair: that is the user).
+
+Every record is checked; the import stops before writing anything if any record is malformed and
+reports each as `path:line: reason` (Parquet: `path:row N: reason`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fspo_engine.data_gen.errors import DataGenError
+from fspo_engine.data_gen.stats import dataset_stats
+
+KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
+FIELDS = {
+    "roleplay": {"x": str, "yw": str, "yl": str, "level": (str, int), "score_persona": str},
+    "review": {
+        "prompt": str,
+        "response_x": str,
+        "response_y": str,
+        "label": (int, str),
+        "level_x": (str, int),
+        "level_y": (str, int),
+        "scorer_level": (str, int),
+    },
+}
+FIELDS["elix"] = FIELDS["review"]
+MAX_REPORTED = 20
+
+
+class _Unreadable:
+    """A record that could not even be parsed; `reason` says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _records(path: Path):
+    """(location, record) for every record; JSONL unless the suffix says Parquet."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataGenError(
+                f"{path}: reading Parquet needs pyarrow: pip install 'fspo-engine[parquet]'"
+            ) from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a bad file
+            raise DataGenError(f"{path}: cannot read Parquet ({exc})") from None
+        for i, row in enumerate(rows):
+            yield f"{path}:row {i}", row
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield where, _Unreadable("not valid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, _Unreadable(f"invalid JSON ({exc.msg})")
+
+
+def _check(kind: str, rec) -> str | None:
+    """The reason `rec` is malformed, or None."""
+    if isinstance(rec, _Unreadable):
+        return rec.reason
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    for name, types in FIELDS[kind].items():
+        if name not in rec or rec[name] is None:
+            return f"missing field {name!r}"
+        if not isinstance(rec[name], types) or isinstance(rec[name], bool):
+            return f"field {name!r} has type {type(rec[name]).__name__}"
+    if kind == "roleplay":
+        if not rec["x"].strip() or not rec["yw"].strip() or not rec["yl"].strip():
+            return "empty question or response"
+        if not rec["score_persona"].strip():
+            return "empty score_persona"
+    else:
+        if str(rec["label"]) not in ("0", "1"):
+            return f"label must be 0 or 1, not {rec['label']!r}"
+        if not rec["prompt"].strip() or not rec["response_x"].strip() or not rec["response_y"].strip():
+            return "empty prompt or response"
+    return None
+
+
+def _split_of(path: Path, split: str) -> str | None:
+    if split in ("train", "test"):
+        return split
+    name = path.stem.lower()
+    if "test" in name or "eval" in name:
+        return "test"
+    if "train" in name:
+        return "train"
+    return None  # decided per user by a hash
+
+
+def _hash_split(key: str, seed: int, test_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:8], "little")
+    return "test" if h / 2**64 < test_fraction else "train"
+
+
+def import_dataset(
+    kind: str,
+    files: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "auto",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Convert official FSPO files of `kind` (roleplay | review | elix) into `out_dir`; returns the manifest.
+
+    `split`: "train" or "test" for every user, or "auto": a file whose name says train/test (or
+    eval) gives its users that split, other files split users by a seeded hash of the user.
+    """
+    if kind not in KINDS:
+        raise DataGenError(f"--import must be one of {', '.join(KINDS)}, not {kind!r}")
+    if split not in ("auto", "train", "test"):
+        raise DataGenError(f"--import-split must be auto, train or test, not {split!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataGenError(f"--test-fraction must be in [0, 1), not {test_fraction}")
+    if not files:
+        raise DataGenError("--import needs at least one --from FILE")
+    domain = KINDS[kind]
+    users: dict[tuple, dict] = {}
+    prefs: list[dict] = []
+    errors: list[str] = []
+    for file in map(Path, files):
+        if not file.is_file():
+            raise DataGenError(f"{file}: no such file")
+        file_split = _split_of(file, split)
+        n_before = len(prefs) + len(errors)
+        for where, rec in _records(file):
+            reason = _check(kind, rec)
+            if reason is not None:
+                errors.append(f"{where}: {reason}")
+                continue
+            if kind == "roleplay":
+                key, description = rec["score_persona"].strip(), rec["score_persona"].strip()
+                question, chosen, rejected = rec["x"], rec["yw"], rec["yl"]
+                traits = {"level": str(rec["level"])}
+                extra = {}
+            else:
+                level = str(rec["scorer_level"]).strip()
+                key = level
+                description = level if " " in level else f"The user's level is {level}."
+                x_wins = str(rec["label"]) == "0"
+                question = rec["prompt"]
+                chosen, rejected = (
+                    (rec["response_x"], rec["response_y"])
+                    if x_wins
+                    else (rec["response_y"], rec["response_x"])
+                )
+                levels = (str(rec["level_x"]), str(rec["level_y"]))
+                extra = {
+                    "chosen_level": levels[0 if x_wins else 1],
+                    "rejected_level": levels[1 if x_wins else 0],
+                }
+                traits = {"level": level}
+            user_split = file_split or _hash_split(key, seed, test_fraction)
+            # A user seen in both a train and a test file becomes two users: test users stay unseen.
+            ukey = (key, user_split)
+            if ukey not in users:
+                digest = hashlib.sha1(f"{kind}/{key}".encode()).hexdigest()[:10]
+                suffix = "-test" if file_split == "test" and split == "auto" else ""
+                users[ukey] = {
+                    "user_id": f"{kind}-{digest}{suffix}",
+                    "domain": domain,
+                    "split": user_split,
+                    "description": description,
+                    "traits": traits,
+                    "_n": 0,
+                }
+            user = users[ukey]
+            prefs.append(
+                {
+                    "pref_id": f"{user['user_id']}-{user['_n']:05d}",
+                    "user_id": user["user_id"],
+                    "question": question,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "domain": domain,
+                    "source": f"{file.name}:{where.rsplit(':', 1)[-1]}",
+                    **extra,
+                }
+            )
+            user["_n"] += 1
+        if len(prefs) + len(errors) == n_before:
+            errors.append(f"{file}: no records")
+    if errors:
+        more = f"\n... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+        raise DataGenError("\n".join(errors[:MAX_REPORTED]) + more)
+    ids = [u["user_id"] for u in users.values()]
+    if len(set(ids)) != len(ids):
+        raise DataGenError(f"{kind}: a user appears in two splits of one file set; pass --import-split")
+    user_records = [{k: v for k, v in u.items() if k != "_n"} for u in users.values()]
+    return _write(Path(out_dir), kind, files, user_records, prefs, seed, overwrite)
+
+
+def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
+    if out.exists() and not out.is_dir():
+        raise DataGenError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "manifest.json").exists():
+        if not overwrite:
+            raise DataGenError(f"{out}: already holds a dataset; pass --overwrite")
+        (out / "manifest.json").unlink()  # no manifest while the files change: never a mixed dataset
+    n_test = sum(u["split"] == "test" for u in users)
+    manifest = {
+        "format": "fspo-prefs/1",
+        "domains": [KINDS[kind]],
+        "seed": seed,
+        "generator": {
+            "name": "fspo-engine gen-data",
+            "version": 1,
+            "import": kind,
+            "sources": [Path(f).name for f in files],
+        },
+        "counts": {
+            "users": len(users),
+            "prefs": len(prefs),
+            "train_users": len(users) - n_test,
+            "test_users": n_test,
+        },
+        "stats": dataset_stats(users, prefs),
+    }
+    for name, records in (("users.jsonl", users), ("prefs.jsonl", prefs)):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+        os.replace(tmp, out / name)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.json.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, sort_keys=True, ensure_ascii=False, indent=2)
+        f.write("\n")
+    os.replace(tmp, out / "manifest.json")
+    return manifest

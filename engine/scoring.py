@@ -1,0 +1,103 @@
+"""Per-episode log-probs of packed rows: the number FSPO's losses (Pref-FT, IPO, DPO) are built from.
+
+    hidden = model(row)                          # [T, H], one forward for every episode of the row
+    h      = hidden[target_rows]                 # [N, H], only rows that predict a response token
+    logp   = linear_logprob_sums(h, W, targets, segment_ids, S)   # [S] fp32, one per (episode, branch)
+
+`linear_logprob_sums` never materialises [N, V] logits (Triton on CUDA, chunked plain torch elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fspo_engine.engine.packing import PackedBatch, pack_batches
+from fspo_engine.kernels import linear_logprob_sums
+
+
+def segment_logprobs(model, packed: PackedBatch, impl: str = "auto") -> torch.Tensor:
+    """Sum of log p(response token) for every segment (episode, branch) of a packed row -> fp32 [S].
+    Differentiable (the trainer calls this under autograd)."""
+    hidden = model(packed.input_ids, packed.position_ids, packed.doc_ids, packed.branch_ids)  # (T, H)
+    h = hidden.index_select(0, packed.target_rows)  # (N, H): the last context row appears once per branch
+    return linear_logprob_sums(
+        h, model.lm_head_weight, packed.targets, packed.segment_ids, packed.num_segments, impl=impl
+    )
+
+
+class EpisodeLogprobs(NamedTuple):
+    chosen: torch.Tensor  # [E] fp32: sum of log p over the chosen response tokens (eos included)
+    rejected: torch.Tensor  # [E] fp32
+    chosen_tokens: torch.Tensor  # [E] long
+    rejected_tokens: torch.Tensor  # [E] long
+    episodes: list[int]  # the episode index (into the list given to pack_batches) of each row of the above
+
+
+def episode_logprobs(model, packed: PackedBatch, impl: str = "auto") -> EpisodeLogprobs:
+    """(chosen, rejected) log-prob sums per episode of a packed row (episodes with exactly two responses)."""
+    # Checked on host-side metadata: no device sync.
+    if packed.max_branches != 2 or packed.num_segments != 2 * len(packed.episodes):
+        raise ValueError("episode_logprobs needs exactly two responses per episode; use segment_logprobs")
+    seg = segment_logprobs(model, packed, impl)
+    # Segments are numbered episode by episode, branches ascending: chosen = even, rejected = odd.
+    tokens = packed.seg_tokens.to(seg.device)
+    return EpisodeLogprobs(seg[0::2], seg[1::2], tokens[0::2], tokens[1::2], list(packed.episodes))
+
+
+# no_grad rather than inference_mode: inference tensors have no version counter, which the attention op's
+# per-row id cache reads.
+@torch.no_grad()
+def score_episodes(
+    model,
+    episodes: Sequence,
+    max_tokens: int,
+    impl: str = "auto",
+    device: str | torch.device = "cpu",
+    on_row: Callable[[int], None] | None = None,
+) -> EpisodeLogprobs:
+    """Log-probs of many tokenized episodes, packed into rows of at most `max_tokens` (one forward each).
+
+    Returns tensors on the CPU in the input order of `episodes`. `on_row(n)` is called after each row
+    with the number of episodes it held (a progress bar hook).
+    """
+    E = len(episodes)
+    chosen = torch.zeros(E, dtype=torch.float32)
+    rejected = torch.zeros(E, dtype=torch.float32)
+    chosen_n = torch.zeros(E, dtype=torch.long)
+    rejected_n = torch.zeros(E, dtype=torch.long)
+    for row in pack_batches(episodes, max_tokens):
+        out = episode_logprobs(model, row.to(device), impl)
+        idx = torch.tensor(out.episodes, dtype=torch.long)
+        chosen[idx] = out.chosen.float().cpu()
+        rejected[idx] = out.rejected.float().cpu()
+        chosen_n[idx] = out.chosen_tokens.cpu()
+        rejected_n[idx] = out.rejected_tokens.cpu()
+        if on_row is not None:
+            on_row(len(out.episodes))
+    return EpisodeLogprobs(chosen, rejected, chosen_n, rejected_n, list(range(E)))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]):
+    """One JSON object per line, written to a temp file beside `path` and renamed over it: a reader (or a
+    kill) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["EpisodeLogprobs", "episode_logprobs", "score_episodes", "segment_logprobs", "write_jsonl_atomic"]

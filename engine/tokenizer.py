@@ -1,0 +1,218 @@
+"""Tokenizers: load a model directory's tokenizer, or train a small one for `--model tiny` runs.
+
+Loading goes through `transformers.AutoTokenizer` (never `trust_remote_code`), so any HF Llama directory
+with a `tokenizer.json` works: Llama 3's byte-level BPE, Llama 2's, or the one trained here. A directory with
+only a sentencepiece `tokenizer.model` is converted here (`_hf_from_sentencepiece`), segmenting exactly as
+sentencepiece does.
+
+Training uses sentencepiece (BPE, byte fallback, no normalisation) and saves the result as a `tokenizer.json`
+that `tokenizers` runs directly: the sentencepiece vocabulary and its merges become a `tokenizers` BPE model.
+Byte fallback plus an identity normaliser means every string round-trips exactly: the "##" and "#" of the
+episode format, newlines, runs of spaces, tabs, emoji.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fspo_engine.engine.errors import FspoError
+
+
+@dataclass
+class Tokenizer:
+    """A thin wrapper over an HF tokenizer: plain `encode` (no special tokens) plus the bos/eos ids."""
+
+    hf: object  # a transformers PreTrainedTokenizerBase
+    bos_id: int
+    eos_id: int
+    path: str = ""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` with no special tokens: none added (episode rendering adds bos/eos itself)
+        and none parsed, so a "</s>" typed in a dataset is plain text, not an eos that ends a response."""
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts at once (the fast tokenizers run the batch in Rust threads)."""
+        if not texts:
+            return []
+        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can emit (added tokens included); the model's vocab may be larger."""
+        return len(self.hf)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of an HF model directory, offline. Raises FspoError when it is missing or unusable."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FspoError(f"{model_dir}: not a model directory")
+    if not any(
+        (model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        raise FspoError(
+            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)"
+        )
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    sp_file = model_dir / "tokenizer.model"
+    if sp_file.is_file() and not (model_dir / "tokenizer.json").is_file():
+        # A sentencepiece-only directory (Llama 2 style). We convert it ourselves: transformers needs protobuf
+        # for that, and its conversion differs from sentencepiece on text that starts with a space.
+        hf = _load_sentencepiece(sp_file)
+    else:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # transformers warns about unrelated defaults on every load
+        try:
+            hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        except Exception as exc:  # transformers raises many types (OSError, ValueError, ImportError, ...)
+            raise FspoError(
+                f"{model_dir}: could not load the tokenizer ({type(exc).__name__}: {exc})"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    bos, eos = hf.bos_token_id, hf.eos_token_id
+    if eos is None:
+        raise FspoError(f"{model_dir}: the tokenizer has no eos token (responses end with eos)")
+    if bos is None:
+        # Some tokenizers have no bos; the prompt still needs a first token that predicts nothing.
+        raise FspoError(f"{model_dir}: the tokenizer has no bos token (prompts start with bos)")
+    return Tokenizer(hf=hf, bos_id=int(bos), eos_id=int(eos), path=str(model_dir))
+
+
+def _bpe_merges(sp) -> list[tuple[str, str]]:
+    """Merges of a sentencepiece BPE model, in priority order, for a `tokenizers` BPE model.
+
+    sentencepiece stores BPE pieces sorted by merge order (lower id = merged earlier) but no merge list.
+    Every way a piece splits into two pieces that are both in the vocabulary is a merge producing it,
+    ranked by the produced piece's id; ties between splits of one piece go to the earlier pieces.
+    """
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    ranked = []
+    for piece, pid in vocab.items():
+        if sp.is_byte(pid) or sp.is_control(pid) or sp.is_unknown(pid):
+            continue
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        splits = [(a, b) for a, b in splits if a in vocab and b in vocab]
+        splits.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        ranked.extend((pid, ab) for ab in splits)
+    ranked.sort(key=lambda r: r[0])  # stable: split order kept within a piece
+    return [ab for _, ab in ranked]
+
+
+def _hf_from_sentencepiece(sp):
+    """A `transformers` fast tokenizer that segments exactly as the sentencepiece BPE processor `sp`.
+
+    The sentencepiece vocabulary and its merges (`_bpe_merges`) become a `tokenizers` BPE model with byte
+    fallback and no normaliser (our models and Llama's use the identity normalisation). Whether the model
+    adds a dummy-prefix space is read from its behaviour, since its options are only readable via protobuf.
+    """
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    unk = sp.id_to_piece(sp.unk_id())
+    dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
+    byte_fallback = any(sp.is_byte(i) for i in range(n))
+    rust = RustTokenizer(
+        BPE(vocab=vocab, merges=_bpe_merges(sp), unk_token=unk, fuse_unk=True, byte_fallback=byte_fallback)
+    )
+    # Spaces become "▁" as in sentencepiece, with its dummy prefix when the model has one (always added,
+    # even before a leading space, unlike `Metaspace`'s prepend). No pre-tokenizer: sentencepiece BPE runs
+    # on the whole string, so runs of spaces ("▁▁") merge as it merges them.
+    steps = [normalizers.Prepend("\u2581")] if dummy_prefix else []
+    rust.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    rust.decoder = decoders.Sequence(steps)
+    special = {}
+    for name, pid in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+        if pid >= 0:
+            special[name] = sp.id_to_piece(pid)
+    return PreTrainedTokenizerFast(tokenizer_object=rust, **special)
+
+
+def _load_sentencepiece(path: Path):
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise FspoError(f"{path}: not a readable sentencepiece model ({exc})") from None
+    return _hf_from_sentencepiece(sp)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Tokenizer:
+    """Train a sentencepiece BPE tokenizer on `texts` and save it in HF format under `out_dir`.
+
+    ids 0, 1, 2 are <unk>, <s>, </s>; then the 256 byte-fallback pieces; then learned pieces. The
+    vocabulary may come out smaller than `vocab_size` on a small corpus (never larger): size the model's
+    embedding by `vocab_size` and it covers every id. Files are written to a temp dir and moved in.
+    """
+    import sentencepiece as spm
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise FspoError("train_tokenizer: no text to train on")
+    if vocab_size < 300:
+        raise FspoError(
+            f"train_tokenizer: vocab_size must be >= 300 (3 special + 256 byte pieces), got {vocab_size}"
+        )
+    blob = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=blob,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,  # a small corpus may not have vocab_size pieces: take what it has
+            byte_fallback=True,  # characters outside the vocabulary become <0xNN> pieces, never <unk>
+            normalization_rule_name="identity",  # keep text as is: no NFKC, spaces and newlines intact
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,  # prompt and responses are tokenized separately: no invented spaces
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=0.9995,
+            max_sentence_length=1 << 20,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise FspoError(f"train_tokenizer: sentencepiece failed ({exc})") from None
+    hf = _hf_from_sentencepiece(spm.SentencePieceProcessor(model_proto=blob.getvalue()))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
+        hf.save_pretrained(tmp)
+        cfg_path = Path(tmp) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        # A class name that transformers 4.x and 5.x both know; never a remote-code class.
+        cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out / f.name)
+    return load_tokenizer(out)
+
+
+__all__ = ["Tokenizer", "load_tokenizer", "train_tokenizer"]

@@ -1,0 +1,630 @@
+"""Fused linear log-prob sums: lm_head matmul + log-softmax + target gather + per-segment sum.
+
+    out[s] = sum over rows n with segment_ids[n] == s and targets[n] != -100 of
+             log_softmax(hidden[n] @ weight.T)[targets[n]]
+
+The lm_head is the largest memory cost of preference training (Llama 3 vocab 128,256: an 8k-token
+pair holds ~21 GB of fp32 logits on the plain path). Neither path here ever holds an [N, V] tensor:
+
+* plain torch (CPU, reference, fallback): tiles of rows x vocab, each tile's logits in fp32, and a
+  backward that recomputes each tile from the saved per-row log-sum-exp (a custom autograd Function).
+* Triton (CUDA): tiles over rows and vocab, online log-sum-exp in fp32 registers; backward recomputes
+  logits tile by tile. Two backward kernels, one owning row blocks (grad-hidden) and one owning vocab
+  blocks (grad-weight), so every output element is reduced by one program in a fixed order: no atomics,
+  bitwise-deterministic outputs and gradients.
+
+No fused-loss variant (the loss's gradients computed inside the forward, as chunked-loss libraries do):
+an IPO/DPO pair's gradient needs both branch sums, i.e. a full pass over the vocab for the pair's rows,
+before any dlogits exist; so it either recomputes the logits (what the backward here does) or holds
+them for whole pairs ([pair rows, V] fp32: ~0.3 GB for 600 response rows at V=128k). Only SFT, linear
+in the sums, could skip the recompute for free; not done, not measured.
+
+Only rows with a target (!= -100) AND a segment (!= -1) count; they are compacted first, so the other
+rows cost no matmul work. Segment sums accumulate in fp64 in a fixed order on every device (not
+`index_add_`/`scatter_add_`, which use atomics on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+# Plain path: bytes of one fp32 logits tile plus one temporary of the same size. 16 MiB: tiles of
+# 1024 rows x 2048 vocab, large enough for efficient matmuls, small beside any [N, V] logits.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (shared by both paths; everything is checked before any launch)
+
+
+def _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64: bool):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden: expected a [N, H] tensor, got {_describe(hidden)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight: expected a [V, H] tensor, got {_describe(weight)}")
+    dtypes = _FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
+    if hidden.dtype not in dtypes:
+        raise ValueError(f"hidden: dtype {hidden.dtype} not supported (expected one of {dtypes})")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if weight.shape[1] != h:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size H={h}")
+    if v == 0 or h == 0:
+        raise ValueError(f"weight: needs V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device}, hidden on {hidden.device}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
+        raise ValueError(f"num_segments: expected an int >= 0, got {num_segments!r}")
+    for name, ids in (("targets", targets), ("segment_ids", segment_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.shape != (n,):
+            raise ValueError(f"{name}: expected shape ({n},) to match hidden, got {_describe(ids)}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: expected an int32/int64 tensor, got {ids.dtype}")
+        if ids.device != hidden.device:
+            raise ValueError(f"{name}: on {ids.device}, hidden on {hidden.device}")
+    if n == 0:
+        return
+    # One host sync (on CUDA) for both range checks.
+    bad_t = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= v)
+    bad_s = (segment_ids < -1) | (segment_ids >= num_segments)
+    flags = torch.stack([bad_t.any(), bad_s.any()]).tolist()
+    if flags[0]:
+        i = int(bad_t.nonzero()[0, 0])
+        raise ValueError(f"targets: id {int(targets[i])} at row {i} outside [0, {v}) and not {IGNORE_INDEX}")
+    if flags[1]:
+        i = int(bad_s.nonzero()[0, 0])
+        raise ValueError(f"segment_ids: id {int(segment_ids[i])} at row {i} outside [-1, {num_segments})")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _compact(targets, segment_ids):
+    """Indices of the rows that count (a target and a segment), in row order. [n_valid] int64."""
+    keep = (targets != IGNORE_INDEX) & (segment_ids >= 0)
+    return keep.nonzero().squeeze(1)
+
+
+def _segment_sum(values, seg, num_segments):
+    """Sum of `values` [n] per segment id `seg` [n] (ids in [0, num_segments)) -> [num_segments], fp32
+    (fp64 for fp64 values); accumulated in fp64, deterministic on every device.
+
+    CPU: index_add_ (a sequential loop). Elsewhere `_segment_sum_sorted`: index_add_/scatter_add_ and
+    even float cumsum use atomics or unordered scans on CUDA, whose order varies run to run.
+    """
+    out_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if values.numel() == 0 or num_segments == 0:
+        return values.new_zeros(num_segments, dtype=out_dtype)
+    if values.device.type == "cpu":
+        out = values.new_zeros(num_segments, dtype=torch.float64)
+        return out.index_add_(0, seg, values.double()).to(out_dtype)
+    return _segment_sum_sorted(values, seg, num_segments).to(out_dtype)
+
+
+def _segment_sum_sorted(values, seg, num_segments):
+    """Fixed-order segment sum: stable sort by segment, scatter into a padded [S, longest] matrix (unique
+    indices: no accumulation), sum each row. Extra memory S x longest segment, small for FSPO (segments
+    are responses). -> fp64 [num_segments]."""
+    seg_sorted, order = torch.sort(seg, stable=True)
+    counts = torch.bincount(seg_sorted, minlength=num_segments)  # integer counts: exact in any order
+    starts = torch.cumsum(counts, 0) - counts  # integer scan: exact
+    pos = torch.arange(seg.numel(), device=seg.device) - starts[seg_sorted]  # rank within the segment
+    padded = values.new_zeros(num_segments, int(counts.max()), dtype=torch.float64)
+    padded[seg_sorted, pos] = values[order].double()
+    return padded.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain-torch path: tiles of rows x vocab, recompute in backward
+#
+# A tile is [rows, cols] of fp32 logits. Tiling the vocab too (not just the rows) keeps the row count of
+# a tile large at any memory budget: grad-weight is accumulated as W_grad[cols] += dlogits^T @ h[rows],
+# whose read-modify-write of W_grad is amortised over the tile's rows (with 16-row chunks of the full
+# vocab, that accumulation is memory-bound and the path runs 3x slower).
+
+
+def _tile_shape(n: int, v: int, chunk_bytes: int) -> tuple[int, int]:
+    """(rows, cols) of a logits tile: 8 bytes per element (the fp32 tile plus one temporary)."""
+    elems = max(1, chunk_bytes // 8)
+    cols = min(v, max(256, elems // max(1, min(n, 1024))))
+    return max(1, elems // cols), cols
+
+
+class _TorchLinearLogprobSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, segment_ids, num_segments, chunk_bytes):
+        rows = _compact(targets, segment_ids)
+        h = hidden.index_select(0, rows)  # [n, H]
+        t = targets.index_select(0, rows).long()  # [n]
+        s = segment_ids.index_select(0, rows).long()  # [n]
+        n, V = rows.numel(), weight.shape[0]
+        # Logits are fp32 (fp64 for fp64 inputs): low-precision operands are upcast one tile at a time.
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        step_n, step_v = _tile_shape(n, V, chunk_bytes)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        for i in range(0, n, step_n):
+            h_c, t_c = h[i : i + step_n].to(acc), t[i : i + step_n]  # [c, H], [c]
+            parts = []  # per vocab tile log-sum-exp, [c] each
+            t_logit = torch.zeros(t_c.shape, dtype=acc, device=h.device)
+            for j in range(0, V, step_v):
+                logits = h_c @ weight[j : j + step_v].to(acc).T  # [c, cols]
+                parts.append(torch.logsumexp(logits, dim=1))
+                inside = (t_c >= j) & (t_c < j + logits.shape[1])
+                picked = logits.gather(1, (t_c - j).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+                t_logit += torch.where(inside, picked, 0.0)
+                del logits
+            lse[i : i + step_n] = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+            logp[i : i + step_n] = t_logit - lse[i : i + step_n]
+        ctx.save_for_backward(h, weight, t, s, rows, lse)
+        ctx.num_rows = hidden.shape[0]
+        ctx.chunk_bytes = chunk_bytes
+        return _segment_sum(logp, s, num_segments)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, t, s, rows, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = lse.dtype
+        n, H = h.shape
+        V = weight.shape[0]
+        grad_hidden = grad_weight = None
+        if need_h:
+            grad_hidden = torch.zeros(ctx.num_rows, H, dtype=h.dtype, device=h.device)
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # fp32 accumulator
+        if n and (need_h or need_w):
+            g = grad_out.to(acc).index_select(0, s)  # [n] upstream gradient of each row's segment
+            step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes)
+            for i in range(0, n, step_n):
+                h_c, t_c, g_c = h[i : i + step_n].to(acc), t[i : i + step_n], g[i : i + step_n, None]
+                lse_c = lse[i : i + step_n, None]
+                gh = torch.zeros(h_c.shape, dtype=acc, device=h.device) if need_h else None
+                for j in range(0, V, step_v):
+                    w_v = weight[j : j + step_v].to(acc)  # [cols, H]
+                    # d logp / d logits = onehot(target) - softmax, scaled by the row's upstream gradient.
+                    d = (h_c @ w_v.T).sub_(lse_c).exp_().mul_(-g_c)  # [c, cols]
+                    inside = ((t_c >= j) & (t_c < j + w_v.shape[0])).nonzero().squeeze(1)
+                    d[inside, t_c[inside] - j] += g_c[inside, 0]  # one target per row: no duplicates
+                    if need_h:
+                        gh.addmm_(d, w_v)
+                    if need_w:
+                        grad_w[j : j + step_v].addmm_(d.T, h_c)
+                    del d
+                if need_h:
+                    grad_hidden[rows[i : i + step_n]] = gh.to(h.dtype)
+        if need_w:
+            grad_weight = grad_w.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_logprob_sums_torch(
+    hidden, weight, targets, segment_ids, num_segments: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+):
+    """Plain-torch path of `linear_logprob_sums` (CPU, reference, fallback); also accepts float64."""
+    _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64=True)
+    return _TorchLinearLogprobSums.apply(hidden, weight, targets, segment_ids, num_segments, chunk_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton path
+#
+# Notation: n compacted rows, V vocab, H hidden. All three kernels compute a logits tile
+# [BLOCK_N, BLOCK_V] in fp32 from an H loop of tl.dot; the tile never leaves registers.
+#   forward  grid (row blocks, vocab splits): online log-sum-exp over the split's vocab range, written as
+#            one partial lse per (split, row) plus the target logit; torch combines the splits (fixed order).
+#   dhidden  grid (row blocks, vocab splits): recompute, dlogits, dh[split, rows, :] += dlogits @ W[cols, :]
+#            (read-modify-write of an fp32 buffer the program alone owns), then torch sums the splits.
+#   dweight  persistent grid (~ one program per SM), each program owning whole vocab blocks in turn:
+#            loop over all row blocks in order, scratch[:, :] += dlogits^T @ h[rows, :] in its own fp32
+#            scratch [BLOCK_V, H], then one rounded store into dW[cols, :].
+# Each output element is reduced by one program in a fixed order, so no atomics: deterministic.
+# Cost: 5 matmuls of n x V x H (forward 1; each backward kernel recomputes the logits, then 1) against
+# the plain path's 3; extra memory O(n + n x H + SMs x BLOCK_V x H), never O(n x V) or an fp32 [V, H].
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS: the plain path still works
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_triton_device(hidden):
+    if triton is None:
+        raise ValueError("hidden: the triton path needs the `triton` package; use impl='torch'")
+    if hidden.is_cuda == _INTERPRET:
+        need = "CPU tensors (TRITON_INTERPRET=1 was set at import)" if _INTERPRET else "CUDA tensors"
+        raise ValueError(f"hidden: the triton path here runs on {need}, got {hidden.device}")
+
+
+if triton is not None:
+
+    def _autotune(configs, key, reset_to_zero=None):
+        # The interpreter runs one small config: benchmarking configs there would take minutes.
+        if _INTERPRET:
+            configs = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1)]
+        return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)
+
+    def _configs(choices, block_h=64):
+        """(BLOCK_N, BLOCK_V, num_warps, num_stages) choices. Few on purpose: each compiles per H."""
+        return [
+            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": block_h}, num_warps=w, num_stages=st)
+            for bn, bv, w, st in choices
+        ]
+
+    @triton.jit
+    def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+        if DOT_FP32:  # the interpreter's bf16 dot is wrong: upcast operands there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # fp32 inputs: true fp32 products, not tf32 (1e-4 relative accuracy)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H: tl.constexpr, stride_h, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                     DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """fp32 logits tile [BLOCK_N, BLOCK_V] = h[rows, :] @ W[cols, :]^T. rows/cols are int64."""
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            acc = _dot(a, tl.trans(b), acc, DOT_FP32, IEEE)
+        return acc
+
+    @triton.jit
+    def _dlogits_tile(logits, lse, g, tgt, cols, col_mask):
+        """d out / d logits = g * (onehot(target) - softmax), zero outside the vocab. fp32 [BN, BV]."""
+        p = tl.exp(logits - lse[:, None])
+        d = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p
+        return tl.where(col_mask[None, :], d * g[:, None], 0.0)
+
+    @triton.jit
+    def _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, V, H: tl.constexpr, stride_h, stride_w,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                  DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """Online log-sum-exp update (m, s) and target logit for the vocab tile starting at c0."""
+        cols = c0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        logits = _logits_tile(h_ptr, w_ptr, rows, cols.to(tl.int64), row_mask, col_mask, H, stride_h, stride_w,
+                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        logits = tl.where(col_mask[None, :], logits, float("-inf"))
+        # A split's first tile has >= 1 real column, so m is finite from then on and exp(-inf - m) = 0.
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        t_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), 1)
+        return m_new, s, t_logit
+
+    # Loop bounds that vary per call (rows, split width) stay runtime values so that a new row count
+    # does not recompile; the interpreter (numpy >= 2.3) cannot use those in range(), so under it the
+    # same loops are `while`s (INTERPRET branches). Only H, fixed per model, is a compile-time constant.
+
+    @_autotune(_configs(((128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))),
+               key=["N_BUCKET", "V", "H"])  # fmt: skip
+    @triton.jit(do_not_specialize=["n", "V_PER_SPLIT", "N_BUCKET"])  # per-call ints: no recompile per value
+    def _fwd_kernel(h_ptr, w_ptr, t_ptr, plse_ptr, tlogit_ptr, n, V, H: tl.constexpr, V_PER_SPLIT,
+                    stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                    INTERPRET: tl.constexpr):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n
+        rows = rows.to(tl.int64)
+        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+        v_lo = pid_s * V_PER_SPLIT
+        v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max
+        s = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(logit - m)
+        t_logit = tl.zeros((BLOCK_N,), tl.float32)
+        if INTERPRET:
+            c0 = v_lo
+            while c0 < v_hi:
+                m, s, t_logit = _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, v_hi, H,
+                                          stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+                c0 += BLOCK_V
+        else:
+            for c0 in range(v_lo, v_hi, BLOCK_V):
+                m, s, t_logit = _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, v_hi, H,
+                                          stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        tl.store(plse_ptr + pid_s * n + rows, m + tl.log(s), mask=row_mask)
+        # Exactly one split holds each row's target: a plain store, no race.
+        tl.store(tlogit_ptr + rows, t_logit, mask=row_mask & (tgt >= v_lo) & (tgt < v_hi))
+
+    @triton.jit
+    def _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, V, H: tl.constexpr, stride_h, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """dh[rows, :] += dlogits[rows, cols] @ W[cols, :] for the vocab tile starting at c0."""
+        cols = c0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols = cols.to(tl.int64)
+        logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        d = _dlogits_tile(logits, lse, g, tgt, cols, col_mask).to(w_ptr.dtype.element_ty)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            acc_ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
+            acc_mask = row_mask[:, None] & k_mask[None, :]
+            acc = _dot(d, w, tl.load(acc_ptrs, mask=acc_mask, other=0.0), DOT_FP32, IEEE)
+            tl.store(acc_ptrs, acc, mask=acc_mask)
+        tl.debug_barrier()  # the next tile's loads see these stores, whichever thread made them
+
+    @_autotune(_configs(((64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3))),
+               key=["N_BUCKET", "V", "H"], reset_to_zero=["dh_ptr"])  # fmt: skip
+    @triton.jit(do_not_specialize=["n", "V_PER_SPLIT", "N_BUCKET"])  # per-call ints: no recompile per value
+    def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, n, V, H: tl.constexpr, V_PER_SPLIT,
+                       stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                       INTERPRET: tl.constexpr):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n
+        rows = rows.to(tl.int64)
+        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # masked rows: zero gradient
+        dh_ptr += pid_s.to(tl.int64) * n * H  # this split's fp32 partial [n, H]
+        v_lo = pid_s * V_PER_SPLIT
+        v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+        if INTERPRET:
+            c0 = v_lo
+            while c0 < v_hi:
+                _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, v_hi, H, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+                c0 += BLOCK_V
+        else:
+            for c0 in range(v_lo, v_hi, BLOCK_V):
+                _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, v_hi, H, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+
+    @triton.jit
+    def _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H: tl.constexpr,
+                      stride_h, stride_w, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """acc[:, :] += dlogits[rows, cols]^T @ h[rows, :] for the row block starting at n0.
+
+        acc_ptr: this program's fp32 scratch [BLOCK_V, H], row j holding dW[cols[j], :]."""
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < n
+        rows = rows.to(tl.int64)
+        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+        logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        d = _dlogits_tile(logits, lse, g, tgt, cols, col_mask).to(h_ptr.dtype.element_ty)
+        d_t = tl.trans(d)  # [BLOCK_V, BLOCK_N]
+        local = tl.arange(0, BLOCK_V).to(tl.int64)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            acc_ptrs = acc_ptr + local[:, None] * H + ks[None, :]
+            acc = _dot(d_t, h, tl.load(acc_ptrs, mask=k_mask[None, :], other=0.0), DOT_FP32, IEEE)
+            tl.store(acc_ptrs, acc, mask=k_mask[None, :])
+        tl.debug_barrier()  # the next row block's loads see these stores, whichever thread made them
+
+    @triton.jit
+    def _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H: tl.constexpr,
+                        stride_h, stride_w, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                        INTERPRET: tl.constexpr):  # fmt: skip
+        """dW[cols, :] for vocab block vb: zero the scratch, add every row block in order, store once."""
+        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols = cols.to(tl.int64)
+        local = tl.arange(0, BLOCK_V).to(tl.int64)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            tl.store(acc_ptr + local[:, None] * H + ks[None, :], tl.zeros((BLOCK_V, BLOCK_H), tl.float32),
+                     mask=(ks < H)[None, :])  # fmt: skip
+        tl.debug_barrier()
+        if INTERPRET:
+            n0 = 0
+            while n0 < n:
+                _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H, stride_h,
+                              stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+                n0 += BLOCK_N
+        else:
+            for n0 in range(0, n, BLOCK_N):
+                _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H, stride_h,
+                              stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        for k0 in range(0, H, BLOCK_H):  # fp32 scratch -> dW in the weight's dtype, rounded once
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            acc = tl.load(acc_ptr + local[:, None] * H + ks[None, :], mask=k_mask[None, :], other=0.0)
+            tl.store(dw_ptr + cols[:, None] * H + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
+                     mask=col_mask[:, None] & k_mask[None, :])  # fmt: skip
+        tl.debug_barrier()  # the scratch is reused by this program's next vocab block
+
+    # Persistent: a fixed number of programs, each owning whole vocab blocks (one at a time, all rows in
+    # order) and one fp32 scratch [BLOCK_V, H]. Scratch is then programs x BLOCK_V x H, not [V, H].
+    @_autotune(_configs(((128, 64, 4, 3), (256, 64, 8, 3), (64, 64, 4, 4))), key=["N_BUCKET", "V", "H"])
+    @triton.jit(do_not_specialize=["n", "N_BUCKET"])  # per-call ints: no recompile per value
+    def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, scratch_ptr, n, V, H: tl.constexpr,
+                       stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+                       INTERPRET: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        acc_ptr = scratch_ptr + pid.to(tl.int64) * BLOCK_V * H
+        num_vb = tl.cdiv(V, BLOCK_V)
+        if INTERPRET:
+            vb = pid
+            while vb < num_vb:
+                _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H, stride_h,
+                                stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE, INTERPRET)  # fmt: skip
+                vb += nprog
+        else:
+            for vb in range(pid, num_vb, nprog):
+                _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H, stride_h,
+                                stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE, INTERPRET)  # fmt: skip
+
+
+_DW_MAX_BLOCK_V = 64  # the largest BLOCK_V among the grad-weight configs: sizes the scratch
+
+
+def _num_sms(device: torch.device) -> int:
+    # The interpreter: a few programs, so the tests exercise programs owning several vocab blocks.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def _num_splits(n: int, v: int, device: torch.device, min_cols: int) -> int:
+    """Vocab splits so that (row blocks x splits) fills the GPU even for few rows.
+
+    Each split covers >= min_cols vocab columns (the longer a program's vocab loop, the better its
+    pipelining); splits cost one fp32 partial per (split, row) in the forward and one [n, H] fp32
+    partial each in the grad-hidden kernel, so they are only added where row blocks are too few.
+    """
+    want = _cdiv(2 * _num_sms(device), _cdiv(max(n, 1), 128))
+    return max(1, min(want, _cdiv(v, min_cols)))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_cols(v: int, nsplit: int) -> tuple[int, int]:
+    """(columns per split, a multiple of every BLOCK_V; the number of non-empty splits)."""
+    cols = _cdiv(_cdiv(v, nsplit), 256) * 256
+    return cols, _cdiv(v, cols)
+
+
+def _launch_args(h, w):
+    # The interpreter's bf16 tl.dot is wrong: upcast there. fp32 inputs get IEEE fp32 products.
+    dot_fp32 = _INTERPRET and h.dtype == torch.bfloat16
+    ieee = h.dtype == torch.float32 or dot_fp32
+    return {"DOT_FP32": dot_fp32, "IEEE": ieee}
+
+
+def _triton_forward(h, w, t):
+    """h [n, H], w [V, H] (row-major), t int32 [n] -> per-row (target logit - lse) and lse, fp32 [n]."""
+    n, H = h.shape
+    V = w.shape[0]
+    nsplit = _num_splits(n, V, h.device, min_cols=512 if _INTERPRET else 4096)
+    v_per_split, nsplit = _split_cols(V, nsplit)
+    plse = torch.empty(nsplit, n, dtype=torch.float32, device=h.device)
+    tlogit = torch.zeros(n, dtype=torch.float32, device=h.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), nsplit)
+    _fwd_kernel[grid](h, w, t, plse, tlogit, n, V, H, v_per_split, h.stride(0), w.stride(0),
+                      triton.next_power_of_2(n), INTERPRET=_INTERPRET, **_launch_args(h, w))  # fmt: skip
+    lse = torch.logsumexp(plse, dim=0)  # combines the splits in a fixed order
+    return tlogit - lse, lse
+
+
+def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
+    """Gradients of sum_n g[n] * logp[n] w.r.t. h [n, H] (fp32) and w [V, H] (w's dtype), or None."""
+    n, H = h.shape
+    V = w.shape[0]
+    args = _launch_args(h, w)
+    dh = dw = None
+    if need_h:
+        nsplit = _num_splits(n, V, h.device, min_cols=512 if _INTERPRET else 8192)
+        # Each split holds an fp32 [n, H] partial: at most 4, and beyond the first only within 128 MiB.
+        nsplit = max(1, min(nsplit, 4, (128 * 2**20) // (4 * n * H)))
+        v_per_split, nsplit = _split_cols(V, nsplit)
+        dh_parts = torch.zeros(nsplit, n, H, dtype=torch.float32, device=h.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), nsplit)
+        _bwd_dh_kernel[grid](h, w, t, lse, g, dh_parts, n, V, H, v_per_split, h.stride(0), w.stride(0),
+                             triton.next_power_of_2(n), INTERPRET=_INTERPRET, **args)  # fmt: skip
+        dh = dh_parts[0] if nsplit == 1 else dh_parts.sum(0)
+    if need_w:
+        dw = torch.empty(V, H, dtype=w.dtype, device=h.device)  # every element written once
+        progs = min(_num_sms(h.device), _cdiv(V, 16))
+        scratch = torch.empty(progs, _DW_MAX_BLOCK_V, H, dtype=torch.float32, device=h.device)
+        grid = lambda meta: (min(progs, triton.cdiv(V, meta["BLOCK_V"])),)
+        _bwd_dw_kernel[grid](h, w, t, lse, g, dw, scratch, n, V, H, h.stride(0), w.stride(0),
+                             triton.next_power_of_2(n), INTERPRET=_INTERPRET, **args)  # fmt: skip
+    return dh, dw
+
+
+class _TritonLinearLogprobSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, segment_ids, num_segments):
+        rows = _compact(targets, segment_ids)
+        h = hidden.index_select(0, rows)  # [n, H], contiguous
+        t = targets.index_select(0, rows).to(torch.int32)
+        s = segment_ids.index_select(0, rows).long()
+        w = weight if weight.stride(1) == 1 else weight.contiguous()
+        if rows.numel():
+            logp, lse = _triton_forward(h, w, t)
+        else:
+            logp = lse = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        ctx.save_for_backward(h, w, t, s, rows, lse)
+        ctx.num_rows = hidden.shape[0]
+        return _segment_sum(logp, s, num_segments)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, t, s, rows, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = dw = None
+        if rows.numel() and (need_h or need_w):
+            g = grad_out.float().index_select(0, s).contiguous()  # [n] upstream gradient per row
+            dh, dw = _triton_backward(h, w, t, lse, g, need_h, need_w)
+        grad_hidden = grad_weight = None
+        if need_h:
+            grad_hidden = torch.zeros(ctx.num_rows, h.shape[1], dtype=h.dtype, device=h.device)
+            if dh is not None:
+                grad_hidden[rows] = dh.to(h.dtype)
+        if need_w:
+            grad_weight = dw if dw is not None else torch.zeros_like(w)
+        return grad_hidden, grad_weight, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def linear_logprob_sums(hidden, weight, targets, segment_ids, num_segments: int, impl: str = "auto"):
+    """Per-segment sums of target log-probs under the lm_head, without materialising the logits.
+
+    hidden [N, H] (the gathered target rows), weight [V, H] (lm_head), targets [N] int (-100 = no
+    target), segment_ids [N] int (-1 = none) -> fp32 [num_segments] where
+
+        out[s] = sum_{n: segment_ids[n] == s, targets[n] != -100} log_softmax(hidden[n] @ weight.T)[targets[n]]
+
+    A row counts only if it has both a target and a segment; other rows do no matmul work and get a
+    zero gradient. Empty segments are 0. Differentiable in hidden and weight; deterministic (bitwise
+    the same outputs and gradients for the same inputs). hidden/weight: fp32, bf16 or fp16 (same dtype;
+    the logits are always computed and reduced in fp32).
+
+    impl: "auto" (Triton on CUDA, plain torch elsewhere), "triton" (runs on CPU tensors instead when
+    TRITON_INTERPRET=1 was set before import: the tests) or "torch". Bad arguments raise ValueError
+    naming the argument, before any kernel launch.
+    """
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == "auto":
+        on_cuda = isinstance(hidden, torch.Tensor) and hidden.is_cuda
+        impl = "triton" if on_cuda and triton is not None and not _INTERPRET else "torch"
+    if impl == "torch":
+        return linear_logprob_sums_torch(hidden, weight, targets, segment_ids, num_segments)
+    _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64=False)
+    _check_triton_device(hidden)
+    return _TritonLinearLogprobSums.apply(hidden, weight, targets, segment_ids, num_segments)

@@ -1,0 +1,95 @@
+"""The hf backend's plumbing with a tiny random Llama saved by transformers (its replies are gibberish)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from fspo_engine.data_gen import generate_dataset
+from fspo_engine.data_gen.backends import HFBackend, MalformedReply
+from fspo_engine.data_gen.errors import DataGenError
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "{",
+        "}",
+        '"',
+        ":",
+        "response",
+        "views",
+        "preferred",
+        "A",
+        "B",
+        "tie",
+        "the",
+    ]
+    words += [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    hf_tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_hf_backend_generates_deterministically_and_rejects_gibberish(tiny_llama, tmp_path):
+    async def go():
+        b = HFBackend(tiny_llama, cache_dir=tmp_path / "cache", malformed_retries=1)
+        messages = [{"role": "user", "content": "Task: views\nQuestion: the w1 w2"}]
+        r1 = await b.chat(messages, max_tokens=6, temperature=0.8)
+        b.cache.root = None  # bypass the cache: same request -> same seeded sample
+        r2 = await b.chat(messages, max_tokens=6, temperature=0.8)
+        with pytest.raises(MalformedReply, match=r"malformed reply from .*tiny-llama.* for views"):
+            await b.chat_json(messages, lambda o: o, what="views", max_tokens=6)
+        return b, r1, r2
+
+    b, r1, r2 = asyncio.run(go())
+    assert r1.text == r2.text and 0 < r1.completion_tokens <= 6 and r1.prompt_tokens > 0
+    assert b.usage.malformed == 2
+
+
+def test_hf_pipeline_fails_clearly_when_no_reply_parses(tiny_llama, tmp_path):
+    with pytest.raises(DataGenError, match="no preferences were generated; first problem: malformed reply"):
+        generate_dataset(
+            tmp_path / "out",
+            backend="hf",
+            model=str(tiny_llama),
+            users=2,
+            prefs_per_user=1,
+            candidates=2,
+            max_tokens=4,
+            progress=False,
+        )
+    state = json.loads((tmp_path / "out" / ".gen-state" / "state.json").read_text())
+    assert state["done"] == 2 and state["counters"]["questions_failed"] == 2
+
+
+def test_hf_backend_rejects_a_non_model_directory(tmp_path):
+    with pytest.raises(DataGenError, match="not a Hugging Face model directory"):
+        HFBackend(tmp_path)

@@ -1,0 +1,195 @@
+"""Importers for the released FSPO datasets, on small fixtures written in the official schemas."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fspo_engine.data_gen import import_dataset
+from fspo_engine.data_gen.errors import DataGenError
+
+ROLEPLAY = [
+    {
+        "x": "Plan my weekend.",
+        "yw": "A quiet hike.",
+        "yl": "A loud party.",
+        "level": 3,
+        "score_persona": "An introvert who loves nature.",
+    },
+    {
+        "x": "Suggest dinner.",
+        "yw": "A salad.",
+        "yl": "A steak.",
+        "level": 3,
+        "score_persona": "An introvert who loves nature.",
+    },
+    {
+        "x": "Plan my weekend.",
+        "yw": "A loud party.",
+        "yl": "A quiet hike.",
+        "level": "1",
+        "score_persona": "An extrovert who loves crowds.",
+    },
+]
+REVIEW = [
+    {
+        "prompt": "Review the phone.",
+        "response_x": "Great phone!",
+        "response_y": "The phone's battery lasts 20 h.",
+        "label": 0,
+        "level_x": "casual",
+        "level_y": "technical",
+        "scorer_level": "casual",
+    },
+    {
+        "prompt": "Review the phone.",
+        "response_x": "Great phone!",
+        "response_y": "The phone's battery lasts 20 h.",
+        "label": 1,
+        "level_x": "casual",
+        "level_y": "technical",
+        "scorer_level": "technical",
+    },
+    {
+        "prompt": "Review the lamp.",
+        "response_x": "Nice lamp.",
+        "response_y": "Lumens: 800.",
+        "label": "1",
+        "level_x": 0,
+        "level_y": 4,
+        "scorer_level": "technical",
+    },
+]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def test_roleplay_import(tmp_path):
+    src = write_jsonl(tmp_path / "roleplay_train.jsonl", ROLEPLAY)
+    manifest = import_dataset("roleplay", [src], tmp_path / "out")
+    users = read_jsonl(tmp_path / "out" / "users.jsonl")
+    prefs = read_jsonl(tmp_path / "out" / "prefs.jsonl")
+    assert manifest["format"] == "fspo-prefs/1" and manifest["domains"] == ["roleplay"]
+    assert manifest["counts"] == {"users": 2, "prefs": 3, "train_users": 2, "test_users": 0}
+    assert [u["description"] for u in users] == [
+        "An introvert who loves nature.",
+        "An extrovert who loves crowds.",
+    ]
+    assert users[0]["traits"] == {"level": "3"} and users[1]["split"] == "train"
+    assert [(p["question"], p["chosen"], p["rejected"]) for p in prefs] == [
+        ("Plan my weekend.", "A quiet hike.", "A loud party."),
+        ("Suggest dinner.", "A salad.", "A steak."),
+        ("Plan my weekend.", "A loud party.", "A quiet hike."),
+    ]
+    assert prefs[0]["user_id"] == prefs[1]["user_id"] == users[0]["user_id"] != prefs[2]["user_id"]
+    assert len({p["pref_id"] for p in prefs}) == 3
+
+
+@pytest.mark.parametrize("kind, domain", [("review", "reviews"), ("elix", "elix")])
+def test_review_and_elix_import_label_zero_means_x_preferred(tmp_path, kind, domain):
+    src = write_jsonl(tmp_path / f"{kind}_test.jsonl", REVIEW)
+    manifest = import_dataset(kind, [src], tmp_path / "out")
+    users = {u["user_id"]: u for u in read_jsonl(tmp_path / "out" / "users.jsonl")}
+    prefs = read_jsonl(tmp_path / "out" / "prefs.jsonl")
+    assert (
+        manifest["domains"] == [domain] and manifest["counts"]["test_users"] == 2
+    )  # "test" in the file name
+    first, second, third = prefs
+    assert (first["chosen"], first["rejected"]) == ("Great phone!", "The phone's battery lasts 20 h.")
+    assert (second["chosen"], second["rejected"]) == ("The phone's battery lasts 20 h.", "Great phone!")
+    assert (third["chosen"], third["chosen_level"], third["rejected_level"]) == ("Lumens: 800.", "4", "0")
+    assert users[first["user_id"]]["traits"] == {"level": "casual"}
+    assert second["user_id"] == third["user_id"] != first["user_id"]  # the scorer's level is the user
+    # The users disagree on the same pair: the label lives in the user.
+    assert manifest["stats"]["user_user"] == {"shared_pairs": 1, "disagreement": 1.0}
+
+
+def test_hash_split_and_forced_split(tmp_path):
+    many = [{**ROLEPLAY[0], "score_persona": f"persona {i}"} for i in range(200)]
+    src = write_jsonl(tmp_path / "roleplay.jsonl", many)
+    manifest = import_dataset("roleplay", [src], tmp_path / "a", test_fraction=0.3)
+    assert 40 < manifest["counts"]["test_users"] < 80
+    manifest = import_dataset("roleplay", [src], tmp_path / "b", split="test")
+    assert manifest["counts"]["test_users"] == 200
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"x": "q", "yw": "a", "yl": "b", "level": 1}\n', r":1: missing field 'score_persona'"),
+        (json.dumps(ROLEPLAY[0]).encode() + b"\n{not json\n", r":2: invalid JSON"),
+        (b"[1, 2]\n", r":1: expected a JSON object, got list"),
+        (b'{"x": "q\xff", "yw": "a"}\n', r":1: not valid UTF-8"),
+        (json.dumps({**ROLEPLAY[0], "yw": 7}).encode(), r":1: field 'yw' has type int"),
+        (b"", r": no records"),
+    ],
+)
+def test_malformed_files_report_path_and_line_and_write_nothing(tmp_path, content, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(content)
+    with pytest.raises(DataGenError, match=message) as info:
+        import_dataset("roleplay", [src], tmp_path / "out")
+    assert str(info.value).startswith(str(src))
+    assert (
+        not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "prefs.jsonl").exists()
+    )
+
+
+def test_every_malformed_record_is_reported(tmp_path):
+    bad = [{**REVIEW[0], "label": 2}, REVIEW[1], {**REVIEW[2], "prompt": None}]
+    src = write_jsonl(tmp_path / "review.jsonl", bad)
+    with pytest.raises(DataGenError) as info:
+        import_dataset("review", [src], tmp_path / "out")
+    assert str(info.value).splitlines() == [
+        f"{src}:1: label must be 0 or 1, not 2",
+        f"{src}:3: missing field 'prompt'",
+    ]
+
+
+def test_missing_file_and_bad_kind(tmp_path):
+    with pytest.raises(DataGenError, match="no such file"):
+        import_dataset("elix", [tmp_path / "nope.jsonl"], tmp_path / "out")
+    with pytest.raises(DataGenError, match="--import must be one of"):
+        import_dataset("movies", [tmp_path / "x.jsonl"], tmp_path / "out")
+
+
+def test_existing_dataset_needs_overwrite(tmp_path):
+    src = write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)
+    import_dataset("roleplay", [src], tmp_path / "out")
+    with pytest.raises(DataGenError, match="--overwrite"):
+        import_dataset("roleplay", [src], tmp_path / "out")
+    import_dataset("roleplay", [src], tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed")
+def test_parquet_import(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {**r, "level_x": str(r["level_x"]), "level_y": str(r["level_y"]), "label": int(r["label"])}
+        for r in REVIEW
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "elix_train.parquet")
+    manifest = import_dataset("elix", [tmp_path / "elix_train.parquet"], tmp_path / "out")
+    assert manifest["counts"] == {"users": 2, "prefs": 3, "train_users": 2, "test_users": 0}
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataGenError, match="broken.parquet: cannot read Parquet"):
+        import_dataset("elix", [tmp_path / "broken.parquet"], tmp_path / "out2")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow is installed")
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
+    (tmp_path / "elix.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataGenError, match=r"elix.parquet: reading Parquet needs pyarrow"):
+        import_dataset("elix", [tmp_path / "elix.parquet"], tmp_path / "out")

@@ -1,0 +1,215 @@
+"""Template backend: determinism, resumability, the quickstart preset's properties, splits."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fspo_engine.data_gen import generate_dataset
+from fspo_engine.data_gen.domains import get_domain
+from fspo_engine.data_gen.domains.reviews import AXES, QS_AXES, QS_FOCUS, QS_SENTIMENT
+from fspo_engine.data_gen.errors import DataGenError
+from fspo_engine.data_gen.pipeline import STATE_DIR, TemplateProducer
+
+FILES = ("manifest.json", "users.jsonl", "prefs.jsonl")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def file_bytes(d):
+    return {name: (Path(d) / name).read_bytes() for name in FILES}
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+    args = dict(domains=("reviews", "elix", "roleplay"), users=40, prefs_per_user=6, seed=3, progress=False)
+    generate_dataset(tmp_path / "a", **args)
+    generate_dataset(tmp_path / "b", chunk_users=7, **args)  # chunking must not change the output
+    generate_dataset(tmp_path / "c", **{**args, "seed": 4})
+    a, b, c = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b"), file_bytes(tmp_path / "c")
+    assert a == b
+    assert a["prefs.jsonl"] != c["prefs.jsonl"]
+    manifest = json.loads(a["manifest.json"])
+    assert manifest["format"] == "fspo-prefs/1"
+    assert manifest["counts"] == {"users": 120, "prefs": 720, "train_users": 96, "test_users": 24}
+    assert not (tmp_path / "a" / STATE_DIR).exists()
+
+
+def test_records_follow_the_contract(tmp_path):
+    generate_dataset(tmp_path, domains=("elix", "roleplay"), users=20, prefs_per_user=5, progress=False)
+    users = read_jsonl(tmp_path / "users.jsonl")
+    prefs = read_jsonl(tmp_path / "prefs.jsonl")
+    ids = {u["user_id"] for u in users}
+    assert len(ids) == len(users) == 40
+    for u in users:
+        assert u["split"] in ("train", "test") and u["description"] and isinstance(u["traits"], dict)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in u["traits"].items())
+    assert len({p["pref_id"] for p in prefs}) == len(prefs) == 200
+    for p in prefs:
+        assert p["user_id"] in ids and p["chosen"] != p["rejected"] and p["question"]
+    # Per domain, exactly round(0.2 * 20) test users.
+    assert Counter((u["domain"], u["split"]) for u in users)[("elix", "test")] == 4
+
+
+def test_label_noise_rate(tmp_path):
+    generate_dataset(tmp_path, users=100, prefs_per_user=20, label_noise=0.25, progress=False)
+    prefs = read_jsonl(tmp_path / "prefs.jsonl")
+    rate = sum(p["noise_flipped"] for p in prefs) / len(prefs)
+    assert 0.21 < rate < 0.29
+    labels = json.loads((tmp_path / "manifest.json").read_text())["stats"]["labels"]
+    assert labels["label_entropy_before"] > 0.7
+
+
+def test_reviews_test_users_hold_interpolated_combinations(tmp_path):
+    generate_dataset(tmp_path, users=300, prefs_per_user=1, test_fraction=0.25, progress=False)
+    users = read_jsonl(tmp_path / "users.jsonl")
+    combo = lambda u: tuple(u["traits"][a] for a in sorted(AXES))
+    train = {combo(u) for u in users if u["split"] == "train"}
+    test = {combo(u) for u in users if u["split"] == "test"}
+    assert test and not train & test  # unseen combinations...
+    for axis_values in zip(*test):  # ...of values that are each seen in training
+        for value in axis_values:
+            assert any(value in c for c in train)
+
+
+def test_quickstart_preset_is_small_clean_and_ambiguous_without_shots(tmp_path):
+    generate_dataset(tmp_path, preset="quickstart", users=200, prefs_per_user=20, progress=False)
+    users = {u["user_id"]: u for u in read_jsonl(tmp_path / "users.jsonl")}
+    prefs = read_jsonl(tmp_path / "prefs.jsonl")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["generator"]["label_noise"] == 0.0 and manifest["generator"]["preset"] == "quickstart"
+    words = lambda t: re.findall(r"\w+", t.lower())
+    vocab = {w for p in prefs for t in (p["question"], p["chosen"], p["rejected"]) for w in words(t)}
+    vocab |= {w for u in users.values() for w in words(u["description"])}
+    assert len(vocab) <= 80
+    value_words = {**QS_SENTIMENT, **QS_FOCUS}
+    sides = Counter()
+    for p in prefs:
+        assert 3 <= len(words(p["chosen"])) <= 12 and 3 <= len(words(p["rejected"])) <= 12
+        traits = users[p["user_id"]]["traits"]
+        # The chosen response carries every trait value of its user; the rejected one lacks exactly
+        # the deciding axis' value, and carries the other value's words instead.
+        for value in traits.values():
+            assert set(words(p["chosen"])) & set(value_words[value])
+        (axis,) = p["axes"]
+        (other,) = [v for v in QS_AXES[axis] if v != traits[axis]]
+        assert not set(words(p["rejected"])) & set(value_words[traits[axis]])
+        assert set(words(p["rejected"])) & set(value_words[other])
+        sides[traits["sentiment"]] += 1
+    # Without the user, a pair's label is a coin flip: each trait value is preferred half the time,
+    # and users who share a pair disagree about it about half the time.
+    assert 0.4 < sides["positive"] / len(prefs) < 0.6
+    assert 0.4 < manifest["stats"]["user_user"]["disagreement"] < 0.6
+
+
+def test_quickstart_preset_rejects_other_domains():
+    with pytest.raises(DataGenError, match="quickstart"):
+        generate_dataset("/nonexistent-never-created", preset="quickstart", domains=("elix",))
+    with pytest.raises(DataGenError, match="unknown preset"):
+        get_domain("reviews", "fast")
+
+
+def test_resume_after_a_crash_drops_the_torn_chunk(tmp_path, monkeypatch):
+    args = dict(domains=("reviews", "roleplay"), users=30, prefs_per_user=4, progress=False, chunk_users=8)
+    generate_dataset(tmp_path / "ref", **args)
+
+    real_unit = TemplateProducer.unit
+    calls = itertools.count()
+
+    async def crashing_unit(self, user):
+        if next(calls) == 37:
+            raise KeyboardInterrupt  # like a kill in the middle of the fifth chunk
+        return await real_unit(self, user)
+
+    monkeypatch.setattr(TemplateProducer, "unit", crashing_unit)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path / "run", **args)
+    state = json.loads((tmp_path / "run" / STATE_DIR / "state.json").read_text())
+    assert state["done"] == 32 and not (tmp_path / "run" / "manifest.json").exists()
+    with open(tmp_path / "run" / STATE_DIR / "prefs.jsonl", "ab") as f:
+        f.write(b'{"pref_id": "torn-wri')  # bytes written after the last checkpoint
+    monkeypatch.setattr(TemplateProducer, "unit", real_unit)
+    with pytest.raises(DataGenError, match="other arguments"):
+        generate_dataset(tmp_path / "run", **{**args, "seed": 1})
+    generate_dataset(tmp_path / "run", **args)
+    assert file_bytes(tmp_path / "run") == file_bytes(tmp_path / "ref")
+
+
+def test_rerun_of_a_complete_dataset_is_a_no_op_and_other_args_need_overwrite(tmp_path):
+    first = generate_dataset(tmp_path, users=10, prefs_per_user=2, progress=False)
+    assert first.prefs_written == 20
+    again = generate_dataset(tmp_path, users=10, prefs_per_user=2, progress=False)
+    assert again.prefs_written == 0 and again.manifest == first.manifest
+    with pytest.raises(DataGenError, match="--overwrite"):
+        generate_dataset(tmp_path, users=11, prefs_per_user=2, progress=False)
+    generate_dataset(tmp_path, users=11, prefs_per_user=2, progress=False, overwrite=True)
+    assert len(read_jsonl(tmp_path / "users.jsonl")) == 11
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(users=0), "--users"),
+        (dict(test_fraction=1.0), "--test-fraction"),
+        (dict(label_noise=0.9), "--label-noise"),
+        (dict(domains=("reviews", "reviews")), "repeats"),
+        (dict(backend="openai"), "--model"),
+        (dict(backend="vllm"), "--backend"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
+def test_bad_arguments_raise_datagen_error(tmp_path, options, message):
+    with pytest.raises(DataGenError, match=message):
+        generate_dataset(tmp_path, progress=False, **options)
+
+
+def test_killed_subprocess_then_rerun_matches_uninterrupted_run(tmp_path):
+    """SIGKILL a real `gen-data` process mid-run; re-running the same command finishes the dataset."""
+    argv = ["--domains", "reviews,elix,roleplay", "--users", "1000", "--prefs-per-user", "10", "--seed", "5"]
+    cmd = [sys.executable, "-m", "fspo_engine.cli.main", "gen-data", "--no-progress", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    state_path = killed / STATE_DIR / "state.json"
+    done = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(state_path.read_text())["done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 512:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended before it could be killed: {proc.stderr.read()!r}"
+    )
+    assert 0 < done < 3000 and not (killed / "manifest.json").exists()
+
+    rerun = subprocess.run([*cmd, "--out", str(killed)], env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    generate_dataset(
+        tmp_path / "whole",
+        domains=("reviews", "elix", "roleplay"),
+        users=1000,
+        prefs_per_user=10,
+        seed=5,
+        progress=False,
+    )
+    assert file_bytes(killed) == file_bytes(tmp_path / "whole")
+    assert not (killed / STATE_DIR).exists()

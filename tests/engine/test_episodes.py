@@ -1,0 +1,343 @@
+"""Dataset validation, deterministic episode sampling, the official text format, truncation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from helpers import synthetic_records, write_dataset, write_jsonl
+
+from fspo_engine.engine.episodes import (
+    Episode,
+    Preference,
+    episode_stats,
+    load_dataset,
+    parse_shots,
+    render_prompt,
+    render_response,
+    sample_episodes,
+    tokenize_episode,
+    tokenize_episodes,
+)
+from fspo_engine.engine.errors import FspoError
+
+
+class CharTokenizer:
+    """One token per character (id = code point + 3): lengths are easy to reason about."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [ord(c) + 3 for c in text]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    users, prefs = synthetic_records(n_users=5, prefs_per_user=[12, 9, 3, 1, 6], seed=0, test_users=1)
+    return load_dataset(write_dataset(tmp_path / "data", users, prefs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def test_load_valid_dataset(dataset):
+    assert list(dataset.users) == ["u000", "u001", "u002", "u003", "u004"]
+    assert [len(dataset.prefs[u]) for u in dataset.users] == [12, 9, 3, 1, 6]
+    assert [u.user_id for u in dataset.users_in("test")] == ["u004"]
+    assert len(dataset.users_in(None)) == 5 and dataset.num_prefs == 31
+    assert dataset.prefs["u001"][0].pref_id == "u001-p000"
+    with pytest.raises(FspoError, match="unknown split"):
+        dataset.users_in("dev")
+
+
+def _write_raw(tmp_path, users_lines: list[bytes], prefs_lines: list[bytes], manifest=None):
+    d = tmp_path / "bad"
+    d.mkdir(exist_ok=True)
+    man = (
+        {"format": "fspo-prefs/1", "domains": [], "seed": 0, "generator": {}}
+        if manifest is None
+        else manifest
+    )
+    (d / "manifest.json").write_text(json.dumps(man))
+    (d / "users.jsonl").write_bytes(b"".join(line + b"\n" for line in users_lines))
+    (d / "prefs.jsonl").write_bytes(b"".join(line + b"\n" for line in prefs_lines))
+    return d
+
+
+def _good_user(uid="u1", **kw):
+    return json.dumps(
+        {"user_id": uid, "domain": "d", "split": "train", "description": "x", "traits": {}, **kw}
+    ).encode()
+
+
+def _good_pref(pid="p1", uid="u1", **kw):
+    return json.dumps(
+        {"pref_id": pid, "user_id": uid, "question": "q", "chosen": "a", "rejected": "b", **kw}
+    ).encode()
+
+
+def test_every_bad_record_is_reported_with_path_and_line(tmp_path):
+    users = [
+        _good_user("u1"),
+        b'{"user_id": "u2", "domain": "d", "split": "train", "description": "x"',  # malformed JSON
+        _good_user("u3", split="dev"),
+        json.dumps(
+            {"user_id": "u4", "domain": 3, "split": "train", "description": "x", "traits": {}}
+        ).encode(),
+        b"",
+        _good_user("u1"),  # duplicate
+        b"[1, 2]",
+    ]
+    prefs = [
+        _good_pref("p1"),
+        json.dumps(
+            {"pref_id": "p2", "user_id": "u1", "question": "q", "chosen": "a"}
+        ).encode(),  # no rejected
+        _good_pref("p3", uid="ghost"),
+        b'{"pref_id": "p4", "user_id": "u1", "question": "caf\xe9", "chosen": "a", "rejected": "b"}',  # latin-1
+        _good_pref("p5", chosen=None),
+        _good_pref("p1"),
+        _good_pref("p6", question=True),
+    ]
+    d = _write_raw(tmp_path, users, prefs)
+    with pytest.raises(FspoError) as info:
+        load_dataset(d)
+    lines = str(info.value).splitlines()
+    u, p = d / "users.jsonl", d / "prefs.jsonl"
+    expected = [
+        (f"{u}:2: malformed JSON", None),
+        (f"{u}:3: field 'split' must be one of train, test", None),
+        (f"{u}:4: field 'domain' must be a string, got an integer", None),
+        (f"{u}:6: duplicate user_id 'u1' (first on line 1)", None),
+        (f"{u}:7: expected a JSON object, got a list", None),
+        (f"{p}:2: missing field 'rejected'", None),
+        (f"{p}:3: unknown user_id 'ghost'", None),
+        (f"{p}:4: invalid UTF-8", None),
+        (f"{p}:5: field 'chosen' must be a string, got null", None),
+        (f"{p}:6: duplicate pref_id 'p1' (first on line 1)", None),
+        (f"{p}:7: field 'question' must be a string, got a boolean", None),
+    ]
+    assert len(lines) == len(expected), lines
+    for line, (prefix, _) in zip(lines, expected):
+        assert line.startswith(prefix), (line, prefix)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_dir", "not a dataset directory"),
+        ("empty_users", "users.jsonl: empty file"),
+        ("blank_prefs", "prefs.jsonl: empty file"),
+        ("missing_prefs", "prefs.jsonl: missing"),
+        ("bad_format", "manifest.json: format must be 'fspo-prefs/1'"),
+        ("manifest_not_json", "manifest.json:1: malformed JSON"),
+        ("manifest_bad_utf8", "manifest.json:2: invalid UTF-8"),
+        ("counts_mismatch", "manifest.json: counts.prefs is 5 but prefs.jsonl has 1 records"),
+        ("traits_not_str", "users.jsonl:1: traits must map strings to strings"),
+        ("empty_id", "users.jsonl:1: field 'user_id' must not be empty"),
+    ],
+)
+def test_file_level_errors(tmp_path, case, message):
+    d = _write_raw(tmp_path, [_good_user()], [_good_pref()])
+    if case == "no_dir":
+        d = tmp_path / "nowhere"
+    elif case == "empty_users":
+        (d / "users.jsonl").write_bytes(b"")
+    elif case == "blank_prefs":
+        (d / "prefs.jsonl").write_bytes(b"\n  \n\n")
+    elif case == "missing_prefs":
+        (d / "prefs.jsonl").unlink()
+    elif case == "bad_format":
+        (d / "manifest.json").write_text('{"format": "other/2"}')
+    elif case == "manifest_not_json":
+        (d / "manifest.json").write_text("format: yaml")
+    elif case == "manifest_bad_utf8":
+        (d / "manifest.json").write_bytes(b'{"format": "fspo-prefs/1",\n "x": "\xff"}')
+    elif case == "counts_mismatch":
+        (d / "manifest.json").write_text(
+            json.dumps({"format": "fspo-prefs/1", "counts": {"users": 1, "prefs": 5}})
+        )
+    elif case == "traits_not_str":
+        write_jsonl(
+            d / "users.jsonl",
+            [{"user_id": "u1", "domain": "d", "split": "train", "description": "", "traits": {"age": 3}}],
+        )
+    elif case == "empty_id":
+        (d / "users.jsonl").write_bytes(_good_user("") + b"\n")
+    with pytest.raises(FspoError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_dataset(d)
+
+
+def test_error_report_is_capped(tmp_path):
+    d = _write_raw(tmp_path, [_good_user()], [b"{bad"] * 45)
+    with pytest.raises(FspoError) as info:
+        load_dataset(d)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 25 more error(s) (45 in all)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _key(ep: Episode):
+    return ep.episode_id, ep.target.pref_id, tuple(s.pref_id for s in ep.shots), ep.shots_requested
+
+
+def test_same_seed_same_episodes_other_epoch_other_shots(dataset):
+    a = sample_episodes(dataset, "train", shots=4, seed=7, epoch=0)
+    b = sample_episodes(dataset, "train", shots=4, seed=7, epoch=0)
+    assert [_key(e) for e in a] == [_key(e) for e in b]
+    c = sample_episodes(dataset, "train", shots=4, seed=7, epoch=1)
+    assert [e.target.pref_id for e in a] == [
+        e.target.pref_id for e in c
+    ]  # each pref is a target once per epoch
+    assert [_key(e)[2] for e in a] != [_key(e)[2] for e in c]
+    assert c[0].episode_id == "u000/e1/0"
+    d = sample_episodes(dataset, "train", shots=4, seed=8, epoch=0)
+    assert [_key(e)[2] for e in a] != [_key(e)[2] for e in d]
+
+
+def test_episodes_use_own_prefs_never_the_target(dataset):
+    eps = sample_episodes(dataset, None, shots=8, seed=0, epoch=3)
+    assert len(eps) == dataset.num_prefs
+    for ep in eps:
+        own = {p.pref_id for p in dataset.prefs[ep.user_id]}
+        ids = [s.pref_id for s in ep.shots]
+        assert ep.target.pref_id in own and set(ids) <= own
+        assert ep.target.pref_id not in ids and len(set(ids)) == len(ids)
+        assert ep.n_shots == min(8, len(own) - 1)
+    counts = Counter(e.target.pref_id for e in eps)
+    assert set(counts.values()) == {1}
+
+
+def test_user_draws_do_not_depend_on_other_users(tmp_path, dataset):
+    users, prefs = synthetic_records(n_users=5, prefs_per_user=[12, 9, 3, 1, 6], seed=0, test_users=1)
+    fewer = load_dataset(
+        write_dataset(tmp_path / "fewer", users[1:], [p for p in prefs if p["user_id"] != "u000"])
+    )
+    full = {e.episode_id: _key(e) for e in sample_episodes(dataset, None, 3, seed=1, epoch=0)}
+    for e in sample_episodes(fewer, None, 3, seed=1, epoch=0):
+        assert full[e.episode_id] == _key(e)
+
+
+def test_shots_range_is_sampled_per_episode(dataset):
+    eps = sample_episodes(dataset, "train", shots=(1, 8), seed=0, epoch=0)
+    asked = [e.shots_requested for e in eps]
+    assert min(asked) >= 1 and max(asked) <= 8 and len(set(asked)) >= 4
+    for e in eps:
+        assert e.n_shots == min(e.shots_requested, len(dataset.prefs[e.user_id]) - 1)
+    assert parse_shots("1-8") == (1, 8) and parse_shots("8") == 8 and parse_shots(" 0 ") == 0
+    for bad in ("8-1", "x", "1-2-3", "-1", ""):
+        with pytest.raises(FspoError, match="--shots"):
+            parse_shots(bad)
+
+
+def test_episodes_per_user_and_shuffle(dataset):
+    eps = sample_episodes(dataset, "train", shots=2, seed=0, epoch=0, episodes_per_user=2)
+    per_user = Counter(e.user_id for e in eps)
+    assert per_user == {"u000": 2, "u001": 2, "u002": 2, "u003": 1}
+    shuffled = sample_episodes(dataset, "train", shots=2, seed=0, epoch=0, episodes_per_user=2, shuffle=True)
+    assert sorted(map(_key, shuffled)) == sorted(map(_key, eps)) and list(map(_key, shuffled)) != list(
+        map(_key, eps)
+    )
+
+
+def test_too_few_prefs_gives_fewer_shots_and_is_counted(dataset):
+    eps = sample_episodes(dataset, "train", shots=4, seed=0, epoch=0)
+    toks = tokenize_episodes(eps, CharTokenizer())
+    stats = episode_stats(toks)
+    # u002 has 3 prefs (2 shots each), u003 has 1 (zero shots): 4 episodes short.
+    assert stats["episodes_short_of_prefs"] == 4
+    assert stats["episodes_truncated"] == 0 and stats["episodes"] == 12 + 9 + 3 + 1
+    zero = [t for t in toks if t.user_id == "u003"]
+    assert len(zero) == 1 and zero[0].n_shots == 0 and zero[0].shots_requested == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and tokenizing
+
+
+P1 = Preference("p1", "u", "What is tea?", "A drink.", "A car.")
+P2 = Preference("p2", "u", " Why? ", "Because.\n", "No.")
+TARGET = Preference("t", "u", "Best city?", "Kyoto, for the temples.", "Any.")
+
+
+def test_render_matches_the_official_format_exactly():
+    assert render_prompt([P1, P2], TARGET.question) == (
+        "# Example 1\n## Question \nWhat is tea?\n## Preferred Response \nA drink.\n"
+        "## Dispreferred Response \nA car.\n\n"
+        "# Example 2\n## Question \nWhy?\n## Preferred Response \nBecause.\n## Dispreferred Response \nNo.\n\n"
+        "# Task\nGiven the examples above, generate a preferred response to the following question.\n"
+        "## Question \nBest city?\n"
+    )
+    assert (
+        render_prompt([], "Q?")
+        == "# Task\nGenerate a response to the following question.\n## Question \nQ?\n"
+    )
+    assert render_prompt([P1], "Q?", user_description=True).endswith(
+        "# Task\nGenerate a user description based on the examples above. Then, generate a preferred response "
+        "to the following question.\n## Question \nQ?\n"
+    )
+    assert render_response(" Kyoto. ") == "## Preferred Response \nKyoto.\n"
+    assert render_response("Kyoto.", "Likes temples.") == (
+        "## User Description\nLikes temples.\n## Preferred Response \nKyoto.\n"
+    )
+
+
+def _episode(shots, target=TARGET, desc="Likes temples."):
+    return Episode("u/e0/0", "u", tuple(shots), target, shots_requested=len(shots), description=desc)
+
+
+def test_token_ids_have_bos_and_eos_in_the_right_places():
+    tok = CharTokenizer()
+    t = tokenize_episode(_episode([P1, P2]), tok, user_description=True)
+    assert t.prompt_ids == [1] + tok.encode(render_prompt([P1, P2], TARGET.question, True))
+    assert t.chosen_ids == tok.encode(render_response(TARGET.chosen, "Likes temples.")) + [2]
+    assert t.rejected_ids == tok.encode(render_response(TARGET.rejected, "Likes temples.")) + [2]
+    assert t.responses == [t.chosen_ids, t.rejected_ids] and t.num_tokens == len(t.prompt_ids) + len(
+        t.chosen_ids
+    ) + len(t.rejected_ids)
+
+
+def test_truncation_drops_oldest_shots_first_and_never_cuts_the_target():
+    tok = CharTokenizer()
+    shots = [Preference(f"s{i}", "u", f"question {i}?", "yes " * 10, "no " * 10) for i in range(5)]
+    full = tokenize_episode(_episode(shots), tok)
+    with_3 = tokenize_episode(_episode(shots[2:]), tok)
+    # A budget that fits the 3 newest shots but not 4: the 2 oldest go.
+    t = tokenize_episode(_episode(shots), tok, max_tokens=with_3.num_tokens)
+    assert t.n_shots == 3 and t.prompt_ids == with_3.prompt_ids and t.shots_available == 5
+    assert t.chosen_ids == full.chosen_ids and t.rejected_ids == full.rejected_ids
+    assert tokenize_episode(_episode(shots), tok, max_tokens=with_3.num_tokens - 1).n_shots == 2
+    zero = tokenize_episode(_episode([]), tok)
+    assert tokenize_episode(_episode(shots), tok, max_tokens=zero.num_tokens).n_shots == 0
+    with pytest.raises(FspoError, match=r"episode u/e0/0: needs \d+ tokens with zero shots"):
+        tokenize_episode(_episode(shots), tok, max_tokens=zero.num_tokens - 1)
+    # The batch path agrees with the one-by-one path, and reports every episode that cannot fit.
+    eps = [_episode(shots), _episode(shots[:1])]
+    batch = tokenize_episodes(eps, tok, max_tokens=with_3.num_tokens)
+    assert [b.prompt_ids for b in batch] == [
+        tokenize_episode(e, tok, with_3.num_tokens).prompt_ids for e in eps
+    ]
+    with pytest.raises(FspoError) as info:
+        tokenize_episodes(eps, tok, max_tokens=10)
+    assert len(str(info.value).splitlines()) == 2
+
+
+def test_real_tokenizer_end_to_end(dataset, tmp_path):
+    from helpers import tokenizer_corpus
+
+    from fspo_engine.engine.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(), 400, tmp_path / "tok")
+    eps = sample_episodes(dataset, "train", shots=3, seed=0, epoch=0)
+    toks = tokenize_episodes(eps, tok, max_tokens=300)
+    for e, t in zip(eps, toks):
+        assert t.prompt_ids[0] == tok.bos_id and t.chosen_ids[-1] == tok.eos_id == t.rejected_ids[-1]
+        assert tok.decode(t.chosen_ids[:-1]) == render_response(e.target.chosen)
+        assert t.num_tokens <= 300
+        kept = e.shots[e.n_shots - t.n_shots :]
+        assert tok.decode(t.prompt_ids[1:]) == render_prompt(kept, e.target.question)

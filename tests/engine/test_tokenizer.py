@@ -1,0 +1,149 @@
+"""The tiny-model tokenizer: trained with sentencepiece, saved in HF format, loaded back by AutoTokenizer."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+from helpers import tokenizer_corpus
+
+from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.tokenizer import _bpe_merges, load_tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(tokenizer_corpus(seed=0), vocab_size=400, out_dir=out), out
+
+
+ODD_TEXTS = [
+    "# Example 1\n## Question \nWhat?\n## Preferred Response \nYes.\n",
+    "##",
+    "#",
+    "\n",
+    "\n\n\n",
+    " ",
+    "   leading and trailing   ",
+    "tab\there",
+    "crlf\r\nline",
+    "naïve café 東京 🙂 Ω≈ç",
+    "<0x41> looks like a byte piece",
+    "<s> and </s> as text",
+    "x" * 300,
+    "",
+]
+
+
+def test_round_trip_is_exact_for_markers_whitespace_and_unicode(trained):
+    tok, _ = trained
+    rng = random.Random(0)
+    alphabet = "ab #\n\t\r é東🙂.!12<>/_"
+    texts = ODD_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(200)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, repr(text)
+        assert tok.bos_id not in ids and tok.eos_id not in ids  # no special tokens from plain text
+    assert tok.encode_batch(texts[:5]) == [tok.encode(t) for t in texts[:5]]
+
+
+def test_saved_tokenizer_loads_offline_and_matches_sentencepiece(trained):
+    import sentencepiece as spm
+
+    tok, out = trained
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    again = load_tokenizer(out)
+    assert (again.bos_id, again.eos_id) == (1, 2) and again.vocab_size == tok.vocab_size <= 400
+    # The converted tokenizer segments exactly as the sentencepiece model it came from.
+    blob = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus(seed=0)),
+        model_writer=blob,
+        model_type="bpe",
+        vocab_size=400,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        max_sentence_length=1 << 20,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
+    assert len(_bpe_merges(sp)) > 50
+    for text in ODD_TEXTS + tokenizer_corpus(seed=1)[:50]:
+        assert again.encode(text) == sp.encode(text), repr(text)
+
+
+def test_learned_pieces_compress_text(trained):
+    tok, _ = trained
+    corpus = tokenizer_corpus(seed=2)[:100]
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(corpus))
+    n_bytes = sum(len(t.encode()) for t in corpus)
+    assert n_tokens < n_bytes / 1.8  # merges were learned: ~2.2 bytes per token at vocab 400
+
+
+def test_load_errors_name_the_directory(tmp_path):
+    with pytest.raises(FspoError, match="not a model directory"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(FspoError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(FspoError, match="could not load the tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_train_rejects_bad_arguments(tmp_path):
+    with pytest.raises(FspoError, match="no text"):
+        train_tokenizer(["", ""], 400, tmp_path)
+    with pytest.raises(FspoError, match="vocab_size"):
+        train_tokenizer(["abc"], 100, tmp_path)
+
+
+@pytest.mark.parametrize("dummy_prefix", [True, False])
+def test_sentencepiece_only_directory_loads_and_segments_like_sentencepiece(tmp_path, dummy_prefix):
+    """A Llama-2-style directory (tokenizer.model, no tokenizer.json) loads even where transformers cannot
+    convert it (no protobuf), and segments exactly as sentencepiece does, dummy-prefix space included."""
+    import sentencepiece as spm
+
+    blob = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus(seed=4)),
+        model_writer=blob,
+        model_type="bpe",
+        vocab_size=450,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=dummy_prefix,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(blob.getvalue())
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
+    assert (tok.bos_id, tok.eos_id) == (sp.bos_id(), sp.eos_id())
+    rng = random.Random(1)
+    alphabet = "ab #\n\t é東🙂.!12<>/_"
+    texts = ODD_TEXTS + [" lead", "  two", "".join(rng.choice(alphabet) for _ in range(80))]
+    texts += tokenizer_corpus(seed=5)[:40]
+    for text in texts:
+        assert tok.encode(text) == sp.encode(text), repr(text)
+        assert tok.decode(tok.encode(text)) == text, repr(text)

@@ -1,0 +1,178 @@
+"""Shared test helpers: tiny random HF Llama directories (with a tokenizer) and tiny preference datasets.
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", vocab_size=320, tie=False, seed=0)
+    data_dir = write_dataset(tmp_path / "data", *synthetic_records(n_users=4, prefs_per_user=6))
+
+Everything is built offline from fixed seeds; a model directory takes ~1-2 s (sentencepiece training).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a user prefers short long answers with examples code python rust bullet points formal casual tone "
+    "explain why because first then finally summary detail concise verbose friendly technical history science "
+    "cooking travel music budget plan steps list table question response preferred ## # : , . ! ?"
+).split()
+
+
+def random_text(rng: random.Random, n_words: tuple[int, int] = (3, 20)) -> str:
+    """Words from a small vocabulary, with the odd newline, markdown marker and non-ASCII character."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(*n_words))]
+    if rng.random() < 0.3:
+        words.insert(rng.randrange(len(words) + 1), "\n- ")
+    if rng.random() < 0.2:
+        words.append(rng.choice(["café", "naïve", "東京", "🙂", "\t"]))
+    return " ".join(words)
+
+
+def synthetic_records(
+    n_users: int = 4,
+    prefs_per_user: int | list[int] = 6,
+    seed: int = 0,
+    test_users: int = 1,
+    n_words: tuple[int, int] = (3, 20),
+) -> tuple[list[dict], list[dict]]:
+    """(users, prefs) records in the dataset contract's shape. `prefs_per_user` may differ per user.
+    The last `test_users` users are in the test split."""
+    rng = random.Random(seed)
+    counts = prefs_per_user if isinstance(prefs_per_user, list) else [prefs_per_user] * n_users
+    users, prefs = [], []
+    for u in range(n_users):
+        uid = f"u{u:03d}"
+        users.append(
+            {
+                "user_id": uid,
+                "domain": rng.choice(["cooking", "travel", "code"]),
+                "split": "test" if u >= n_users - test_users else "train",
+                "description": f"The user likes {rng.choice(WORDS)} and {rng.choice(WORDS)} answers.",
+                "traits": {"tone": rng.choice(["formal", "casual"])},
+            }
+        )
+        for k in range(counts[u]):
+            prefs.append(
+                {
+                    "pref_id": f"{uid}-p{k:03d}",
+                    "user_id": uid,
+                    "question": random_text(rng, n_words) + "?",
+                    "chosen": random_text(rng, n_words),
+                    "rejected": random_text(rng, n_words),
+                }
+            )
+    return users, prefs
+
+
+def write_jsonl(path: Path, records: list[dict]):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def write_dataset(path, users: list[dict], prefs: list[dict], manifest: dict | None = None) -> Path:
+    """Write a dataset directory (manifest.json, users.jsonl, prefs.jsonl) from records."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = {
+            "format": "fspo-prefs/1",
+            "domains": sorted({u["domain"] for u in users if isinstance(u, dict) and "domain" in u}),
+            "seed": 0,
+            "generator": {"backend": "tests"},
+            "counts": {"users": len(users), "prefs": len(prefs)},
+        }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    write_jsonl(path / "users.jsonl", users)
+    write_jsonl(path / "prefs.jsonl", prefs)
+    return path
+
+
+def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:
+    """Texts covering the episode format's markers, for training a tiny tokenizer."""
+    from fspo_engine.engine.episodes import Preference, render_prompt, render_response
+
+    rng = random.Random(seed)
+    texts = [random_text(rng, (5, 40)) for _ in range(n)]
+    shots = [Preference(f"p{i}", "u", random_text(rng), random_text(rng), random_text(rng)) for i in range(3)]
+    texts += [
+        render_prompt(shots, random_text(rng)),
+        render_prompt([], "why?"),
+        render_prompt(shots, "why?", user_description=True),
+        render_response("ok", "The user likes x."),
+    ] * 5
+    return texts
+
+
+def make_tiny_model_dir(
+    path,
+    vocab_size: int = 320,
+    tie: bool = False,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 112,
+    init_std: float = 0.1,
+    tokenizer: bool = True,
+    max_position_embeddings: int = 4096,
+) -> Path:
+    """A random fp32 `transformers.LlamaForCausalLM` saved in HF format (safetensors), with a tokenizer
+    trained on `tokenizer_corpus()` (its vocabulary is at most `vocab_size`, the model's).
+
+    `init_std` is larger than HF's 0.02 so that attention and the output distribution are far from
+    uniform: a masking or position bug then changes log-probs by far more than any tolerance.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        initializer_range=init_std,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    with torch.no_grad():  # norms away from 1 so their weights matter too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        from fspo_engine.engine.tokenizer import train_tokenizer
+
+        train_tokenizer(tokenizer_corpus(seed), vocab_size, path)
+    return path
+
+
+def hf_model(model_dir):
+    """The directory's model as `transformers.LlamaForCausalLM`, fp32, eager attention (the test oracle)."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def hf_response_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """sum_j log p(response_j | prompt, response_<j) from one plain forward over prompt + response."""
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()  # (P + L, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    P, L = len(prompt_ids), len(response_ids)
+    rows = torch.arange(P - 1, P + L - 1)
+    return float(logp[rows, torch.tensor(response_ids)].sum())
