@@ -78,3 +78,40 @@ def parallelize(model: nn.Module, activation_checkpointing: bool = False, compil
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def _active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few host-side numbers over ranks (metrics); unchanged in a single process."""
+    import torch.distributed as dist
+
+    if not _active():
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank (metrics); unchanged in a single process."""
+    import torch.distributed as dist
+
+    if not _active():
+        return t
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.detach().cpu())
+    return torch.cat(parts).to(t.device)

@@ -452,12 +452,19 @@ def save_model(model: Llama, out_dir: str | os.PathLike, tokenizer_dir: str | os
     Each file is written atomically (temp + rename), the index last; `transformers.AutoModelForCausalLM`
     loads the result.
     """
+    save_state_dict(model.state_dict(), model.config, out_dir, tokenizer_dir, max_shard_bytes, dtype)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig, out_dir: str | os.PathLike,
+                    tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 1024**3,
+                    dtype: torch.dtype | None = None):
+    """`save_model` for a full state dict (e.g. gathered from FSDP2 shards on rank 0)."""
     from safetensors.torch import save as st_save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: p.detach() for name, p in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    state = {name: t.detach() for name, t in state.items()}
+    if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = dtype or next(iter(state.values())).dtype
     state = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in state.items()}
@@ -483,7 +490,7 @@ def save_model(model: Llama, out_dir: str | os.PathLike, tokenizer_dir: str | os
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write_bytes(out / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-    cfg = model.config.to_hf_dict(dtype)
+    cfg = config.to_hf_dict(dtype)
     _atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
         for fname in TOKENIZER_FILES:
@@ -494,5 +501,5 @@ def save_model(model: Llama, out_dir: str | os.PathLike, tokenizer_dir: str | os
                 os.replace(tmp, out / fname)
 
 
-__all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "load_model", "save_model", "read_config", "check_weights",
+__all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "load_model", "save_model", "save_state_dict", "read_config", "check_weights",
            "rope_inv_freq"]

@@ -32,10 +32,19 @@ import torch
 
 from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import TrainConfig
+from fspo_engine.engine.distributed import (
+    all_gather_cat,
+    all_reduce_sum,
+    apply_ac_and_compile,
+    barrier,
+    init_distributed,
+    parallelize,
+    world,
+)
 from fspo_engine.engine.episodes import Dataset, load_dataset, parse_shots, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
-from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_model
+from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_state_dict
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
 from fspo_engine.engine.scoring import episode_logprobs, segment_logprobs
@@ -134,8 +143,14 @@ class Trainer:
                  device: str | None = None, log=print):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.log = log
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, _, self.world = world()
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda _msg: None)
+        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        self.device = init_distributed(device_type) if self.world > 1 else torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.batch.episodes < self.world:
+            raise FspoError(f"batch.episodes ({cfg.batch.episodes}) must be at least the number of ranks ({self.world})")
         self.dataset = load_dataset(data_dir)
         self.data_fp = fingerprint_files([self.dataset.root / f for f in ("manifest.json", "users.jsonl",
                                                                           "prefs.jsonl")])
@@ -159,8 +174,11 @@ class Trainer:
             if old != text:
                 diff = [f"{a.strip()} -> {b.strip()}" for a, b in zip(old.splitlines(), text.splitlines()) if a != b]
                 raise FspoError(f"{cfg_path}: --resume with a different config: {'; '.join(diff[:5])}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(cfg_path, text)
+        barrier()  # every rank has checked before rank 0 writes
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(cfg_path, text)
+        barrier()
 
     def _read_run_info(self) -> dict:
         p = self.out / "run.json"
@@ -172,14 +190,15 @@ class Trainer:
         return {"stages": {}, "reference": None, "data": str(self.dataset.root)}
 
     def _write_run_info(self):
-        ckpt.atomic_write_text(self.out / "run.json", json.dumps(self.run_info, indent=2, sort_keys=True))
+        if self.is_main:
+            ckpt.atomic_write_text(self.out / "run.json", json.dumps(self.run_info, indent=2, sort_keys=True))
 
     def _tokenizer(self) -> Path:
         name = self.cfg.model.name
         if name not in NAMED_SIZES:
             return Path(name)
         tok_dir = self.out / "tokenizer"
-        if not (tok_dir / "tokenizer.json").is_file():
+        if self.is_main and not (tok_dir / "tokenizer.json").is_file():
             texts = []
             for user in self.dataset.users_in("train"):
                 for p in self.dataset.prefs.get(user.user_id, []):
@@ -195,6 +214,7 @@ class Trainer:
             train_tokenizer(texts, self.cfg.model.vocab_size, tmp)
             shutil.rmtree(tok_dir, ignore_errors=True)
             os.replace(tmp, tok_dir)
+        barrier()
         return tok_dir
 
     # ------------------------------------------------------------------ models
@@ -222,16 +242,17 @@ class Trainer:
                           attention_impl=self.cfg.model.attention_impl)
 
     def _wrap(self, model):
-        """Activation checkpointing and compile are applied to the finished model (torchtitan style)."""
-        from fspo_engine.engine.distributed import apply_ac_and_compile
-
-        return apply_ac_and_compile(model, self.cfg.model.activation_checkpointing, self.cfg.model.compile)
+        """Activation checkpointing, compile and (under torchrun) FSDP2 are applied to the finished model."""
+        m = self.cfg.model
+        if self.world > 1:
+            return parallelize(model, m.activation_checkpointing, m.compile, mixed_precision=self.autocast)
+        return apply_ac_and_compile(model, m.activation_checkpointing, m.compile)
 
     # ------------------------------------------------------------------ metrics
 
     def _truncate_metrics(self, stage: str, step: int):
         """After a resume, drop metric lines the killed run wrote past its checkpoint (and torn lines)."""
-        if not self.metrics_path.is_file():
+        if not self.is_main or not self.metrics_path.is_file():
             return
         keep = []
         order = self.run_info.get("stage_order", [])
@@ -249,6 +270,8 @@ class Trainer:
         ckpt.atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for ln in keep))
 
     def _emit(self, record: dict):
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
@@ -281,7 +304,8 @@ class Trainer:
                 continue
             result[s] = self._run_stage(s, policy_dir, max_steps)
             policy_dir = self.out / result[s]["final"]
-        self._plot()
+        if self.is_main:
+            self._plot()
         return result
 
     def _stage_steps(self, stage: str, max_steps: int | None) -> tuple[int, float]:
@@ -318,9 +342,16 @@ class Trainer:
             model = self._initial_model()
         self._truncate_metrics(stage, start_step)
         model.train()
+        model = self._wrap(model)
         optimizer = make_optimizer(model, cfg)
         if resume_from is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            if self.world > 1:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             ckpt.set_rng_state(state["rng"])
         else:
             torch.manual_seed(cfg.run.seed)
@@ -328,21 +359,28 @@ class Trainer:
         # Reference log-probs for every planned epoch, computed once, before any training step.
         ref_tables = {}
         if ref_dir is not None and start_step < total:
-            ref_model = self._load(ref_dir).eval()
             cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
             n_epochs = plan.epochs_for(total)
-            bar = _bar(total=n_epochs * plan.epoch_size, desc=f"[{stage}] reference log-probs", unit="ep",
-                       enabled=cfg.run.progress)
-            for e in range(n_epochs):
-                ref_tables[e] = cache.get_epoch(plan.plan_key(e), plan.epoch(e), ref_model, cfg.data.max_tokens,
-                                                cfg.model.logprob_impl, self.device, log=self.log,
-                                                on_row=bar.update)
-            bar.close()
-            del ref_model
+            # Rank 0 scores every planned epoch and writes the cache; the other ranks then read it.
+            for rank_turn in ("main", "others"):
+                if (rank_turn == "main") != self.is_main:
+                    barrier()
+                    continue
+                ref_model = self._load(ref_dir).eval()
+                bar = _bar(total=n_epochs * plan.epoch_size, desc=f"[{stage}] reference log-probs", unit="ep",
+                           enabled=cfg.run.progress and self.is_main)
+                for e in range(n_epochs):
+                    ref_tables[e] = cache.get_epoch(plan.plan_key(e), plan.epoch(e), ref_model, cfg.data.max_tokens,
+                                                    cfg.model.logprob_impl, self.device, log=self.log,
+                                                    on_row=bar.update)
+                bar.close()
+                del ref_model
+                barrier()
         ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}
 
-        step_model = self._wrap(model)
-        bar = _bar(total=total, initial=start_step, desc=f"[{stage}]", unit="step", enabled=cfg.run.progress)
+        step_model = model
+        bar = _bar(total=total, initial=start_step, desc=f"[{stage}]", unit="step",
+                   enabled=cfg.run.progress and self.is_main)
         last_ckpt = resume_from
         for step in range(start_step, total):
             t0 = time.perf_counter()
@@ -358,6 +396,8 @@ class Trainer:
             params = [p for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
                                                        else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 raise FspoError(f"[{stage}] step {step + 1}: gradient norm is {grad_norm.item()}; stopping. The "
                                 f"last good checkpoint is {last_ckpt or 'none'}")
@@ -380,6 +420,9 @@ class Trainer:
             last_ckpt = self._save(stage_dir, total, model, optimizer)
         # The stage's final model: an HF directory, published atomically.
         final = self.out / stage
+        if not self.is_main:
+            barrier()
+            return {"final": stage, "steps": total, "checkpoint": str(last_ckpt.relative_to(self.out))}
         tmp = self.out / f".{stage}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(last_ckpt / "model", tmp)
@@ -389,17 +432,36 @@ class Trainer:
         os.replace(tmp, final)
         self.run_info["stages"][stage] = {"final": stage, "steps": total, "checkpoint": str(last_ckpt.relative_to(self.out))}
         self._write_run_info()
+        barrier()
         self.log(f"[{stage}] done: {final}")
         return self.run_info["stages"][stage]
 
     def _save(self, stage_dir: Path, step: int, model, optimizer) -> Path:
-        def write(tmp: Path):
-            save_model(model, tmp / "model", tokenizer_dir=self.tokenizer_dir, dtype=torch.float32
-                       if self.cfg.model.dtype != "bfloat16" else torch.bfloat16)
-            ckpt.save_train_state(tmp / "train_state.pt", {"step": step, "optimizer": optimizer.state_dict(),
-                                                            "rng": ckpt.rng_state()})
+        if self.world > 1:  # gather full (unsharded) states on rank 0: a collective, every rank calls it
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
-        return ckpt.write_checkpoint(stage_dir, step, write, self.cfg.run.keep_last)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(model, options=opts)
+            optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        final = stage_dir / f"step-{step:09d}"
+        if self.is_main:
+            dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
+
+            def write(tmp: Path):
+                save_state_dict(model_state, model.config, tmp / "model", tokenizer_dir=self.tokenizer_dir,
+                                dtype=dtype)
+                ckpt.save_train_state(tmp / "train_state.pt", {"step": step, "optimizer": optim_state,
+                                                                "rng": ckpt.rng_state()})
+
+            final = ckpt.write_checkpoint(stage_dir, step, write, self.cfg.run.keep_last)
+        barrier()
+        return final
 
     def _mfu(self, model, tokens_per_s: float) -> float:
         c = model.config
@@ -413,26 +475,32 @@ class Trainer:
         E = len(episodes)
         dev = self.device
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
-        n_tokens = 0
+        # Under torchrun each rank takes every world-th episode of the global batch. FSDP2 averages
+        # gradients over ranks, so each rank's loss is scaled by the world size: the average of the
+        # ranks' gradients is then the gradient of the global-batch loss.
+        scale = float(self.world)
+        pack = lambda eps: pack_batches(eps, cfg.data.max_tokens)  # noqa: E731
         if stage == "pref-ft":
             # SFT needs only the chosen branch: pack [context | chosen] blocks.
             items = [PackItem(ep.prompt_ids, [ep.chosen_ids], ep.episode_id) for ep in episodes]
             total_targets = sum(len(ep.chosen_ids) for ep in episodes)
-            loss_sum = 0.0
-            for row in pack_batches(items, cfg.data.max_tokens):
+            loss_sum, n_tokens = 0.0, 0
+            for row, real in self._rank_rows(items, pack):
                 row = row.to(dev)
                 with autocast:
                     seg = segment_logprobs(step_model, row, impl=cfg.model.logprob_impl)
                 loss = -seg.sum() / total_targets  # parts sum to the token-mean NLL of the whole batch
-                loss.backward()
-                loss_sum += loss.item()
-                n_tokens += row.num_tokens
+                (loss * (scale if real else 0.0)).backward()
+                if real:
+                    loss_sum += loss.item()
+                    n_tokens += row.num_tokens
+            loss_sum, n_tokens = all_reduce_sum([loss_sum, float(n_tokens)])
             return {"loss": loss_sum, "nll_per_token": loss_sum, "_tokens": n_tokens}
         # IPO / DPO
         beta = cfg.pref.beta
         stats = {k: [] for k in ("pc", "pr", "rc", "rr")}
-        loss_sum = 0.0
-        for row in pack_batches(episodes, cfg.data.max_tokens):
+        loss_sum, n_tokens = 0.0, 0
+        for row, real in self._rank_rows(episodes, pack):
             idx = row.episodes
             ref = torch.tensor([ref_table[episodes[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
             row = row.to(dev)
@@ -449,15 +517,27 @@ class Trainer:
             else:
                 part = dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)
             loss = part * (len(idx) / E)  # mean over the row -> its share of the global-batch mean
-            loss.backward()
+            (loss * (scale if real else 0.0)).backward()
+            if not real:
+                continue
             loss_sum += loss.item()
             n_tokens += row.num_tokens
             for k, v in zip(("pc", "pr", "rc", "rr"), (pc, pr, rc, rr)):
                 stats[k].append(v.detach())
-        pc, pr, rc, rr = (torch.cat(stats[k]) for k in ("pc", "pr", "rc", "rr"))
+        loss_sum, n_tokens = all_reduce_sum([loss_sum, float(n_tokens)])
+        pc, pr, rc, rr = (all_gather_cat(torch.cat(stats[k])) for k in ("pc", "pr", "rc", "rr"))
         rec = {"loss": loss_sum, **reward_metrics(pc, pr, rc, rr, beta),
                "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(), "_tokens": n_tokens}
         return rec
+
+    def _rank_rows(self, items: list, pack):
+        """This rank's packed rows, flagged real, padded with repeats flagged not real so that every rank
+        runs the same number of forward/backward passes (FSDP2's collectives must line up)."""
+        mine = pack(items[self.rank::self.world])
+        if self.world == 1:
+            return [(r, True) for r in mine]
+        most = max(len(pack(items[r::self.world])) for r in range(self.world))  # same on every rank
+        return [(r, True) for r in mine] + [(mine[0], False)] * (most - len(mine))
 
     def _plot(self):
         try:
