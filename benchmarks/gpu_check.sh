@@ -1,42 +1,58 @@
 #!/usr/bin/env bash
-# GPU checks for one H200 session: install, the `gpu` kernel tests, the kernel benchmarks.
-# Run from the repository root; everything lands under $OUT (logs, JSON, markdown, PNG).
-# A plain sequence of steps: each runs under its own timeout and a failing step does not stop the
-# next one; summary.txt lists every step's exit code. Append new steps at the end.
+# GPU checks for one H200 session, sized to fit one device call (< 9 minutes in all):
+# install, every `gpu` test (kernels compiled for real, bf16 numerics, the packed-vs-transformers
+# invariant on CUDA), then the kernel, attention and train-step benchmarks.
 #
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
+#
+# Each step runs under its own timeout; a failing step does not stop the next. Logs, JSON, markdown and
+# PNGs are collected in a work folder and packed into $OUT/gpu_results.tar.gz after every step (the device
+# tool returns at most 8 files), with $OUT/summary.txt listing every step's exit code and duration.
+# Copy the figures into benchmarks/RESULTS.md with the date and the GPU.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)
 SUMMARY="$OUT/summary.txt"
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record the exit code
+: >"$SUMMARY"
+export PYTHONUNBUFFERED=1 FSPO_ATTN_AUTOTUNE=${FSPO_ATTN_AUTOTUNE:-1}
+
+pack() { tar czf "$OUT/gpu_results.tar.gz" -C "$WORK" . 2>/dev/null; }
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to NAME.log, record the exit code, repack
     local name=$1 limit=$2
     shift 2
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$SUMMARY"
+    echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$SUMMARY"
+    tail -n 40 "$WORK/$name.log" >"$WORK/$name.tail.txt"
+    pack
 }
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-step install 180 pip install --no-index --no-deps --no-build-isolation -e .
-python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
-    >"$OUT/versions.txt" 2>&1
+nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
+step install 90 pip install --no-index --no-deps --no-build-isolation -e .
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" \
+    | tee "$WORK/versions.txt" >>"$SUMMARY" 2>&1
 
-# 1. Kernel tests compiled for real (the interpreter ran them on CPU before).
-step pytest_gpu_kernels 300 python -m pytest -m gpu tests/kernels -q -rs
+# 1. Every `gpu` test: both Triton kernels compiled for real against the float64 reference (fp32, fp16,
+#    bf16), bitwise repeatability, and packed log-probs against transformers on CUDA.
+step pytest_gpu 170 python -m pytest -m gpu tests -q -rs -x
 
-# 2. linear_logprob_sums: time and peak memory against naive / torch.compile / Liger / CCE / the
-#    3-matmul floor, bf16, V=128,256. H=4096 only here to fit the device budget; the full H sweep is
-#    the benchmark's default (`fspo-engine bench kernels`). TRITON_PRINT_AUTOTUNING logs the configs.
-step bench_kernels 420 env TRITON_PRINT_AUTOTUNING=1 python -m fspo_engine.benchmarks.bench_kernels \
-    --tokens 4096,16384,32768 --hidden 4096 --reps 3 --out "$OUT/bench_kernels"
+# 2. linear_logprob_sums at V=128,256, H=4096, bf16: ours vs naive / torch.compile / Liger / CCE when
+#    installed, and the 3-matmul floor; time and peak memory.
+step bench_kernels 120 python -m fspo_engine.benchmarks.bench_kernels --tokens 4096,16384 --hidden 4096 \
+    --reps 3 --out "$WORK/bench_kernels"
 
-# 3. prefix_shared_attention (issue 7). Its `gpu` tests ran in step 1; these are the interpreter tests
-#    (odd shapes, GQA 1/4/8, shuffled ids, skewed tiles) compiled for real, with untimed tile sizes.
-step pytest_attention_compiled 240 python -m pytest tests/kernels/test_attention.py -m "not gpu" -q -rs
-# 4. Attention fwd+bwd on FSPO rows (8B heads: Hq=32, Hkv=8, D=128, bf16; rows 16k and 32k): ours vs
-#    compiled flex_attention vs the official duplicated-context layout (SDPA flash) vs one plain causal
-#    document. Tile sizes are timed on first use (FSPO_ATTN_AUTOTUNE=1, the default).
-step bench_attention 420 python -m fspo_engine.benchmarks.bench_attention --rows 16384,32768 --reps 5 \
-    --warmup 2 --out "$OUT/attention"
+# 3. prefix_shared_attention fwd+bwd on FSPO rows (8B heads, bf16, 16k rows): ours vs compiled
+#    flex_attention vs the official duplicated-context layout (SDPA flash) vs one plain causal document.
+step bench_attention 120 python -m fspo_engine.benchmarks.bench_attention --rows 16384 --reps 5 --warmup 2 \
+    --out "$WORK/attention"
+
+# 4. One IPO training step, Llama-3.2-1B shapes: packed + fused kernels vs the official padded layout
+#    on transformers (full logits, reference forward every step).
+step bench_train 90 python -m fspo_engine.benchmarks.bench_train --size 1B --episodes 8 --steps 3 \
+    --out "$WORK/bench_train"
+
+cp "$WORK"/*.tail.txt "$OUT"/ 2>/dev/null || true
+pack
+echo "done: $OUT/gpu_results.tar.gz" | tee -a "$SUMMARY"

@@ -18,7 +18,11 @@ import click
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config key.")
 def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, save_every, resume, device, sets):
-    """Train a Llama with FSPO on a preference dataset (Pref-FT, then IPO or DPO)."""
+    """Train a Llama with FSPO on a preference dataset (Pref-FT, then IPO or DPO).
+
+    Under `torchrun --nproc_per_node=N -m fspo_engine.cli.main train ...` the model is sharded with FSDP2
+    (NCCL on GPUs, gloo on CPU) and each rank takes every N-th episode of the global batch.
+    """
     from fspo_engine.engine.config import load_config, parse_set_option
     from fspo_engine.engine.train import Trainer
 
@@ -34,6 +38,10 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
         overrides["pref.steps"] = max_steps
     cfg = load_config(config_file, overrides)
     trainer = Trainer(cfg, data_dir, out_dir, resume=resume, device=device, log=lambda m: click.echo(m, err=True))
-    result = trainer.run(stage)
-    for s, info in result.items():
-        click.echo(f"{s}: {trainer.out / info['final']}")
+    try:
+        result = trainer.run(stage)
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        for s, info in result.items():
+            click.echo(f"{s}: {trainer.out / info['final']}")

@@ -371,6 +371,12 @@ TASK_DESCRIPTION = (
 TASK_ZERO_SHOT = "Generate a response to the following question."
 
 
+# The fixed pieces of the format: a tokenizer trained for a from-scratch model keeps each as one token.
+FORMAT_PIECES = ("# Example ", "## Question \n", "## Preferred Response \n", "## Dispreferred Response \n",
+                 "# Task\n", "## User Description\n", TASK_PREFERRED + "\n", TASK_DESCRIPTION + "\n",
+                 TASK_ZERO_SHOT + "\n")
+
+
 def render_prompt(shots: Sequence[Preference], question: str, user_description: bool = False) -> str:
     """The episode context: one block per shot, then the task line and the target question."""
     parts = []

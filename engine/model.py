@@ -158,8 +158,10 @@ def _llama3_rope(theta: float, factor: float, low: float, high: float, original:
 
 # Llama 3.2 1B/3B and 3.1 8B shapes; `tiny` trains from scratch on a CPU in minutes.
 NAMED_SIZES: dict[str, dict] = {
+    # Untied embeddings and full multi-head attention: on the quickstart data a tied, GQA 2:1 variant
+    # stayed at chance after 1500 Pref-FT steps where this one reached acc@8 = 1.0 (see the issue notes).
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True,
+                 num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False,
                  max_position_embeddings=4096),
     "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,

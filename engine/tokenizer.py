@@ -17,7 +17,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +158,12 @@ def _load_sentencepiece(path: Path):
     return _hf_from_sentencepiece(sp)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
+                    whole_pieces: Sequence[str] = ()) -> Tokenizer:
     """Train a sentencepiece BPE tokenizer on `texts` and save it in HF format under `out_dir`.
+
+    `whole_pieces` (e.g. the episode format's headers, `episodes.FORMAT_PIECES`) become single tokens,
+    matched before BPE: a few-shot context then spends its tokens on content, not on "## Preferred Response".
 
     ids 0, 1, 2 are <unk>, <s>, </s>; then the 256 byte-fallback pieces; then learned pieces. The
     vocabulary may come out smaller than `vocab_size` on a small corpus (never larger): size the model's
@@ -200,6 +204,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     except RuntimeError as exc:
         raise FspoError(f"train_tokenizer: sentencepiece failed ({exc})") from None
     hf = _hf_from_sentencepiece(spm.SentencePieceProcessor(model_proto=blob.getvalue()))
+    if whole_pieces:
+        from tokenizers import AddedToken
+
+        hf.add_tokens([AddedToken(p, normalized=False, special=False, single_word=False, lstrip=False,
+                                  rstrip=False) for p in dict.fromkeys(whole_pieces)])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,14 @@ from fspo_engine.engine.distributed import (
     parallelize,
     world,
 )
-from fspo_engine.engine.episodes import Dataset, load_dataset, parse_shots, sample_episodes, tokenize_episodes
+from fspo_engine.engine.episodes import (
+    FORMAT_PIECES,
+    Dataset,
+    load_dataset,
+    parse_shots,
+    sample_episodes,
+    tokenize_episodes,
+)
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
 from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_state_dict
@@ -204,14 +211,10 @@ class Trainer:
                 for p in self.dataset.prefs.get(user.user_id, []):
                     texts += [p.question, p.chosen, p.rejected]
                 texts.append(user.description)
-            # The episode format's own words must be in the vocabulary too.
-            from fspo_engine.engine.episodes import render_prompt, render_response
-
-            prefs = [p for ps in self.dataset.prefs.values() for p in ps][:4]
-            texts += [render_prompt(prefs, "q", ud) for ud in (False, True)] + [render_response("r", "d")]
             tmp = self.out / f".tokenizer.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            train_tokenizer(texts, self.cfg.model.vocab_size, tmp)
+            # The episode format's fixed headers become single tokens (they are most of a context's text).
+            train_tokenizer(texts, self.cfg.model.vocab_size, tmp, whole_pieces=FORMAT_PIECES)
             shutil.rmtree(tok_dir, ignore_errors=True)
             os.replace(tmp, tok_dir)
         barrier()
@@ -295,6 +298,9 @@ class Trainer:
         self.run_info["stage_order"] = stages
         result = {}
         policy_dir = None
+        earlier = self.run_info["stages"].get("pref-ft")
+        if stages[0] != "pref-ft" and earlier and ckpt.verify(self.out / earlier["final"]) is None:
+            policy_dir = self.out / earlier["final"]  # `--stage ipo` after `--stage pref-ft` in the same run
         for s in stages:
             done = self.run_info["stages"].get(s)
             if done and (self.out / done["final"]).is_dir() and ckpt.verify(self.out / done["final"]) is None:
@@ -367,10 +373,14 @@ class Trainer:
                     barrier()
                     continue
                 ref_model = self._load(ref_dir).eval()
-                bar = _bar(total=n_epochs * plan.epoch_size, desc=f"[{stage}] reference log-probs", unit="ep",
+                # Only the episodes the stage will reach: the last planned epoch is usually partial.
+                used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size)
+                        for e in range(n_epochs)]
+                bar = _bar(total=sum(used), desc=f"[{stage}] reference log-probs", unit="ep",
                            enabled=cfg.run.progress and self.is_main)
                 for e in range(n_epochs):
-                    ref_tables[e] = cache.get_epoch(plan.plan_key(e), plan.epoch(e), ref_model, cfg.data.max_tokens,
+                    ref_tables[e] = cache.get_epoch({**plan.plan_key(e), "episodes": used[e]},
+                                                    plan.epoch(e)[:used[e]], ref_model, cfg.data.max_tokens,
                                                     cfg.model.logprob_impl, self.device, log=self.log,
                                                     on_row=bar.update)
                 bar.close()
@@ -485,7 +495,8 @@ class Trainer:
             items = [PackItem(ep.prompt_ids, [ep.chosen_ids], ep.episode_id) for ep in episodes]
             total_targets = sum(len(ep.chosen_ids) for ep in episodes)
             loss_sum, n_tokens = 0.0, 0
-            for row, real in self._rank_rows(items, pack):
+            _, rows = self._rank_rows(items, pack)
+            for row, real in rows:
                 row = row.to(dev)
                 with autocast:
                     seg = segment_logprobs(step_model, row, impl=cfg.model.logprob_impl)
@@ -500,9 +511,10 @@ class Trainer:
         beta = cfg.pref.beta
         stats = {k: [] for k in ("pc", "pr", "rc", "rr")}
         loss_sum, n_tokens = 0.0, 0
-        for row, real in self._rank_rows(episodes, pack):
+        share, rows = self._rank_rows(episodes, pack)
+        for row, real in rows:
             idx = row.episodes
-            ref = torch.tensor([ref_table[episodes[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
+            ref = torch.tensor([ref_table[share[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
             row = row.to(dev)
             with autocast:
                 out = episode_logprobs(step_model, row, impl=cfg.model.logprob_impl)
@@ -530,14 +542,25 @@ class Trainer:
                "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(), "_tokens": n_tokens}
         return rec
 
-    def _rank_rows(self, items: list, pack):
-        """This rank's packed rows, flagged real, padded with repeats flagged not real so that every rank
-        runs the same number of forward/backward passes (FSDP2's collectives must line up)."""
-        mine = pack(items[self.rank::self.world])
+    def close(self):
+        """Flush TensorBoard and leave the process group (torchrun)."""
+        import torch.distributed as dist
+
+        if self._tb is not None:
+            self._tb.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _rank_rows(self, items: list, pack) -> tuple[list, list]:
+        """This rank's share of `items` and its packed rows (`row.episodes` index the share), each flagged
+        real; padded with repeats flagged not real so that every rank runs the same number of
+        forward/backward passes (FSDP2's collectives must line up)."""
+        share = items[self.rank::self.world]
+        mine = pack(share)
         if self.world == 1:
-            return [(r, True) for r in mine]
+            return share, [(r, True) for r in mine]
         most = max(len(pack(items[r::self.world])) for r in range(self.world))  # same on every rank
-        return [(r, True) for r in mine] + [(mine[0], False)] * (most - len(mine))
+        return share, [(r, True) for r in mine] + [(mine[0], False)] * (most - len(mine))
 
     def _plot(self):
         try:

@@ -1,0 +1,32 @@
+"""`fspo-engine quickstart` end to end, shortened: every stage runs and every artefact appears."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_short_run(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "fspo_engine.cli.main", "quickstart", "--out", str(out), "--users", "40",
+           "--pref-ft-steps", "4", "--pref-steps", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 8 |" in res.stdout and "target (acc@8" in res.stdout
+    report = json.loads((out / "run" / "eval.json").read_text())
+    assert report["method"] == "implicit_reward"
+    assert [r["shots"] for r in report["results"]] == [0, 1, 2, 4, 8]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["episodes"] > 0 for r in report["results"])
+    for name in ("loss_curve.png", "eval.png", "metrics.jsonl", "config.toml", "run.json"):
+        assert (out / "run" / name).stat().st_size > 0, name
+    stages = [json.loads(ln)["stage"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["pref-ft"] * 4 + ["ipo"] * 3
+    # Re-running finds everything done and only evaluates again.
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already complete" in res.stderr
