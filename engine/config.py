@@ -142,7 +142,12 @@ class TrainConfig:
                 bad(key, f"must be auto, triton or torch, got {value!r}")
         if self.model.dtype not in ("auto", "float32", "bfloat16"):
             bad("model.dtype", f"must be auto, float32 or bfloat16, got {self.model.dtype!r}")
-        parse_shots(self.data.shots, where=f"{where}: data.shots")
+        from fspo_engine.engine.episodes import parse_shots
+
+        try:
+            parse_shots(self.data.shots)
+        except FspoError as exc:
+            bad("data.shots", str(exc).removeprefix("--shots: "))
 
     def resolved_toml(self) -> str:
         lines = []
@@ -152,19 +157,6 @@ class TrainConfig:
                 lines.append(f"{f.name} = {_toml_value(getattr(getattr(self, section.name), f.name))}")
             lines.append("")
         return "\n".join(lines)
-
-
-def parse_shots(spec: str | int, where: str = "shots") -> tuple[int, int]:
-    """"8" -> (8, 8); "1-8" -> (1, 8)."""
-    text = str(spec).strip()
-    try:
-        lo, _, hi = text.partition("-")
-        lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
-    except ValueError:
-        raise FspoError(f"{where}: expected N or LO-HI, got {text!r}") from None
-    if lo_i < 0 or hi_i < lo_i:
-        raise FspoError(f"{where}: expected 0 <= LO <= HI, got {text!r}")
-    return lo_i, hi_i
 
 
 def _toml_value(v: Any) -> str:

@@ -26,6 +26,13 @@ def test_quickstart_short_run(tmp_path):
         assert (out / "run" / name).stat().st_size > 0, name
     stages = [json.loads(ln)["stage"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["pref-ft"] * 4 + ["ipo"] * 3
+    # generate: one personalised answer for an unseen user, through the run directory.
+    user = next(json.loads(ln)["user_id"] for ln in (out / "data" / "users.jsonl").read_text().splitlines()
+                if json.loads(ln)["split"] == "test")
+    gen = subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", "generate", "--model", str(out / "run"),
+                          "--data", str(out / "data"), "--user", user, "--max-new-tokens", "5"],
+                         capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-2000:]
     # Re-running finds everything done and only evaluates again.
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
