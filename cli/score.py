@@ -11,7 +11,7 @@ import click
     "model_dir",
     required=True,
     type=click.Path(path_type=str),
-    help="HF Llama model directory (config.json, *.safetensors, tokenizer files).",
+    help="HF Llama model directory (config.json, *.safetensors, tokenizer files), or a run directory.",
 )
 @click.option(
     "--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory."
@@ -72,6 +72,7 @@ def score(
         tokenize_episodes,
     )
     from fspo_engine.engine.errors import FspoError
+    from fspo_engine.engine.evaluate import resolve_models
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.packing import pack_batches, packing_stats
     from fspo_engine.engine.scoring import score_episodes, write_jsonl_atomic
@@ -82,6 +83,7 @@ def score(
     if max_tokens < 16:
         raise FspoError(f"--max-tokens: must be >= 16, got {max_tokens}")
     dataset = load_dataset(data_dir)
+    model_dir, _ = resolve_models(model_dir)  # a run directory scores its final policy
     tokenizer = load_tokenizer(model_dir)
     episodes = sample_episodes(dataset, None if split == "all" else split, shots_spec, seed=seed, epoch=0)
     if not episodes:
