@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for one H200 session, sized to fit one device call (< 9 minutes in all):
+# GPU checks for one H200 session, sized to fit one device call (at most 570 s of step limits):
 # install, every `gpu` test (kernels compiled for real, bf16 numerics, the packed-vs-transformers
 # invariant on CUDA), then the kernel, attention and train-step benchmarks.
 #
@@ -30,28 +30,34 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to NAME.log, record the exi
 }
 
 nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
-step install 90 pip install --no-index --no-deps --no-build-isolation -e .
+step install 60 pip install --no-index --no-deps --no-build-isolation -e .
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" \
     | tee "$WORK/versions.txt" >>"$SUMMARY" 2>&1
 
 # 1. Every `gpu` test: both Triton kernels compiled for real against the float64 reference (fp32, fp16,
 #    bf16), bitwise repeatability, and packed log-probs against transformers on CUDA.
-step pytest_gpu 170 python -m pytest -m gpu tests -q -rs -x
+step pytest_gpu 150 python -m pytest -m gpu tests -q -rs -x
 
 # 2. linear_logprob_sums at V=128,256, H=4096, bf16: ours vs naive / torch.compile / Liger / CCE when
 #    installed, and the 3-matmul floor; time and peak memory.
-step bench_kernels 120 python -m fspo_engine.benchmarks.bench_kernels --tokens 4096,16384 --hidden 4096 \
+step bench_kernels 100 python -m fspo_engine.benchmarks.bench_kernels --tokens 4096,16384 --hidden 4096 \
     --reps 3 --out "$WORK/bench_kernels"
 
 # 3. prefix_shared_attention fwd+bwd on FSPO rows (8B heads, bf16, 16k rows): ours vs compiled
 #    flex_attention vs the official duplicated-context layout (SDPA flash) vs one plain causal document.
-step bench_attention 120 python -m fspo_engine.benchmarks.bench_attention --rows 16384 --reps 5 --warmup 2 \
+step bench_attention 100 python -m fspo_engine.benchmarks.bench_attention --rows 16384 --reps 5 --warmup 2 \
     --out "$WORK/attention"
 
 # 4. One IPO training step, Llama-3.2-1B shapes: packed + fused kernels vs the official padded layout
 #    on transformers (full logits, reference forward every step).
-step bench_train 90 python -m fspo_engine.benchmarks.bench_train --size 1B --episodes 8 --steps 3 \
+step bench_train 80 python -m fspo_engine.benchmarks.bench_train --size 1B --episodes 8 --steps 3 \
     --out "$WORK/bench_train"
+
+# 5. The trainer end to end on CUDA (bf16 autocast, both Triton kernels inside the model): a short
+#    quickstart-shaped run, then eval. Catches integration errors the op-level tests cannot.
+step train_smoke 80 bash -c "fspo-engine gen-data --out $WORK/qs_data --preset quickstart --users 80 >/dev/null && \
+    fspo-engine train --data $WORK/qs_data --out $WORK/qs_run --max-steps 30 --set run.progress=false && \
+    fspo-engine eval --model $WORK/qs_run --data $WORK/qs_data --shots 0,8"
 
 cp "$WORK"/*.tail.txt "$OUT"/ 2>/dev/null || true
 pack

@@ -224,6 +224,9 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
 def apply_rope(x, cos, sin):
     """x [T, heads, D]; cos/sin [T, 1, D]. Rotates the two halves of D (HF's `rotate_half` layout)."""
     x1, x2 = x.chunk(2, dim=-1)
+    # In x's dtype: under autocast q/k come out of the projections in bf16 while the tables follow the fp32
+    # residual stream; promoting q/k to fp32 would leave them unlike v.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 

@@ -26,9 +26,13 @@ def segment_logprobs(model, packed: PackedBatch, impl: str = "auto") -> torch.Te
     Differentiable (the trainer calls this under autograd)."""
     hidden = model(packed.input_ids, packed.position_ids, packed.doc_ids, packed.branch_ids)  # (T, H)
     h = hidden.index_select(0, packed.target_rows)  # (N, H): the last context row appears once per branch
-    return linear_logprob_sums(
-        h, model.lm_head_weight, packed.targets, packed.segment_ids, packed.num_segments, impl=impl
-    )
+    w = model.lm_head_weight
+    if torch.is_autocast_enabled(h.device.type):
+        # Autocast does not reach a custom op: give the fused kernel the autocast dtype (bf16 matmuls; it
+        # accumulates the log-sum-exp in fp32 whatever the input dtype), as autocast would for a Linear.
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, w = h.to(dt), w.to(dt)
+    return linear_logprob_sums(h, w, packed.targets, packed.segment_ids, packed.num_segments, impl=impl)
 
 
 class EpisodeLogprobs(NamedTuple):

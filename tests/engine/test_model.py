@@ -215,3 +215,23 @@ def test_model_info_and_bad_model_dirs(tmp_path):
     _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors")
     # not a directory
     _assert_one_line_error(_cli("model-info", str(tmp_path / "nope")))
+
+
+def test_autocast_bf16_forward_and_logprobs(tmp_path):
+    """Under autocast (what the trainer uses on GPU, here on CPU) q, k and v keep one dtype and the fused
+    log-prob op gets bf16 operands; the result stays close to fp32."""
+    from fspo_engine.engine.packing import PackItem, pack_batches
+    from fspo_engine.engine.scoring import segment_logprobs
+
+    _, path = make_hf_model(tmp_path, TINY)
+    model = load_model(path).eval()
+    g = torch.Generator().manual_seed(0)
+    items = [PackItem(torch.randint(0, 300, (n,), generator=g).tolist(),
+                      [torch.randint(0, 300, (m,), generator=g).tolist() for m in (5, 7)]) for n in (11, 4)]
+    (row,) = pack_batches(items, 64)
+    with torch.no_grad():
+        ref = segment_logprobs(model, row, impl="torch")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = segment_logprobs(model, row, impl="torch")
+    assert got.dtype == torch.float32
+    assert rel_err(got, ref) < 5e-2, (got, ref)
