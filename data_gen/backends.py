@@ -20,6 +20,7 @@ import os
 import random
 import re
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ def parse_json_reply(text: str) -> dict:
     return obj
 
 
-class ChatBackend:
+class ChatBackend(ABC):
     """Cache, de-duplication, accounting and JSON validation around a subclass's `_call`."""
 
     name = "chat"
@@ -121,8 +122,9 @@ class ChatBackend:
         self.usage = Usage()
         self._inflight: dict[str, asyncio.Future] = {}
 
+    @abstractmethod
     async def _call(self, request: dict) -> Reply:
-        raise NotImplementedError
+        """Send one chat request to the server or model; the subclass's transport."""
 
     async def chat(
         self,
@@ -194,8 +196,8 @@ class ChatBackend:
             f"(after {self.malformed_retries + 1} tries; reply began {text[:80]!r})"
         )
 
-    async def aclose(self) -> None:
-        pass
+    async def aclose(self) -> None:  # noqa: B027 - optional hook: most transports hold nothing
+        return None
 
 
 _TRANSIENT_STATUS = {408, 409, 425, 429}

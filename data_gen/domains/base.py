@@ -10,6 +10,7 @@ words), so the axis that decides the label is always visible in the pair.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 # How many random ints `compose` may draw. Drawing a fixed-size vector up front keeps the random
@@ -37,7 +38,7 @@ def pick(words, r: int):
     return words[r % len(words)]
 
 
-class TemplateDomain:
+class TemplateDomain(ABC):
     """Base class; subclasses fill the tables and the five domain methods."""
 
     name: str = ""
@@ -52,22 +53,27 @@ class TemplateDomain:
         """Trait combinations reserved for test users (empty: split by user only)."""
         return frozenset()
 
+    @abstractmethod
     def sample_traits(self, rng: random.Random, split: str, heldout: frozenset) -> dict[str, str]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def describe(self, traits: dict[str, str], rng: random.Random) -> str:
-        raise NotImplementedError
+        ...
 
     # --- questions and responses --------------------------------------------------------------
+    @abstractmethod
     def sample_question(self, rng: random.Random) -> Question:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def compose(self, question: Question, attrs: dict[str, str], draws: list[int]) -> str:
         """A response to `question` carrying `attrs`; all randomness comes from `draws`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, traits: dict[str, str], attrs: dict[str, str]) -> float:
-        raise NotImplementedError
+        ...
 
     def ideal(self, traits: dict[str, str]) -> dict[str, str]:
         """The attribute vector this user likes best (needed only with `minimal_pairs`)."""
