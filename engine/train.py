@@ -51,7 +51,14 @@ from fspo_engine.engine.episodes import (
 )
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
-from fspo_engine.engine.model import NAMED_SIZES, LlamaConfig, build_model, load_model, save_state_dict
+from fspo_engine.engine.model import (
+    NAMED_SIZES,
+    LlamaConfig,
+    build_model,
+    check_weights,
+    load_model,
+    save_state_dict,
+)
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
 from fspo_engine.engine.scoring import episode_logprobs, segment_logprobs
@@ -161,6 +168,9 @@ class Trainer:
         self.dataset = load_dataset(data_dir)
         self.data_fp = fingerprint_files([self.dataset.root / f for f in ("manifest.json", "users.jsonl",
                                                                           "prefs.jsonl")])
+        if cfg.model.name not in NAMED_SIZES:  # a bad model directory fails before the run directory exists
+            check_weights(cfg.model.name)
+            load_tokenizer(cfg.model.name)
         self._prepare_run_dir(resume)
         self.run_info = self._read_run_info()
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
@@ -174,7 +184,8 @@ class Trainer:
     def _prepare_run_dir(self, resume: bool):
         cfg_path = self.out / "config.toml"
         text = self.cfg.resolved_toml()
-        if cfg_path.is_file():
+        started = (self.out / "checkpoints").is_dir() or (self.out / "run.json").is_file()
+        if cfg_path.is_file() and started:
             if not resume:
                 raise FspoError(f"{self.out}: already holds a run; pass --resume to continue it or pick a new --out")
             old = cfg_path.read_text(encoding="utf-8")

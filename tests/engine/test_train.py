@@ -126,6 +126,8 @@ def test_cli_errors_are_one_line(tmp_path):
         assert res.returncode == 1, res.stderr
         assert "Traceback" not in res.stderr
         assert needle in res.stderr, res.stderr
+        out = args[args.index("--out") + 1]
+        assert not os.path.exists(out), f"a failed start left {out} behind"
 
 
 # ------------------------------------------------------------------------------------------------ training
