@@ -24,6 +24,8 @@ from fspo_engine.engine.tokenizer import load_tokenizer
 def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
     """(policy dir, reference dir or None) for a run directory or a plain HF model directory."""
     model = Path(model)
+    if not model.is_dir():
+        raise FspoError(f"{model}: not a model directory")
     run_json = model / "run.json"
     if run_json.is_file():
         try:
