@@ -263,3 +263,28 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "2",
               "--resume")
     assert res.returncode == 1 and "different config" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
+    """The real-user path: --model HF_DIR (its own tokenizer, tied embeddings), Pref-FT then DPO; the final
+    model loads in transformers; eval uses the run's reference."""
+    from helpers import make_tiny_model_dir
+
+    data = write_fixture(tmp_path / "data")
+    hf_dir = make_tiny_model_dir(tmp_path / "hf", tie=True, init_std=0.02)
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), "--model", str(hf_dir), "--shots", "2",
+              "--set", "pref.loss=dpo", "--set", "pref.label_smoothing=0.1", "--set", "batch.episodes=4",
+              "--set", "pref_ft.steps=2", "--set", "pref.steps=2", "--set", "run.progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = read_metrics(run)
+    assert [r["stage"] for r in recs] == ["pref-ft", "pref-ft", "dpo", "dpo"]
+    assert not (run / "tokenizer").exists()  # the checkpoint's own tokenizer is used, not a new one
+    final = run / "dpo"
+    assert (final / "tokenizer.json").is_file() or (final / "tokenizer.model").is_file()
+    assert json.loads((final / "config.json").read_text())["tie_word_embeddings"] is True
+    transformers.AutoModelForCausalLM.from_pretrained(final)
+    res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "0,2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((run / "eval.json").read_text())
+    assert report["method"] == "implicit_reward" and report["reference"].endswith("pref-ft")
