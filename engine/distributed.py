@@ -106,12 +106,17 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of any length from every rank (metrics); unchanged in a single process."""
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order; [obj] in a single process."""
     import torch.distributed as dist
 
     if not _active():
-        return t
+        return [obj]
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, t.detach().cpu())
-    return torch.cat(parts).to(t.device)
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank (metrics); unchanged in a single process."""
+    return torch.cat(all_gather_objects(t.detach().cpu())).to(t.device)

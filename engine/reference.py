@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fspo_engine.engine.checkpoint import sha256_file
+from fspo_engine.engine.distributed import all_gather_objects
 from fspo_engine.engine.scoring import score_episodes
 
 
@@ -52,8 +53,12 @@ class ReferenceCache:
         return self.dir / f"ref-{cache_key(self.ref_fp, self.data_fp, plan)}.pt"
 
     def get_epoch(self, plan: dict, episodes, model, max_tokens: int, impl: str, device, log=print,
-                  on_row=None) -> dict[str, tuple[float, float]]:
-        """Reference log-probs of one planned epoch's tokenized episodes (computed and saved on a miss)."""
+                  on_row=None, rank: int = 0, world: int = 1) -> dict[str, tuple[float, float]]:
+        """Reference log-probs of one planned epoch's tokenized episodes (computed and saved on a miss).
+
+        Under torchrun every rank calls this: each scores every world-th episode, the parts are gathered,
+        and rank 0 writes the cache file.
+        """
         path = self.path(plan)
         key = path.name
         if key in self._mem:
@@ -69,14 +74,21 @@ class ReferenceCache:
         if table is None:
             was_training = model.training
             model.eval()
-            out = score_episodes(model, episodes, max_tokens, impl=impl, device=device, on_row=on_row)
+            out = score_episodes(model, episodes[rank::world], max_tokens, impl=impl, device=device,
+                                 on_row=on_row)
             model.train(was_training)
+            chosen, rejected = out.chosen, out.rejected
+            if world > 1:
+                chosen, rejected = torch.empty(len(episodes)), torch.empty(len(episodes))
+                for r, (c, rj) in enumerate(all_gather_objects((out.chosen, out.rejected))):
+                    chosen[r::world], rejected[r::world] = c, rj
             ids = [ep.episode_id for ep in episodes]
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({"episode_ids": ids, "chosen": out.chosen, "rejected": out.rejected, "plan": json.dumps(plan)},
-                       tmp)
-            os.replace(tmp, path)
-            table = dict(zip(ids, zip(out.chosen.tolist(), out.rejected.tolist())))
+            if rank == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                torch.save({"episode_ids": ids, "chosen": chosen, "rejected": rejected, "plan": json.dumps(plan)},
+                           tmp)
+                os.replace(tmp, path)
+            table = dict(zip(ids, zip(chosen.tolist(), rejected.tolist())))
         self._mem = {key: table}  # one epoch in memory at a time
         return table

@@ -378,25 +378,19 @@ class Trainer:
         if ref_dir is not None and start_step < total:
             cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
             n_epochs = plan.epochs_for(total)
-            # Rank 0 scores every planned epoch and writes the cache; the other ranks then read it.
-            for rank_turn in ("main", "others"):
-                if (rank_turn == "main") != self.is_main:
-                    barrier()
-                    continue
-                ref_model = self._load(ref_dir).eval()
-                # Only the episodes the stage will reach: the last planned epoch is usually partial.
-                used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size)
-                        for e in range(n_epochs)]
-                bar = _bar(total=sum(used), desc=f"[{stage}] reference log-probs", unit="ep",
-                           enabled=cfg.run.progress and self.is_main)
-                for e in range(n_epochs):
-                    ref_tables[e] = cache.get_epoch({**plan.plan_key(e), "episodes": used[e]},
-                                                    plan.epoch(e)[:used[e]], ref_model, cfg.data.max_tokens,
-                                                    cfg.model.logprob_impl, self.device, log=self.log,
-                                                    on_row=bar.update)
-                bar.close()
-                del ref_model
-                barrier()
+            # Every rank scores its share of each planned epoch; rank 0 writes the gathered cache.
+            ref_model = self._load(ref_dir).eval()
+            # Only the episodes the stage will reach: the last planned epoch is usually partial.
+            used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size) for e in range(n_epochs)]
+            bar = _bar(total=sum(-(-u // self.world) for u in used), desc=f"[{stage}] reference log-probs",
+                       unit="ep", enabled=cfg.run.progress and self.is_main)
+            for e in range(n_epochs):
+                ref_tables[e] = cache.get_epoch({**plan.plan_key(e), "episodes": used[e]}, plan.epoch(e)[:used[e]],
+                                                ref_model, cfg.data.max_tokens, cfg.model.logprob_impl, self.device,
+                                                log=self.log, on_row=bar.update, rank=self.rank, world=self.world)
+            bar.close()
+            del ref_model
+            barrier()
         ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}
 
         step_model = model
