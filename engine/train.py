@@ -20,6 +20,7 @@ Run directory:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -168,6 +169,12 @@ class Trainer:
         self.dataset = load_dataset(data_dir)
         self.data_fp = fingerprint_files([self.dataset.root / f for f in ("manifest.json", "users.jsonl",
                                                                           "prefs.jsonl")])
+        if cfg.run.tensorboard:  # fail before anything is written, not at the first logged step
+            try:
+                importlib.import_module("torch.utils.tensorboard")
+            except ImportError:
+                raise FspoError("run.tensorboard = true needs the tensorboard package: "
+                                "pip install 'fspo-engine[tensorboard]'") from None
         if cfg.model.name not in NAMED_SIZES:  # a bad model directory fails before the run directory exists
             check_weights(cfg.model.name)
             load_tokenizer(cfg.model.name)
@@ -291,11 +298,8 @@ class Trainer:
             f.flush()
         if self.cfg.run.tensorboard:
             if self._tb is None:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise FspoError("run.tensorboard = true needs the tensorboard package: "
-                                    "pip install 'fspo-engine[tensorboard]'") from None
+                from torch.utils.tensorboard import SummaryWriter  # checked importable in __init__
+
                 self._tb = SummaryWriter(str(self.out / "tensorboard"))
             gstep = record["step"] + (10**6 if record["stage"] != "pref-ft" else 0)
             for k, v in record.items():
