@@ -397,7 +397,6 @@ class Trainer:
             barrier()
         ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}
 
-        step_model = model
         bar = _bar(total=total, initial=start_step, desc=f"[{stage}]", unit="step",
                    enabled=cfg.run.progress and self.is_main)
         last_ckpt = resume_from
@@ -407,11 +406,12 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             episodes = plan.batch(step)
-            rec = self._train_step(stage, step_model, model, episodes, ref_table)
+            rec = self._train_step(stage, model, episodes, ref_table)
             if not math.isfinite(rec["loss"]):
-                raise FspoError(f"[{stage}] step {step + 1}: loss is {rec['loss']}; stopping. The last good "
-                                f"checkpoint is {last_ckpt or 'none (no checkpoint yet)'}; resume with --resume "
-                                "after lowering the learning rate")
+                raise FspoError(f"[{stage}] step {step + 1}: loss is {rec['loss']}; stopping. The newest "
+                                f"checkpoint is {last_ckpt or 'none (no checkpoint yet)'}, and the "
+                                f"{cfg.run.keep_last} newest are kept: each model/ is an HF directory to restart "
+                                "from with --model (e.g. with a lower optim.lr)")
             params = [p for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
                                                        else float("inf"))
@@ -488,7 +488,7 @@ class Trainer:
         peak = 989e12  # H100/H200 dense bf16 TFLOP/s
         return flops * tokens_per_s / peak
 
-    def _train_step(self, stage: str, step_model, model, episodes: list, ref_table: dict) -> dict:
+    def _train_step(self, stage: str, model, episodes: list, ref_table: dict) -> dict:
         """Forward/backward over micro-batches (packed rows) summing exactly to the global-batch loss."""
         cfg = self.cfg
         E = len(episodes)
@@ -508,7 +508,7 @@ class Trainer:
             for row, real in rows:
                 row = row.to(dev)
                 with autocast:
-                    seg = segment_logprobs(step_model, row, impl=cfg.model.logprob_impl)
+                    seg = segment_logprobs(model, row, impl=cfg.model.logprob_impl)
                 loss = -seg.sum() / total_targets  # parts sum to the token-mean NLL of the whole batch
                 (loss * (scale if real else 0.0)).backward()
                 if real:
@@ -526,7 +526,7 @@ class Trainer:
             ref = torch.tensor([ref_table[share[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
             row = row.to(dev)
             with autocast:
-                out = episode_logprobs(step_model, row, impl=cfg.model.logprob_impl)
+                out = episode_logprobs(model, row, impl=cfg.model.logprob_impl)
             pc, pr = out.chosen.float(), out.rejected.float()
             rc, rr = ref[:, 0], ref[:, 1]
             if cfg.pref.length_normalize:

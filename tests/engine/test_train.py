@@ -288,3 +288,15 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((run / "eval.json").read_text())
     assert report["method"] == "implicit_reward" and report["reference"].endswith("pref-ft")
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "6",
+              "--save-every", "1", "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "loss is nan" in res.stderr or "gradient norm is" in res.stderr, res.stderr
+    kept = ckpt.list_checkpoints(run / "checkpoints" / "pref-ft")
+    assert kept and all(ckpt.verify(c) is None for c in kept)
+    assert str(kept[-1]) in res.stderr
