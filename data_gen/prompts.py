@@ -10,50 +10,36 @@ from __future__ import annotations
 SYSTEM = "You are a helpful writer. You reply with one JSON object and nothing else."
 
 
+def _chat(user_content: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user_content}]
+
+
 def views_messages(question: str, k: int) -> list[dict]:
-    return [
-        {"role": "system", "content": SYSTEM},
-        {
-            "role": "user",
-            "content": (
-                "Task: views\n"
-                f"Question: {question}\n"
-                f"List {k} clearly different views an answer to this question could take: different opinions, "
-                "audiences, tones, levels of detail or priorities. Reply with JSON: "
-                '{"views": ["<one-sentence view>", ...]}'
-            ),
-        },
-    ]
+    return _chat(
+        "Task: views\n"
+        f"Question: {question}\n"
+        f"List {k} clearly different views an answer to this question could take: different opinions, "
+        "audiences, tones, levels of detail or priorities. Reply with JSON: "
+        '{"views": ["<one-sentence view>", ...]}'
+    )
 
 
 def response_messages(question: str, view: str) -> list[dict]:
-    return [
-        {"role": "system", "content": SYSTEM},
-        {
-            "role": "user",
-            "content": (
-                "Task: respond\n"
-                f"Question: {question}\n"
-                f"Answer the question taking this view: {view}\n"
-                'Keep the answer under 120 words. Reply with JSON: {"response": "<the answer>"}'
-            ),
-        },
-    ]
+    return _chat(
+        "Task: respond\n"
+        f"Question: {question}\n"
+        f"Answer the question taking this view: {view}\n"
+        'Keep the answer under 120 words. Reply with JSON: {"response": "<the answer>"}'
+    )
 
 
 def persona_messages(question: str, description: str) -> list[dict]:
-    return [
-        {"role": "system", "content": SYSTEM},
-        {
-            "role": "user",
-            "content": (
-                "Task: respond\n"
-                f"Question: {question}\n"
-                f"Write the answer that this user would like best. User: {description}\n"
-                'Keep the answer under 120 words. Reply with JSON: {"response": "<the answer>"}'
-            ),
-        },
-    ]
+    return _chat(
+        "Task: respond\n"
+        f"Question: {question}\n"
+        f"Write the answer that this user would like best. User: {description}\n"
+        'Keep the answer under 120 words. Reply with JSON: {"response": "<the answer>"}'
+    )
 
 
 def valid_views(obj: dict) -> list[str]:

@@ -158,6 +158,27 @@ def _load_sentencepiece(path: Path):
     return _hf_from_sentencepiece(sp)
 
 
+# sentencepiece BPE as the from-scratch tokenizer is trained (train_tokenizer; the tests reuse it).
+SPM_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    hard_vocab_limit=False,  # a small corpus may not have vocab_size pieces: take what it has
+    byte_fallback=True,  # characters outside the vocabulary become <0xNN> pieces, never <unk>
+    normalization_rule_name="identity",  # keep text as is: no NFKC, spaces and newlines intact
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,  # prompt and responses are tokenized separately: no invented spaces
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    character_coverage=0.9995,
+    max_sentence_length=1 << 20,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    minloglevel=2,
+)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
                     whole_pieces: Sequence[str] = ()) -> Tokenizer:
     """Train a sentencepiece BPE tokenizer on `texts` and save it in HF format under `out_dir`.
@@ -181,25 +202,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     blob = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_writer=blob,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,  # a small corpus may not have vocab_size pieces: take what it has
-            byte_fallback=True,  # characters outside the vocabulary become <0xNN> pieces, never <unk>
-            normalization_rule_name="identity",  # keep text as is: no NFKC, spaces and newlines intact
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,  # prompt and responses are tokenized separately: no invented spaces
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            character_coverage=0.9995,
-            max_sentence_length=1 << 20,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,
-            minloglevel=2,
+            sentence_iterator=iter(texts), model_writer=blob, vocab_size=vocab_size, **SPM_TRAINER_OPTIONS
         )
     except RuntimeError as exc:
         raise FspoError(f"train_tokenizer: sentencepiece failed ({exc})") from None

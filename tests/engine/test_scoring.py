@@ -73,60 +73,16 @@ def test_score_writes_the_contract_and_matches_transformers(model_dir, data_dir,
 
 def test_score_is_deterministic_and_packing_budget_does_not_change_numbers(model_dir, data_dir, tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
-    assert (
-        run(
-            "--model",
-            model_dir,
-            "--data",
-            data_dir,
-            "--out",
-            a,
-            "--split",
-            "all",
-            "--shots",
-            "1-3",
-            "--max-tokens",
-            "2048",
-        ).exit_code
-        == 0
-    )
-    assert (
-        run(
-            "--model",
-            model_dir,
-            "--data",
-            data_dir,
-            "--out",
-            b,
-            "--split",
-            "all",
-            "--shots",
-            "1-3",
-            "--max-tokens",
-            "2048",
-        ).exit_code
-        == 0
-    )
+
+    def score_all(out, max_tokens, *extra):
+        return run("--model", model_dir, "--data", data_dir, "--out", out, "--split", "all", "--shots", "1-3",
+                   "--max-tokens", max_tokens, *extra)
+
+    assert score_all(a, "2048").exit_code == 0
+    assert score_all(b, "2048").exit_code == 0
     assert a.read_bytes() == b.read_bytes()
     # A smaller row budget packs differently (and may truncate); episodes that kept all shots score the same.
-    assert (
-        run(
-            "--model",
-            model_dir,
-            "--data",
-            data_dir,
-            "--out",
-            c,
-            "--split",
-            "all",
-            "--shots",
-            "1-3",
-            "--max-tokens",
-            "600",
-            "--with-tokens",
-        ).exit_code
-        == 0
-    )
+    assert score_all(c, "600", "--with-tokens").exit_code == 0
     ra, rc = read_jsonl(a), read_jsonl(c)
     assert len(ra) == len(rc) == 20
     same = [(x, y) for x, y in zip(ra, rc) if x["shots"] == y["shots"]]

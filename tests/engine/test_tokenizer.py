@@ -10,7 +10,7 @@ import pytest
 from helpers import tokenizer_corpus
 
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.tokenizer import _bpe_merges, load_tokenizer, train_tokenizer
+from fspo_engine.engine.tokenizer import SPM_TRAINER_OPTIONS, _bpe_merges, load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +60,7 @@ def test_saved_tokenizer_loads_offline_and_matches_sentencepiece(trained):
     # The converted tokenizer segments exactly as the sentencepiece model it came from.
     blob = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus(seed=0)),
-        model_writer=blob,
-        model_type="bpe",
-        vocab_size=400,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        max_sentence_length=1 << 20,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
+        sentence_iterator=iter(tokenizer_corpus(seed=0)), model_writer=blob, vocab_size=400, **SPM_TRAINER_OPTIONS
     )
     sp = spm.SentencePieceProcessor(model_proto=blob.getvalue())
     assert len(_bpe_merges(sp)) > 50
