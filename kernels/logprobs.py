@@ -6,8 +6,9 @@
 The lm_head is the largest memory cost of preference training (Llama 3 vocab 128,256: an 8k-token
 pair holds ~21 GB of fp32 logits on the plain path). Neither path here ever holds an [N, V] tensor:
 
-* plain torch (CPU, reference, fallback): tiles of rows x vocab, each tile's logits in fp32, and a
-  backward that recomputes each tile from the saved per-row log-sum-exp (a custom autograd Function).
+* plain torch (CPU, reference, fallback): tiles of vocab x rows, each tile's logits in fp32 (on CUDA
+  from 16-bit operands through cuBLAS with fp32 outputs), and a backward that recomputes each tile from
+  the saved per-row log-sum-exp (a custom autograd Function). Its GEMMs are deterministic too.
 * Triton (CUDA): tiles over rows and vocab, online log-sum-exp in fp32 registers; backward recomputes
   logits tile by tile. Two backward kernels, one owning row blocks (grad-hidden) and one owning vocab
   blocks (grad-weight), so every output element is reduced by one program in a fixed order: no atomics,
@@ -31,9 +32,12 @@ import os
 import torch
 
 IGNORE_INDEX = -100
-# Plain path: bytes of one fp32 logits tile plus one temporary of the same size. 16 MiB: tiles of
-# 1024 rows x 2048 vocab, large enough for efficient matmuls, small beside any [N, V] logits.
+# Plain path: bytes of one fp32 logits tile plus one temporary of the same size. CPU, 16 MiB: tiles of
+# 1024 rows x 2048 vocab, large enough for efficient matmuls, small beside any [N, V] logits. CUDA,
+# 128 MiB: 1024 x 16384 tiles, so that a tile's GEMMs (~0.2 ms at H=4096 on an H100-class GPU) outweigh
+# the ~10 elementwise launches around them; still < 2% of the plain path's memory at 4k rows, V=128k.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES_CUDA = 128 * 2**20
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -125,12 +129,17 @@ def _segment_sum_sorted(values, seg, num_segments):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plain-torch path: tiles of rows x vocab, recompute in backward
+# Plain-torch path: tiles of vocab x rows, recompute in backward
 #
-# A tile is [rows, cols] of fp32 logits. Tiling the vocab too (not just the rows) keeps the row count of
-# a tile large at any memory budget: grad-weight is accumulated as W_grad[cols] += dlogits^T @ h[rows],
-# whose read-modify-write of W_grad is amortised over the tile's rows (with 16-row chunks of the full
-# vocab, that accumulation is memory-bound and the path runs 3x slower).
+# A tile is [rows, cols] of fp32 logits. The loops run vocab tiles outside, row chunks inside:
+# * each weight tile is read (and, on CPU, upcast) once per pass, not once per row chunk: W is the big
+#   operand ([V, H] against the [n, H] response rows);
+# * grad-weight for a vocab tile is accumulated over the row chunks in an fp32 scratch [cols, H] and
+#   rounded once into grad_weight: no fp32 [V, H] buffer, no bf16 rounding per chunk;
+# * grad-hidden is accumulated over vocab tiles in an fp32 [n, H] (n = response rows: small).
+# On CUDA, bf16/fp16 operands go through cuBLAS with fp32 outputs (`torch.mm(..., out_dtype=)`), so the
+# logits are never rounded to 16 bits; dlogits are rounded to the input dtype for the two gradient GEMMs
+# (as the Triton grad-weight kernel does). On CPU there is no such GEMM: tiles are upcast to fp32.
 
 
 def _tile_shape(n: int, v: int, chunk_bytes: int) -> tuple[int, int]:
@@ -138,6 +147,21 @@ def _tile_shape(n: int, v: int, chunk_bytes: int) -> tuple[int, int]:
     elems = max(1, chunk_bytes // 8)
     cols = min(v, max(256, elems // max(1, min(n, 1024))))
     return max(1, elems // cols), cols
+
+
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the tiles' GEMM operands take: the input's own on CUDA (fp32 out), else fp32/fp64."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    return x.dtype if x.is_cuda else torch.float32
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b, or out += a @ b, with an fp32 (fp64 for fp64) result; a, b already in `_gemm_dtype`."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        r = torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: 16-bit operands, fp32 accumulate and out
+        return r if out is None else out.add_(r)
+    return a @ b if out is None else out.addmm_(a, b)
 
 
 class _TorchLinearLogprobSums(torch.autograd.Function):
@@ -148,28 +172,26 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
         t = targets.index_select(0, rows).long()  # [n]
         s = segment_ids.index_select(0, rows).long()  # [n]
         n, V = rows.numel(), weight.shape[0]
-        # Logits are fp32 (fp64 for fp64 inputs): low-precision operands are upcast one tile at a time.
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         step_n, step_v = _tile_shape(n, V, chunk_bytes)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
-        logp = torch.empty(n, dtype=acc, device=hidden.device)
-        for i in range(0, n, step_n):
-            h_c, t_c = h[i : i + step_n].to(acc), t[i : i + step_n]  # [c, H], [c]
-            parts = []  # per vocab tile log-sum-exp, [c] each
-            t_logit = torch.zeros(t_c.shape, dtype=acc, device=h.device)
-            for j in range(0, V, step_v):
-                logits = h_c @ weight[j : j + step_v].to(acc).T  # [c, cols]
-                parts.append(torch.logsumexp(logits, dim=1))
+        h_g = h.to(_gemm_dtype(h))  # a copy only on CPU for 16-bit inputs: [n, H], small
+        lse = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
+        t_logit = torch.zeros(n, dtype=acc, device=hidden.device)
+        for j in range(0, V, step_v):
+            w_t = weight[j : j + step_v].to(h_g.dtype).T  # [H, cols]
+            for i in range(0, n, step_n):
+                logits = _mm_acc(h_g[i : i + step_n], w_t)  # [c, cols] fp32
+                # Running log-sum-exp over the vocab tiles, combined in a fixed order.
+                lse[i : i + step_n] = torch.logaddexp(lse[i : i + step_n], torch.logsumexp(logits, dim=1))
+                t_c = t[i : i + step_n]
                 inside = (t_c >= j) & (t_c < j + logits.shape[1])
                 picked = logits.gather(1, (t_c - j).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
-                t_logit += torch.where(inside, picked, 0.0)
+                t_logit[i : i + step_n] += torch.where(inside, picked, 0.0)
                 del logits
-            lse[i : i + step_n] = torch.logsumexp(torch.stack(parts, dim=1), dim=1)
-            logp[i : i + step_n] = t_logit - lse[i : i + step_n]
         ctx.save_for_backward(h, weight, t, s, rows, lse)
         ctx.num_rows = hidden.shape[0]
         ctx.chunk_bytes = chunk_bytes
-        return _segment_sum(logp, s, num_segments)
+        return _segment_sum(t_logit - lse, s, num_segments)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -182,37 +204,46 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
         if need_h:
             grad_hidden = torch.zeros(ctx.num_rows, H, dtype=h.dtype, device=h.device)
         if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)  # fp32 accumulator
-        if n and (need_h or need_w):
-            g = grad_out.to(acc).index_select(0, s)  # [n] upstream gradient of each row's segment
-            step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes)
+            grad_weight = torch.zeros_like(weight)
+        if not n or not (need_h or need_w):
+            return grad_hidden, grad_weight, None, None, None, None
+        g = grad_out.to(acc).index_select(0, s)  # [n] upstream gradient of each row's segment
+        h_g = h.to(_gemm_dtype(h))
+        step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes)
+        gh = torch.zeros(n, H, dtype=acc, device=h.device) if need_h else None  # fp32 accumulator
+        for j in range(0, V, step_v):
+            w_g = weight[j : j + step_v].to(h_g.dtype)  # [cols, H]
+            cols = w_g.shape[0]
+            gw = None
             for i in range(0, n, step_n):
-                h_c, t_c, g_c = h[i : i + step_n].to(acc), t[i : i + step_n], g[i : i + step_n, None]
-                lse_c = lse[i : i + step_n, None]
-                gh = torch.zeros(h_c.shape, dtype=acc, device=h.device) if need_h else None
-                for j in range(0, V, step_v):
-                    w_v = weight[j : j + step_v].to(acc)  # [cols, H]
-                    # d logp / d logits = onehot(target) - softmax, scaled by the row's upstream gradient.
-                    d = (h_c @ w_v.T).sub_(lse_c).exp_().mul_(-g_c)  # [c, cols]
-                    inside = ((t_c >= j) & (t_c < j + w_v.shape[0])).nonzero().squeeze(1)
-                    d[inside, t_c[inside] - j] += g_c[inside, 0]  # one target per row: no duplicates
-                    if need_h:
-                        gh.addmm_(d, w_v)
-                    if need_w:
-                        grad_w[j : j + step_v].addmm_(d.T, h_c)
-                    del d
+                h_c, t_c, g_c = h_g[i : i + step_n], t[i : i + step_n], g[i : i + step_n, None]
+                # d logp / d logits = onehot(target) - softmax, scaled by the row's upstream gradient.
+                d = _mm_acc(h_c, w_g.T).sub_(lse[i : i + step_n, None]).exp_().mul_(-g_c)  # [c, cols]
+                inside = ((t_c >= j) & (t_c < j + cols)).nonzero().squeeze(1)
+                d[inside, t_c[inside] - j] += g_c[inside, 0]  # one target per row: no duplicates
+                d = d.to(h_g.dtype)  # the GEMM operand dtype (a no-op in fp32)
                 if need_h:
-                    grad_hidden[rows[i : i + step_n]] = gh.to(h.dtype)
-        if need_w:
-            grad_weight = grad_w.to(weight.dtype)
+                    _mm_acc(d, w_g, out=gh[i : i + step_n])
+                if need_w:
+                    gw = _mm_acc(d.T, h_c, out=gw)  # [cols, H] fp32, this vocab tile's rows in order
+                del d
+            if need_w:
+                grad_weight[j : j + cols] = gw
+        if need_h:
+            grad_hidden[rows] = gh.to(h.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_logprob_sums_torch(
-    hidden, weight, targets, segment_ids, num_segments: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    hidden, weight, targets, segment_ids, num_segments: int, chunk_bytes: int | None = None
 ):
-    """Plain-torch path of `linear_logprob_sums` (CPU, reference, fallback); also accepts float64."""
+    """Plain-torch path of `linear_logprob_sums` (CPU, reference, fallback); also accepts float64.
+
+    chunk_bytes: memory for one logits tile (and its temporary); default 16 MiB on CPU, 128 MiB on CUDA.
+    """
     _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64=True)
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES_CUDA if hidden.is_cuda else DEFAULT_CHUNK_BYTES
     return _TorchLinearLogprobSums.apply(hidden, weight, targets, segment_ids, num_segments, chunk_bytes)
 
 

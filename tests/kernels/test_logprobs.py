@@ -348,10 +348,11 @@ def test_triton_kernels_compile_for_sm90():
 
 # One H (128) for most shapes: kernels compile per (H, dtype, config), and the device time is short.
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)  # the plain path on CUDA: 16-bit cuBLAS GEMMs with fp32 outputs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,h,v,s", [(1, 128, 1000, 1), (300, 128, 32003, 7), (1031, 128, 5000, 40)])
-def test_gpu_matches_reference(dtype, n, h, v, s):
-    check_against_reference("triton", n, h, v, s, dtype=dtype, device="cuda")
+def test_gpu_matches_reference(impl, dtype, n, h, v, s):
+    check_against_reference(impl, n, h, v, s, dtype=dtype, device="cuda")
 
 
 @pytest.mark.gpu
