@@ -13,7 +13,6 @@ from fspo_engine.engine.model import LlamaConfig, build_model
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.scoring import segment_logprobs
 
-
 CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
