@@ -30,7 +30,7 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
     from fspo_engine.engine.evaluate import resolve_models
     from fspo_engine.engine.generate import generate as run_generate
     from fspo_engine.engine.model import load_model
-    from fspo_engine.engine.tokenizer import load_tokenizer
+    from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
     dataset = load_dataset(data_dir)
     if user_id not in dataset.users:
@@ -51,10 +51,33 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
         if len(ids) + max_new_tokens <= max_tokens or not shot_list:
             break
         shot_list.pop(0)  # oldest first, as in training
+    check_ids_fit(tokenizer, llama.config.vocab_size, policy_dir, [ids])
     if show_prompt:
         click.echo(prompt)
+    stops = _stop_ids(policy_dir, tokenizer.eos_id, llama.config.eos_token_id)
     out = run_generate(llama, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       stop_ids=(tokenizer.eos_id,), seed=seed)
-    if out and out[-1] == tokenizer.eos_id:
+                       stop_ids=stops, seed=seed)
+    if out and out[-1] in stops:
         out = out[:-1]
-    click.echo(tokenizer.decode(out))
+    click.echo(tokenizer.hf.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def _stop_ids(model_dir, eos_id: int, config_eos) -> tuple[int, ...]:
+    """Every id that ends a turn: the tokenizer's eos, config.json's eos_token_id and generation_config.json's
+    (Llama 3 instruct models end turns with <|eot_id|>, listed there beside <|end_of_text|>)."""
+    import json
+    from pathlib import Path
+
+    ids = [eos_id]
+    sources = [config_eos]
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            sources.append(json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass  # a broken generation_config.json only loses its extra stop ids
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return tuple(ids)

@@ -76,7 +76,7 @@ def score(
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.packing import pack_batches, packing_stats
     from fspo_engine.engine.scoring import score_episodes, write_jsonl_atomic
-    from fspo_engine.engine.tokenizer import load_tokenizer
+    from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
     # Everything the user gave is checked before the model is loaded, and nothing is written on error.
     shots_spec = parse_shots(shots)
@@ -94,12 +94,8 @@ def score(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
-    too_big = max(max(t.prompt_ids + t.chosen_ids + t.rejected_ids) for t in tokenized)
-    if too_big >= model.config.vocab_size:
-        raise FspoError(
-            f"{model_dir}: the tokenizer emits id {too_big}, beyond the model's vocab_size "
-            f"{model.config.vocab_size}"
-        )
+    check_ids_fit(tokenizer, model.config.vocab_size, model_dir,
+                  (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tokenized))  # fmt: skip
 
     with tqdm(total=len(tokenized), unit="ep", desc="score", file=sys.stderr, disable=None) as bar:
         out = score_episodes(model, tokenized, max_tokens=max_tokens, device=device, on_row=bar.update)

@@ -82,7 +82,7 @@ class PrefFtSection:
 
 @dataclass
 class PrefSection:
-    loss: str = "ipo"  # ipo or dpo
+    loss: str = "ipo"  # the preference stage of --stage all: ipo or dpo (--stage ipo|dpo names it directly)
     beta: float = 0.1  # β: IPO target margin 1/(2β); DPO inverse temperature
     label_smoothing: float = 0.0  # DPO conservative label smoothing ε
     length_normalize: bool = False  # use mean per-token log-probs (TRL convention) instead of sums

@@ -18,7 +18,7 @@ from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.model import load_model
 from fspo_engine.engine.scoring import score_episodes
-from fspo_engine.engine.tokenizer import load_tokenizer
+from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
 
 def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -62,6 +62,10 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         if not eps:
             raise FspoError(f"{dataset.root}: no {split} users with preferences to evaluate on")
         tok = tokenize_episodes(eps, tokenizer, max_tokens=max_tokens, user_description=user_description)
+        for m, where in ((policy, policy_dir), (ref, ref_dir)):
+            if m is not None:
+                check_ids_fit(tokenizer, m.config.vocab_size, where,
+                              (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tok))  # fmt: skip
         bar = tqdm(total=len(tok) * (2 if ref is not None else 1), desc=f"eval {n}-shot", unit="ep",
                    disable=not progress, leave=False)
         p = score_episodes(policy, tok, max_tokens, impl=impl, device=device, on_row=bar.update)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -28,6 +29,16 @@ from fspo_engine.kernels import prefix_shared_attention
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
+
+
+# transformers' LlamaConfig defaults, for keys a checkpoint's config.json leaves out (None: derived).
+_HF_LLAMA_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")  # fmt: skip
 
 
 @dataclass
@@ -75,7 +86,10 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, where: str = "config.json") -> LlamaConfig:
-        """Read an HF config dict: transformers 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`)."""
+        """Read an HF config dict: transformers 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`).
+
+        A key the file leaves out takes transformers' LlamaConfig default (not this dataclass's, which
+        describes the from-scratch sizes), so a checkpoint means what it means in transformers."""
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
         if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
@@ -85,18 +99,38 @@ class LlamaConfig:
             )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise FspoError(f"{where}: attention_bias/mlp_bias Llama variants are not supported")
+        if cfg.get("quantization_config"):
+            method = cfg["quantization_config"].get("quant_method", "?") if isinstance(
+                cfg["quantization_config"], dict) else "?"  # fmt: skip
+            raise FspoError(f"{where}: quantized checkpoints ({method}) are not supported; use bf16/fp16/fp32 weights")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise FspoError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
         kwargs = {}
         for f in fields(cls):
-            if f.name in cfg and f.name not in ("rope_scaling", "rope_theta", "attention_impl"):
-                kwargs[f.name] = cfg[f.name]
+            if f.name in ("rope_scaling", "rope_theta", "attention_impl"):
+                continue
+            kwargs[f.name] = cfg[f.name] if f.name in cfg else _HF_LLAMA_DEFAULTS.get(f.name)
+        if kwargs["num_key_value_heads"] is None:  # transformers: one kv head per attention head
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        if kwargs["head_dim"] is None:
+            kwargs["head_dim"] = 0  # derived in __post_init__
+        for key in _INT_KEYS:
+            value = kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "head_dim" else 1):
+                raise FspoError(f"{where}: {key} must be a positive integer, got {value!r}")
+        for key in ("rms_norm_eps",):
+            if isinstance(kwargs[key], bool) or not isinstance(kwargs[key], (int, float)) or kwargs[key] <= 0:
+                raise FspoError(f"{where}: {key} must be a positive number, got {kwargs[key]!r}")
+        if not isinstance(kwargs["tie_word_embeddings"], bool):
+            raise FspoError(f"{where}: tie_word_embeddings must be true or false, got {kwargs['tie_word_embeddings']!r}")
         rope = cfg.get("rope_parameters")
         if isinstance(rope, dict) and rope:  # transformers 5.x
-            kwargs["rope_theta"] = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+            kwargs["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
             kind = rope.get("rope_type", "default")
             extra = {k: v for k, v in rope.items() if k not in ("rope_theta",)}
             kwargs["rope_scaling"] = None if kind == "default" else extra
         else:  # transformers 4.x
-            kwargs["rope_theta"] = float(cfg.get("rope_theta", 10000.0))
+            kwargs["rope_theta"] = cfg.get("rope_theta", 10000.0)
             scaling = cfg.get("rope_scaling")
             if scaling:
                 scaling = dict(scaling)
@@ -105,15 +139,13 @@ class LlamaConfig:
                 if scaling["rope_type"] == "default":
                     scaling = None
             kwargs["rope_scaling"] = scaling or None
-        if kwargs.get("head_dim") is None:
-            kwargs.pop("head_dim", None)
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
-        if missing:
-            raise FspoError(f"{where}: missing keys {missing}")
-        kwargs.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+        theta = kwargs["rope_theta"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise FspoError(f"{where}: rope_theta must be a positive number, got {theta!r}")
+        kwargs["rope_theta"] = float(theta)
         try:
             return cls(**kwargs)
-        except TypeError as exc:
+        except (TypeError, FspoError) as exc:
             raise FspoError(f"{where}: {exc}") from None
 
     def to_hf_dict(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -340,8 +372,8 @@ def build_model(cfg: LlamaConfig, dtype=torch.float32, device="cpu", seed: int =
 # ----------------------------------------------------------------------------------------------------------
 # Hugging Face directories
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
 def read_config(model_dir: str | os.PathLike) -> LlamaConfig:
@@ -408,7 +440,11 @@ def check_weights(model_dir: str | os.PathLike, cfg: LlamaConfig | None = None) 
                 for name in names:
                     if name not in present:
                         raise FspoError(f"{path}: tensor {name} is missing (the index names this file)")
-                    shape = tuple(f.get_slice(name).get_shape())
+                    sl = f.get_slice(name)
+                    if sl.get_dtype() not in ("F32", "F16", "BF16", "F64"):  # fp8 / int codes need their scales
+                        raise FspoError(f"{path}: tensor {name} is {sl.get_dtype()}; fspo-engine loads "
+                                        "unquantized fp32/fp16/bf16 weights only")
+                    shape = tuple(sl.get_shape())
                     if shape != expected[name]:
                         raise FspoError(f"{path}: tensor {name} has shape {shape}, "
                                         f"config.json implies {expected[name]}")
@@ -419,6 +455,29 @@ def check_weights(model_dir: str | os.PathLike, cfg: LlamaConfig | None = None) 
     return by_file
 
 
+def _untie(model_dir) -> bool:
+    """True when config.json says tied but the files hold an lm_head.weight unlike embed_tokens: transformers
+    then loads the two untied (and warns); so do we, rather than silently drop the lm_head."""
+    from safetensors import safe_open
+
+    files = _weight_files(Path(model_dir))
+    names = ("lm_head.weight", "model.embed_tokens.weight")
+    if not all(n in files for n in names):
+        return False
+    tensors = []
+    for n in names:
+        try:
+            with safe_open(str(files[n]), framework="pt") as f:
+                tensors.append(f.get_tensor(n))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise FspoError(f"{files[n]}: could not read {n} ({exc})") from None
+    if tensors[0].shape == tensors[1].shape and torch.equal(tensors[0], tensors[1]):
+        return False
+    warnings.warn(f"{model_dir}: config.json ties the embeddings but lm_head.weight differs from "
+                  "embed_tokens; loading them untied, as transformers does", stacklevel=3)  # fmt: skip
+    return True
+
+
 def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", attention_impl: str = "auto") -> Llama:
     """Load an HF Llama directory. Built on the meta device and materialised straight from the files,
     so weights are allocated once (an 8B model never exists twice in memory)."""
@@ -426,6 +485,8 @@ def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", 
 
     cfg = read_config(model_dir)
     cfg.attention_impl = attention_impl
+    if cfg.tie_word_embeddings and _untie(model_dir):
+        cfg.tie_word_embeddings = False
     by_file = check_weights(model_dir, cfg)
     with torch.device("meta"):
         model = Llama(cfg)

@@ -83,6 +83,15 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
+    # A tokenizer_config.json whose vocabulary file is missing loads as a 3-token tokenizer that encodes
+    # every text to nothing: catch it here rather than train on empty episodes.
+    probe = "The quick brown fox, 42 times."
+    ids = hf.encode(probe, add_special_tokens=False)
+    if len(hf) < 8 or not ids or all(i == hf.unk_token_id for i in ids):
+        raise FspoError(
+            f"{model_dir}: the tokenizer has {len(hf)} tokens and encodes {probe!r} as {ids}; "
+            "its vocabulary file (tokenizer.json, tokenizer.model or vocab.json + merges.txt) is missing or broken"
+        )
     bos, eos = hf.bos_token_id, hf.eos_token_id
     if eos is None:
         raise FspoError(f"{model_dir}: the tokenizer has no eos token (responses end with eos)")
@@ -90,6 +99,24 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
         # Some tokenizers have no bos; the prompt still needs a first token that predicts nothing.
         raise FspoError(f"{model_dir}: the tokenizer has no bos token (prompts start with bos)")
     return Tokenizer(hf=hf, bos_id=int(bos), eos_id=int(eos), path=str(model_dir))
+
+
+def check_ids_fit(tokenizer: Tokenizer, vocab_size: int, where, id_lists: Iterable[Sequence[int]] = ()) -> None:
+    """Raise FspoError when bos, eos or any id in `id_lists` is outside the model's embedding [0, vocab_size).
+
+    A tokenizer may know more tokens than the model (an unused added pad token is harmless); what matters
+    is the ids the episodes actually use. Checked before a run writes anything (an out-of-range id is an
+    IndexError on CPU and a device-side assert on CUDA)."""
+    top, what = max((tokenizer.bos_id, "bos"), (tokenizer.eos_id, "eos"))
+    for ids in id_lists:
+        if ids and max(ids) > top:
+            top, what = max(ids), "text"
+    if top >= vocab_size:
+        source = "emits" if what == "text" else f"has {what} id"
+        raise FspoError(
+            f"{where}: the tokenizer {source} {top}, beyond the model's vocab_size {vocab_size} "
+            "(a tokenizer with added tokens needs a model whose embeddings were resized)"
+        )
 
 
 def _bpe_merges(sp) -> list[tuple[str, str]]:
@@ -155,7 +182,26 @@ def _load_sentencepiece(path: Path):
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as exc:
         raise FspoError(f"{path}: not a readable sentencepiece model ({exc})") from None
-    return _hf_from_sentencepiece(sp)
+    hf = _hf_from_sentencepiece(sp)
+    # The conversion is exact for BPE models only (a unigram model segments by piece scores): check it
+    # segments like sentencepiece on probe texts, among them runs of the model's own pieces.
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(0, n, max(1, n // 200))
+              if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]  # fmt: skip
+    probes = [_PROBE_TEXT, "".join(pieces).replace("\u2581", " "), " ".join(pieces[::-1]).replace("\u2581", " ")]
+    for text in probes:
+        if hf.encode(text, add_special_tokens=False, split_special_tokens=True) != sp.encode(text):
+            raise FspoError(
+                f"{path}: this sentencepiece model does not segment as a BPE model (unigram?); only BPE "
+                "tokenizer.model files are converted here: add the model's tokenizer.json"
+            )
+    return hf
+
+
+_PROBE_TEXT = (
+    "Given the examples above, generate a preferred response to the following question.\n"
+    "  Two  spaces, tabs\tand digits 12345; naïve café — “quotes” 🙂 漢字.\n## Question \nWhy?"
+)
 
 
 # sentencepiece BPE as the from-scratch tokenizer is trained (train_tokenizer; the tests reuse it).

@@ -58,12 +58,13 @@ from fspo_engine.engine.model import (
     build_model,
     check_weights,
     load_model,
+    read_config,
     save_state_dict,
 )
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
 from fspo_engine.engine.scoring import episode_logprobs, segment_logprobs
-from fspo_engine.engine.tokenizer import load_tokenizer, train_tokenizer
+from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer, train_tokenizer
 
 STAGE_SEED = {"pref-ft": 0, "ipo": 1, "dpo": 1}  # each stage draws its own episodes
 
@@ -177,7 +178,7 @@ class Trainer:
                                 "pip install 'fspo-engine[tensorboard]'") from None
         if cfg.model.name not in NAMED_SIZES:  # a bad model directory fails before the run directory exists
             check_weights(cfg.model.name)
-            load_tokenizer(cfg.model.name)
+            self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
         self._prepare_run_dir(resume)
         self.run_info = self._read_run_info()
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
@@ -185,6 +186,15 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.metrics_path = self.out / "metrics.jsonl"
         self._tb = None
+
+    def _check_vocab(self, tokenizer, vocab_size: int):
+        """Every id the training texts and the episode format encode to fits the model's embedding."""
+        texts = list(FORMAT_PIECES)
+        for user in self.dataset.users_in("train"):
+            texts += [t for p in self.dataset.prefs.get(user.user_id, []) for t in (p.question, p.chosen, p.rejected)]
+            if self.cfg.data.user_description:
+                texts.append(user.description)
+        check_ids_fit(tokenizer, vocab_size, self.cfg.model.name, tokenizer.encode_batch(texts))
 
     # ------------------------------------------------------------------ run directory
 
@@ -533,7 +543,7 @@ class Trainer:
                 ct, rt = out.chosen_tokens.to(dev), out.rejected_tokens.to(dev)
                 pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
                 rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
-            if cfg.pref.loss == "ipo":
+            if stage == "ipo":  # the stage names its loss (pref.loss only picks the stage of --stage all)
                 part = ipo_loss(pc, pr, rc, rr, beta)
             else:
                 part = dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)

@@ -167,6 +167,52 @@ def test_bad_config_raises():
         LlamaConfig.from_name("70B")
 
 
+def test_missing_config_keys_take_transformers_defaults_and_odd_values_are_refused(tmp_path):
+    """A config.json that leaves keys out means what transformers makes of it (untied, eps 1e-6, one kv head
+    per head); values the engine would run wrongly (gelu, quantized weights, a string size) are refused."""
+    hf, path = make_hf_model(tmp_path, TINY)
+    cfg = json.loads((path / "config.json").read_text())
+    for key in ("tie_word_embeddings", "rms_norm_eps"):
+        cfg.pop(key, None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.LlamaForCausalLM.from_pretrained(path).float().eval()
+    ours = load_model(path).eval()
+    assert not ours.config.tie_word_embeddings and ours.config.rms_norm_eps == ref.config.rms_norm_eps == 1e-6
+    ids, pos, doc, br = single_doc(torch.randint(0, 300, (19,), generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+        got = ours.logits(ours(ids, pos, doc, br))
+    assert rel_err(got, want) < 1e-5
+
+    base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 2}
+    assert LlamaConfig.from_hf_dict({**base, "num_key_value_heads": None}).num_key_value_heads == 2
+    for extra, needle in (({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"quantization_config": {"quant_method": "fbgemm_fp8"}}, "quantized"),
+                          ({"vocab_size": "400"}, "vocab_size must be a positive integer"),
+                          ({"hidden_size": 64.0}, "hidden_size must be a positive integer"),
+                          ({"num_hidden_layers": -1}, "num_hidden_layers"),
+                          ({"num_key_value_heads": 3, "num_attention_heads": 4, "hidden_size": 8}, "multiple"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope")):  # fmt: skip
+        with pytest.raises(FspoError, match=needle) as info:
+            LlamaConfig.from_hf_dict({**base, **extra}, where="x/config.json")
+        assert str(info.value).startswith("x/config.json: ")
+
+
+def test_tied_config_with_a_different_lm_head_loads_untied_like_transformers(tmp_path):
+    hf, path = make_hf_model(tmp_path, TINY)  # untied weights on disk
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="untied"):
+        ours = load_model(path).eval()
+    ids, pos, doc, br = single_doc(torch.randint(0, 300, (11,), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]  # the model that wrote the files: untied
+        got = ours.logits(ours(ids, pos, doc, br))
+    assert rel_err(got, want) < 1e-5
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True)
 
@@ -210,6 +256,11 @@ def test_model_info_and_bad_model_dirs(tmp_path):
     state["model.norm.weight"] = torch.ones(7)
     save_file(state, weights, metadata={"format": "pt"})
     _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors", "model.norm.weight", "shape")
+    # quantized codes (fp8) where weights should be
+    state = dict(good)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(state, weights, metadata={"format": "pt"})
+    _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors", "up_proj", "F8_E4M3")
     # corrupt file
     weights.write_bytes(b"\x00garbage")
     _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors")

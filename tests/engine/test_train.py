@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import load_config
@@ -300,3 +301,38 @@ def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
     kept = ckpt.list_checkpoints(run / "checkpoints" / "pref-ft")
     assert kept and all(ckpt.verify(c) is None for c in kept)
     assert str(kept[-1]) in res.stderr
+
+
+def test_stage_names_its_loss_and_a_too_small_vocab_fails_before_writing(tmp_path):
+    """`--stage dpo` runs DPO and `--stage ipo` IPO whatever pref.loss says: at step 1 the policy is its own
+    reference (margin 0), so DPO's loss is ln 2 and IPO's (1/(2β))². A model whose embedding is smaller than
+    the ids its tokenizer emits is refused before the run directory exists."""
+    from helpers import make_tiny_model_dir
+
+    data = write_fixture(tmp_path / "data")
+    hf_dir = make_tiny_model_dir(tmp_path / "hf")
+    common = ["--data", str(data), "--model", str(hf_dir), "--shots", "2", "--max-steps", "1",
+              "--set", "batch.episodes=4", "--set", "run.progress=false"]
+    for stage, loss_setting, want in (("dpo", "ipo", math.log(2)), ("ipo", "dpo", 25.0)):
+        run = tmp_path / f"run-{stage}"
+        res = cli("train", "--out", str(run), "--stage", stage, "--set", f"pref.loss={loss_setting}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+        (rec,) = read_metrics(run)
+        assert rec["stage"] == stage and math.isclose(rec["loss"], want, rel_tol=1e-5), rec
+
+    cfg_path = hf_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["vocab_size"] = 200  # the tokenizer emits ids up to ~320
+    cfg_path.write_text(json.dumps(cfg))
+    weights = hf_dir / "model.safetensors"
+    save_file({k: v[:200] if v.shape[0] == 320 else v for k, v in load_file(weights).items()}, weights)
+    run = tmp_path / "run-small"
+    res = cli("train", "--out", str(run), *common)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "beyond the model's vocab_size 200" in res.stderr
+    assert not run.exists()
+    for cmd in (["eval", "--model", str(hf_dir), "--data", str(data), "--shots", "1"],
+                ["generate", "--model", str(hf_dir), "--data", str(data), "--user", "u00",
+                 "--max-new-tokens", "2"]):  # fmt: skip
+        res = cli(*cmd)
+        assert res.returncode == 1 and "beyond the model's vocab_size 200" in res.stderr, res.stderr[-2000:]
