@@ -28,16 +28,18 @@ def parse_shot_list(text: str) -> list[int]:
 @click.option("--out", "out_file", default=None, type=click.Path(path_type=str),
               help="JSON report (default: MODEL/eval.json); a PNG plot is written beside it.")
 @click.option("--max-tokens", default=8192, show_default=True, help="Token budget of one packed row.")
-@click.option("--seed", default=0, show_default=True, help="Episode sampling seed.")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Episode sampling seed.")
 @click.option("--user-description", is_flag=True, help="Targets start with the user description.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, user_description, device):
     """Preference accuracy on unseen users for each shot count, as JSON and a PNG plot."""
+    from fspo_engine.engine.checkpoint import check_writable
     from fspo_engine.engine.evaluate import evaluate, write_report
 
+    out = Path(out_file) if out_file else Path(model) / "eval.json"
+    check_writable(out)
     report = evaluate(model, data_dir, parse_shot_list(shots), split=split, max_tokens=max_tokens, seed=seed,
                       device=device, user_description=user_description)
-    out = Path(out_file) if out_file else Path(model) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, out, out.with_suffix(".png"))
     click.echo(f"method: {report['method']} ({'policy vs reference' if report['reference'] else 'no reference'})")

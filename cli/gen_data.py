@@ -36,7 +36,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Fraction of users in the unseen test split.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--label-noise",
     type=click.FloatRange(0.0, 0.5),

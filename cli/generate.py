@@ -11,12 +11,12 @@ import click
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory.")
 @click.option("--user", "user_id", required=True, help="The user to personalise for (a user_id of users.jsonl).")
 @click.option("--question", default=None, help="The question to answer (default: one of the user's own).")
-@click.option("--shots", default=8, show_default=True, help="How many of the user's preferences go in context.")
+@click.option("--shots", default=8, type=click.IntRange(min=0), show_default=True, help="How many of the user's preferences go in context.")
 @click.option("--user-description", is_flag=True, help="Generate the user description first (the paper's CoT).")
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Shot sampling and token sampling seed.")
+@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), show_default=True)
+@click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), show_default=True)
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Shot sampling and token sampling seed.")
 @click.option("--max-tokens", default=8192, show_default=True, help="Prompt budget: oldest shots are dropped past it.")
 @click.option("--show-prompt", is_flag=True, help="Print the rendered few-shot prompt too.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -25,6 +25,7 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
     """Generate a response personalised to USER from their labelled preferences."""
     import torch
 
+    from fspo_engine.engine.distributed import pick_device
     from fspo_engine.engine.episodes import load_dataset, render_prompt, sample_episodes
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.evaluate import resolve_models
@@ -37,7 +38,7 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
         raise FspoError(f"--user {user_id!r}: no such user in {dataset.root / 'users.jsonl'}")
     policy_dir, _ = resolve_models(model)
     tokenizer = load_tokenizer(policy_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     llama = load_model(policy_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev).eval()
     episodes = [ep for ep in sample_episodes(dataset, None, shots, seed=seed) if ep.user_id == user_id]
     if not episodes:
@@ -51,6 +52,9 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
         if len(ids) + max_new_tokens <= max_tokens or not shot_list:
             break
         shot_list.pop(0)  # oldest first, as in training
+    if len(ids) + max_new_tokens > max_tokens:
+        raise FspoError(f"--max-tokens {max_tokens}: the zero-shot prompt ({len(ids)} tokens) plus "
+                        f"--max-new-tokens {max_new_tokens} does not fit")
     check_ids_fit(tokenizer, llama.config.vocab_size, policy_dir, [ids])
     if show_prompt:
         click.echo(prompt)

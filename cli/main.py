@@ -32,7 +32,8 @@ def _is_user_error(exc: BaseException) -> bool:
     from fspo_engine.data_gen.errors import DataGenError
     from fspo_engine.engine.errors import FspoError
 
-    return isinstance(exc, (FspoError, DataGenError, FileNotFoundError, PermissionError, IsADirectoryError))
+    return isinstance(exc, (FspoError, DataGenError, FileNotFoundError, FileExistsError, PermissionError,
+                            IsADirectoryError, NotADirectoryError))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,17 +8,20 @@ import click
 
 
 @click.command("model-info")
-@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("--context", default=4096, show_default=True, help="Mean context length for attention FLOPs.")
 @click.option("--check-weights/--no-check-weights", default=True, show_default=True,
               help="Also check every tensor's name and shape in the safetensors headers.")
 def model_info(model_dir: str, context: int, check_weights: bool):
-    """Print a Llama directory's config, parameter count and FLOPs per token."""
+    """Print a Llama directory's config, parameter count and FLOPs per token (a run directory: its final
+    policy)."""
     from dataclasses import asdict
 
+    from fspo_engine.engine.evaluate import resolve_models
     from fspo_engine.engine.model import check_weights as check_model_weights
     from fspo_engine.engine.model import read_config
 
+    model_dir, _ = resolve_models(model_dir)
     cfg = read_config(model_dir)
     if check_weights:  # headers only: names and shapes of every tensor, no weights read
         check_model_weights(model_dir, cfg)

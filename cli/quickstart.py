@@ -39,7 +39,7 @@ QUICKSTART_CONFIG = {
 @click.option("--users", default=None, type=int, help="Synthetic users (default: the preset's).")
 @click.option("--pref-ft-steps", default=None, type=int, help="Override the Pref-FT steps.")
 @click.option("--pref-steps", default=None, type=int, help="Override the IPO steps.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True)
 def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
     import time

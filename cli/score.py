@@ -28,7 +28,7 @@ import click
     "--shots", default="8", show_default=True, help="Shots per episode: N or LO-HI (sampled per episode)."
 )
 @click.option(
-    "--seed", default=0, show_default=True, help="Episode sampling seed (episodes are those of epoch 0)."
+    "--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Episode sampling seed (episodes are those of epoch 0)."
 )
 @click.option(
     "--max-tokens",
@@ -64,6 +64,8 @@ def score(
     import torch
     from tqdm import tqdm
 
+    from fspo_engine.engine.checkpoint import check_writable
+    from fspo_engine.engine.distributed import pick_device
     from fspo_engine.engine.episodes import (
         episode_stats,
         load_dataset,
@@ -80,6 +82,7 @@ def score(
 
     # Everything the user gave is checked before the model is loaded, and nothing is written on error.
     shots_spec = parse_shots(shots)
+    check_writable(out_file)
     if max_tokens < 16:
         raise FspoError(f"--max-tokens: must be >= 16, got {max_tokens}")
     dataset = load_dataset(data_dir)
@@ -92,7 +95,7 @@ def score(
         episodes, tokenizer, max_tokens=max_tokens, user_description=user_description
     )
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     model = load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
     check_ids_fit(tokenizer, model.config.vocab_size, model_dir,
                   (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tokenized))  # fmt: skip

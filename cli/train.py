@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -24,7 +26,7 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
     (NCCL on GPUs, gloo on CPU) and each rank takes every N-th episode of the global batch.
     """
     from fspo_engine.engine.config import load_config, parse_set_option
-    from fspo_engine.engine.train import Trainer
+    from fspo_engine.engine.train import Trainer, discard_if_unstarted
 
     overrides = parse_set_option(sets)
     if model_name is not None:
@@ -37,11 +39,17 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
         overrides["pref_ft.steps"] = max_steps
         overrides["pref.steps"] = max_steps
     cfg = load_config(config_file, overrides)
-    trainer = Trainer(cfg, data_dir, out_dir, resume=resume, device=device, log=lambda m: click.echo(m, err=True))
+    fresh = not Path(out_dir).exists()
     try:
-        result = trainer.run(stage)
-    finally:
-        trainer.close()
+        trainer = Trainer(cfg, data_dir, out_dir, resume=resume, device=device, log=lambda m: click.echo(m, err=True))
+        try:
+            result = trainer.run(stage)
+        finally:
+            trainer.close()
+    except BaseException:
+        if fresh:  # a run that failed before it had anything worth resuming leaves no directory behind
+            discard_if_unstarted(Path(out_dir))
+        raise
     if trainer.is_main:
         for s, info in result.items():
             click.echo(f"{s}: {trainer.out / info['final']}")

@@ -13,13 +13,14 @@ reports each as `path:line: reason` (Parquet: `path:row N: reason`).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from fspo_engine.data_gen.errors import DataGenError
+from fspo_engine.data_gen.pipeline import json_text, write_staged
 from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
@@ -65,6 +66,8 @@ def _records(path: Path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # utf-8-sig exports (pandas, Excel): a BOM starts the file
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -89,6 +92,9 @@ def _check(kind: str, rec) -> str | None:
             return f"missing field {name!r}"
         if not isinstance(rec[name], types) or isinstance(rec[name], bool):
             return f"field {name!r} has type {type(rec[name]).__name__}"
+        if isinstance(rec[name], str) and not _is_unicode(rec[name]):
+            # JSON's "\\ud800" escape: valid JSON, but no UTF-8 writer (ours included) can write it.
+            return f"field {name!r} is not valid Unicode (lone surrogate)"
     if kind == "roleplay":
         if not rec["x"].strip() or not rec["yw"].strip() or not rec["yl"].strip():
             return "empty question or response"
@@ -100,6 +106,14 @@ def _check(kind: str, rec) -> str | None:
         if not rec["prompt"].strip() or not rec["response_x"].strip() or not rec["response_y"].strip():
             return "empty prompt or response"
     return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split_of(path: Path, split: str) -> str | None:
@@ -221,10 +235,8 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists():
-        if not overwrite:
-            raise DataGenError(f"{out}: already holds a dataset; pass --overwrite")
-        (out / "manifest.json").unlink()  # no manifest while the files change: never a mixed dataset
+    if (out / "manifest.json").exists() and not overwrite:
+        raise DataGenError(f"{out}: already holds a dataset; pass --overwrite")
     n_test = sum(u["split"] == "test" for u in users)
     manifest = {
         "format": "fspo-prefs/1",
@@ -244,15 +256,20 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
         },
         "stats": dataset_stats(users, prefs),
     }
-    for name, records in (("users.jsonl", users), ("prefs.jsonl", prefs)):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-        os.replace(tmp, out / name)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.json.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, sort_keys=True, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(tmp, out / "manifest.json")
+    # Write all three files beside their targets first, so an old dataset (--overwrite) stays whole while
+    # the slow part runs. Then swap: the old manifest goes first and the new one comes last, so during
+    # the three renames readers see no manifest and refuse the directory instead of mixing old and new.
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, records in (("users.jsonl", users), ("prefs.jsonl", prefs)):
+            lines = (json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+            staged.append((write_staged(out / name, lines), out / name))
+        staged.append((write_staged(out / "manifest.json", [json_text(manifest)]), out / "manifest.json"))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    (out / "manifest.json").unlink(missing_ok=True)
+    for tmp, target in staged:
+        os.replace(tmp, target)
     return manifest

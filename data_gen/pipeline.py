@@ -12,6 +12,8 @@ run, chunk or resume point produced it. That gives both guarantees of the issue:
   (dropping a half-written chunk) and continues, so nothing is duplicated or lost. At the end the
   statistics are computed from the files, the files are moved into place and `manifest.json` is
   written last: a directory with a manifest is always complete.
+- Overwrite keeps the old dataset: `--overwrite` discards only an unfinished run, and the old files stay
+  whole and readable until `_finalize` swaps the new ones in (see there for the one short window).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import asyncio
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,14 +189,36 @@ def _dumps(record: dict) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
+def json_text(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2) + "\n"
+
+
+def write_staged(path: Path, chunks: Iterable[str]) -> Path:
+    """Write `chunks` (UTF-8) to a new temp file beside `path`, fsynced; returns the temp file's path, for
+    the caller to `os.replace` onto `path`. The file is created as `open(path, "w")` would create it:
+    mode 0o666 less the umask (tempfile.mkstemp makes 0o600 files, which the rename would hand on to a
+    dataset other users of the machine then cannot read). O_EXCL + a random name keep it unique."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(write_staged(path, [json_text(obj)]), path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -442,12 +467,12 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
     manifest_path = out / "manifest.json"
 
     if cfg.overwrite:
-        for name in ("manifest.json", "users.jsonl", "prefs.jsonl"):
-            (out / name).unlink(missing_ok=True)
+        # Only an unfinished run is discarded now. The old dataset stays whole (and usable by train/score)
+        # until _finalize swaps the new files in: a kill before then leaves it exactly as it was.
         shutil.rmtree(state_dir, ignore_errors=True)
-    if manifest_path.exists() and not state_dir.exists():
+    elif manifest_path.exists() and not state_dir.exists():
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as exc:
             raise DataGenError(f"{manifest_path}: unreadable manifest ({exc}); pass --overwrite") from None
         if manifest.get("generator") != generator:
@@ -617,12 +642,20 @@ def _prepare_manifest(cfg: GenConfig, state: dict, state_dir: Path) -> dict:
 
 
 def _finalize(out: Path, state: dict) -> dict:
-    """Move the files into place and write the manifest last; safe to repeat after a kill."""
+    """Move the files into place and write the manifest last; safe to repeat after a kill.
+
+    Three files cannot be replaced at once. So that no reader ever pairs new users with old prefs (or an
+    old manifest with new files), the old manifest is removed first: readers refuse a directory without
+    one. Everything slow (writing, fsync) happens before that, leaving a window of three renames in which
+    the directory has no manifest; a kill inside it leaves the state at "finalizing", and re-running the
+    same gen-data command completes the swap."""
     state_dir = out / STATE_DIR
+    staged = write_staged(out / "manifest.json", [json_text(state["manifest"])])
+    (out / "manifest.json").unlink(missing_ok=True)
     for name in ("users.jsonl", "prefs.jsonl"):
         if (state_dir / name).exists():
             os.replace(state_dir / name, out / name)
-    write_json_atomic(out / "manifest.json", state["manifest"])
+    os.replace(staged, out / "manifest.json")
     shutil.rmtree(state_dir, ignore_errors=True)
     return state["manifest"]
 

@@ -57,6 +57,21 @@ def atomic_write_text(path: str | os.PathLike, text: str):
     os.replace(tmp, path)
 
 
+def check_writable(path: str | os.PathLike, what: str = "--out"):
+    """Fail now, not after minutes of work, when `path` cannot be written (its nearest existing ancestor must
+    be a writable directory; the path itself must not be a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FspoError(f"{what} {path}: is a directory, expected a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FspoError(f"{what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FspoError(f"{what} {path}: {parent} is not writable")
+
+
 def seal(directory: Path):
     """Write the COMPLETE marker listing every file's size and sha256."""
     files = {}
@@ -74,15 +89,18 @@ def verify(directory: Path) -> str | None:
         return "no COMPLETE marker (half-written)"
     try:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable COMPLETE marker ({exc})"
-    for rel, meta in files.items():
+        entries = [(str(rel), int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # hand-edited or torn JSON
+        return f"unreadable COMPLETE marker ({type(exc).__name__}: {exc})"
+    if not entries:
+        return "COMPLETE marker lists no files"
+    for rel, size, digest in entries:
         p = directory / rel
         if not p.is_file():
             return f"{rel} is missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{rel} has size {p.stat().st_size}, expected {meta['size']}"
-        if sha256_file(p) != meta["sha256"]:
+        if p.stat().st_size != size:
+            return f"{rel} has size {p.stat().st_size}, expected {size}"
+        if sha256_file(p) != digest:
             return f"{rel} does not match its checksum"
     return None
 

@@ -21,6 +21,7 @@ and the run directory keeps it as `config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,34 +115,61 @@ class TrainConfig:
         self.validate()
 
     def validate(self, where: str = "config"):
+        """Every value in range, so a bad one fails before a run writes anything (not steps later)."""
+
         def bad(key, why):
             raise FspoError(f"{where}: {key}: {why}")
 
+        def check(key, value, ok, why):
+            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+                bad(key, f"{why}, got {value!r}")
+
         if self.pref.loss not in ("ipo", "dpo"):
             bad("pref.loss", f"must be ipo or dpo, got {self.pref.loss!r}")
-        if self.pref.beta <= 0:
-            bad("pref.beta", "must be > 0")
-        if not 0 <= self.pref.label_smoothing < 0.5:
-            bad("pref.label_smoothing", "must be in [0, 0.5)")
         if self.optim.schedule not in ("cosine", "linear", "constant"):
             bad("optim.schedule", f"must be cosine, linear or constant, got {self.optim.schedule!r}")
-        if self.optim.lr <= 0:
-            bad("optim.lr", "must be > 0")
-        for key, value in (("batch.episodes", self.batch.episodes), ("data.max_tokens", self.data.max_tokens)):
-            if value < 1:
-                bad(key, "must be >= 1")
-        for key, value in (("pref_ft.steps", self.pref_ft.steps), ("pref.steps", self.pref.steps),
-                           ("optim.warmup_steps", self.optim.warmup_steps), ("run.save_every", self.run.save_every)):
-            if value < 0:
-                bad(key, "must be >= 0")
-        if self.run.keep_last < 1:
-            bad("run.keep_last", "must be >= 1")
+        positive = lambda v: v > 0  # noqa: E731
+        non_negative = lambda v: v >= 0  # noqa: E731
+        for key, value, ok, why in (
+            ("optim.lr", self.optim.lr, positive, "must be > 0"),
+            ("optim.eps", self.optim.eps, positive, "must be > 0"),
+            ("optim.beta1", self.optim.beta1, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("optim.beta2", self.optim.beta2, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("optim.min_lr_ratio", self.optim.min_lr_ratio, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+            ("optim.weight_decay", self.optim.weight_decay, non_negative, "must be >= 0"),
+            ("optim.grad_clip", self.optim.grad_clip, non_negative, "must be >= 0 (0 = no clipping)"),
+            ("pref_ft.lr", self.pref_ft.lr, non_negative, "must be >= 0 (0 = optim.lr)"),
+            ("pref.lr", self.pref.lr, non_negative, "must be >= 0 (0 = optim.lr)"),
+            ("pref.beta", self.pref.beta, positive, "must be > 0"),
+            ("pref.label_smoothing", self.pref.label_smoothing, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+            ("batch.episodes", self.batch.episodes, positive, "must be >= 1"),
+            ("data.max_tokens", self.data.max_tokens, lambda v: v >= 16, "must be >= 16"),
+            ("data.episodes_per_user", self.data.episodes_per_user, non_negative, "must be >= 0 (0 = one per pref)"),
+            ("data.seed", self.data.seed, non_negative, "must be >= 0"),
+            ("pref_ft.steps", self.pref_ft.steps, non_negative, "must be >= 0"),
+            ("pref.steps", self.pref.steps, non_negative, "must be >= 0"),
+            ("optim.warmup_steps", self.optim.warmup_steps, non_negative, "must be >= 0"),
+            ("run.seed", self.run.seed, non_negative, "must be >= 0"),
+            ("run.save_every", self.run.save_every, non_negative, "must be >= 0 (0 = stage ends only)"),
+            ("run.keep_last", self.run.keep_last, positive, "must be >= 1"),
+            ("run.log_every", self.run.log_every, positive, "must be >= 1"),
+            ("model.vocab_size", self.model.vocab_size, lambda v: v >= 300, "must be >= 300 (256 byte pieces + 3)"),
+            ("model.hidden_size", self.model.hidden_size, non_negative, "must be >= 0 (0 = the named size's)"),
+            ("model.num_hidden_layers", self.model.num_hidden_layers, non_negative,
+             "must be >= 0 (0 = the named size's)"),
+        ):  # fmt: skip
+            check(key, value, ok, why)
         for key, value in (("model.attention_impl", self.model.attention_impl),
                            ("model.logprob_impl", self.model.logprob_impl)):
             if value not in ("auto", "triton", "torch"):
                 bad(key, f"must be auto, triton or torch, got {value!r}")
         if self.model.dtype not in ("auto", "float32", "bfloat16"):
             bad("model.dtype", f"must be auto, float32 or bfloat16, got {self.model.dtype!r}")
+        if self.model.name in _named_sizes() and self.model.hidden_size:
+            heads = _named_sizes()[self.model.name]["num_attention_heads"]
+            if self.model.hidden_size % heads:
+                bad("model.hidden_size", f"must be a multiple of {self.model.name}'s {heads} attention heads, "
+                                         f"got {self.model.hidden_size}")  # fmt: skip
         from fspo_engine.engine.episodes import parse_shots
 
         try:
@@ -157,6 +185,12 @@ class TrainConfig:
                 lines.append(f"{f.name} = {_toml_value(getattr(getattr(self, section.name), f.name))}")
             lines.append("")
         return "\n".join(lines)
+
+
+def _named_sizes() -> dict:
+    from fspo_engine.engine.model import NAMED_SIZES  # the model module imports torch: only when needed
+
+    return NAMED_SIZES
 
 
 def _toml_value(v: Any) -> str:
@@ -201,7 +235,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not p.is_file():
             raise FspoError(f"{p}: config file not found")
         try:
-            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+            tree = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is fine
         except UnicodeDecodeError as exc:
             raise FspoError(f"{p}: not UTF-8 ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
@@ -213,6 +247,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         tree.setdefault(section, {})[key] = value
     _apply(cfg, tree, "command line")
     cfg.validate(where)
+    if cfg.model.name not in _named_sizes() and Path(cfg.model.name).is_dir():
+        from fspo_engine.engine.evaluate import resolve_models  # a run directory starts from its final policy
+
+        # One spelling per directory ("m/", "./m", "/abs/m"): config.toml holds it, and --resume compares
+        # config.toml, possibly from another working directory.
+        cfg.model.name = str(resolve_models(cfg.model.name)[0].resolve())
     return cfg
 
 

@@ -34,6 +34,26 @@ def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compi
     return model
 
 
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The --device a user asked for (default: cuda when available, else cpu), checked to exist here."""
+    from fspo_engine.engine.errors import FspoError
+
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FspoError(f"--device {device!r}: not a device (cpu, cuda, cuda:N): {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise FspoError(f"--device {device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FspoError(f"--device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FspoError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not launched by it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

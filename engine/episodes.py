@@ -18,6 +18,7 @@ as the official code strips them.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -107,6 +108,34 @@ def _type_name(value) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes without a leading UTF-8 BOM (utf-8-sig semantics: Windows editors and pandas'
+    `encoding="utf-8-sig"` exports write one). The BOM sits inside line 1, so line numbers are unchanged;
+    a BOM anywhere else is still malformed JSON."""
+    raw = path.read_bytes()
+    return raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
+def _is_unicode(value) -> bool:
+    """False if a string inside `value` (str, or list/dict of them, keys included) holds a lone surrogate.
+    JSON's "\\ud800" escape is valid JSON but not valid Unicode: it would pass the reader and then crash
+    the tokenizer (or any UTF-8 writer) with a traceback, far from the record that caused it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_unicode(k) and _is_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_unicode(v) for v in value)
+    return True
+
+
+_NOT_UNICODE = "is not valid Unicode (lone surrogate)"
+
+
 def _read_jsonl(path: Path, errors: _Errors) -> Iterator[tuple[int, dict]]:
     """Yields (line number, object) for every non-blank line of a JSON Lines file; problems go to `errors`
     (a generator, so the caller's checks of each record land in `errors` in line order)."""
@@ -114,7 +143,7 @@ def _read_jsonl(path: Path, errors: _Errors) -> Iterator[tuple[int, dict]]:
         errors.add(str(path), "missing (a dataset directory has manifest.json, users.jsonl and prefs.jsonl)")
         return
     n_records = n_errors = 0
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
@@ -153,6 +182,9 @@ def _check_fields(obj: dict, spec: dict[str, type], where: str, errors: _Errors)
         elif kind is str and name.endswith("_id") and not obj[name]:
             errors.add(where, f"field {name!r} must not be empty")
             ok = False
+        elif not _is_unicode(obj[name]):
+            errors.add(where, f"field {name!r} {_NOT_UNICODE}")
+            ok = False
     return ok
 
 
@@ -162,9 +194,14 @@ _PREF_FIELDS = {"pref_id": str, "user_id": str, "question": str, "chosen": str, 
 
 def _read_manifest(path: Path, errors: _Errors) -> dict:
     if not path.is_file():
-        errors.add(str(path), "missing (a dataset directory has manifest.json, users.jsonl and prefs.jsonl)")
+        why = "(a dataset directory has manifest.json, users.jsonl and prefs.jsonl)"
+        if (path.parent / ".gen-state").is_dir():
+            # gen-data writes the manifest last (and removes an old one just before it swaps files in), so
+            # no manifest beside its state directory means a run stopped part-way.
+            why = "(gen-data has not finished here: re-run the same gen-data command)"
+        errors.add(str(path), f"missing {why}")
         return {}
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -182,6 +219,10 @@ def _read_manifest(path: Path, errors: _Errors) -> dict:
     if not isinstance(manifest, dict):
         errors.add(str(path), f"expected a JSON object, got {_type_name(manifest)}")
         return {}
+    bad = [name for name, value in manifest.items() if not (_is_unicode(name) and _is_unicode(value))]
+    if bad:
+        errors.add(str(path), f"field {bad[0]!r} {_NOT_UNICODE}")
+        return {}  # it would crash whatever copies the manifest into a run directory
     if manifest.get("format") != DATASET_FORMAT:
         errors.add(str(path), f"format must be {DATASET_FORMAT!r}, got {manifest.get('format')!r}")
     for name, kind in (("domains", list), ("seed", int), ("generator", dict), ("counts", dict)):
@@ -203,12 +244,10 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
 
     users: dict[str, User] = {}
     first_line: dict[str, int] = {}
-    named: set[str] = set()  # user ids seen in users.jsonl, valid records or not
     users_path = root / "users.jsonl"
+    errors_before_users = len(errors.lines)
     for lineno, obj in _read_jsonl(users_path, errors):
         where = f"{users_path}:{lineno}"
-        if isinstance(obj.get("user_id"), str):
-            named.add(obj["user_id"])
         if not _check_fields(obj, _USER_FIELDS, where, errors):
             continue
         if obj["split"] not in SPLITS:
@@ -225,6 +264,9 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         first_line[uid] = lineno
         users[uid] = User(uid, obj["domain"], obj["split"], obj["description"], dict(obj["traits"]))
 
+    # Any bad or missing users.jsonl makes `users` incomplete: checking prefs against it would bury the one
+    # real error under an "unknown user_id" line per preference of every user it lost (or of all users).
+    users_complete = len(errors.lines) == errors_before_users
     prefs: dict[str, list[Preference]] = {uid: [] for uid in users}
     pref_line: dict[str, int] = {}
     prefs_path = root / "prefs.jsonl"
@@ -238,7 +280,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
             continue
         pref_line[pid] = lineno
         if uid not in users:
-            if uid not in named and users_path.is_file():  # an invalid user record is reported once, there
+            if users_complete:
                 errors.add(where, f"unknown user_id {uid!r} (not in {users_path.name})")
             continue
         prefs[uid].append(Preference(pid, uid, obj["question"], obj["chosen"], obj["rejected"]))
@@ -502,11 +544,9 @@ def tokenize_episodes(
             out.append(tokenize_episode(ep, tokenizer, max_tokens, user_description))
         except FspoError as exc:
             errors.append(str(exc))
-    if errors:
-        more = (
-            f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        )
-        raise FspoError("\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
+    if errors:  # one line: the episodes fail for one reason (the budget), the first names it
+        more = f" (and {len(errors) - 1} more episodes that do not fit)" if len(errors) > 1 else ""
+        raise FspoError(errors[0] + more)
     return out
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.checkpoint import atomic_write_text
+from fspo_engine.engine.distributed import pick_device
 from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.model import load_model
@@ -30,14 +32,18 @@ def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
     if run_json.is_file():
         try:
             info = json.loads(run_json.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise FspoError(f"{run_json}: unreadable ({exc})") from None
-        order = [s for s in info.get("stage_order", []) if s in info.get("stages", {})]
-        if not order:
+            order = [s for s in info.get("stage_order", []) if s in info.get("stages", {})]
+            policy = model / info["stages"][order[-1]]["final"] if order else None
+            ref = info.get("reference") if order and order[-1] != "pref-ft" else None
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # torn or hand-edited run.json
+            raise FspoError(f"{run_json}: unreadable ({type(exc).__name__}: {exc})") from None
+        if policy is None:
             raise FspoError(f"{model}: the run has no finished stage yet")
-        policy = model / info["stages"][order[-1]]["final"]
-        ref = info.get("reference") if order[-1] != "pref-ft" else None
         ref_dir = None if ref is None else (Path(ref) if Path(ref).is_absolute() else model / ref)
+        for d in (policy, ref_dir):
+            # A run's models are sealed with checksums: refuse a damaged one rather than score garbage.
+            if d is not None and (d / ckpt.MARKER).is_file() and (why := ckpt.verify(d)) is not None:
+                raise FspoError(f"{d}: damaged model ({why})")
         return policy, ref_dir
     if not (model / "config.json").is_file():
         raise FspoError(f"{model}: neither a run directory (run.json) nor a model directory (config.json)")
@@ -49,7 +55,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
              episodes_per_user: int | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     policy_dir, ref_dir = resolve_models(model)
     dataset = load_dataset(data)
     tokenizer = load_tokenizer(policy_dir)

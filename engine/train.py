@@ -40,6 +40,7 @@ from fspo_engine.engine.distributed import (
     barrier,
     init_distributed,
     parallelize,
+    pick_device,
     world,
 )
 from fspo_engine.engine.episodes import (
@@ -75,6 +76,20 @@ def stages_for(stage: str, loss: str) -> list[str]:
     if stage in ("pref-ft", "ipo", "dpo"):
         return [stage]
     raise FspoError(f"--stage: expected pref-ft, ipo, dpo or all, got {stage!r}")
+
+
+def discard_if_unstarted(out: Path) -> bool:
+    """Remove a run directory that holds no sealed checkpoint and no finished stage (a run that failed or
+    was interrupted before it had anything worth resuming), so a failed start leaves nothing behind.
+    Rank 0 only under torchrun. True when removed."""
+    if world()[0] != 0 or not out.is_dir():
+        return False
+    if any(ckpt.list_checkpoints(stage) for stage in (out / "checkpoints").glob("*") if stage.is_dir()):
+        return False
+    if any(ckpt.verify(d.parent) is None for d in out.glob("*/COMPLETE")):
+        return False
+    shutil.rmtree(out, ignore_errors=True)
+    return True
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -162,12 +177,13 @@ class Trainer:
         self.rank, _, self.world = world()
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda _msg: None)
-        device_type = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-        self.device = init_distributed(device_type) if self.world > 1 else torch.device(
-            device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        picked = pick_device(device)
+        self.device = init_distributed(picked.type) if self.world > 1 else picked
         if cfg.batch.episodes < self.world:
             raise FspoError(f"batch.episodes ({cfg.batch.episodes}) must be at least the number of ranks ({self.world})")
         self.dataset = load_dataset(data_dir)
+        if not any(self.dataset.prefs.get(u.user_id) for u in self.dataset.users_in("train")):
+            raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences)")
         self.data_fp = fingerprint_files([self.dataset.root / f for f in ("manifest.json", "users.jsonl",
                                                                           "prefs.jsonl")])
         if cfg.run.tensorboard:  # fail before anything is written, not at the first logged step
@@ -209,20 +225,32 @@ class Trainer:
             if old != text:
                 diff = [f"{a.strip()} -> {b.strip()}" for a, b in zip(old.splitlines(), text.splitlines()) if a != b]
                 raise FspoError(f"{cfg_path}: --resume with a different config: {'; '.join(diff[:5])}")
+        if self.out.exists() and not self.out.is_dir():
+            raise FspoError(f"{self.out}: exists and is not a directory")
         barrier()  # every rank has checked before rank 0 writes
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not started:  # leftovers of an attempt that died before its first checkpoint: start clean
+                shutil.rmtree(self.out / "tokenizer", ignore_errors=True)
             ckpt.atomic_write_text(cfg_path, text)
         barrier()
 
     def _read_run_info(self) -> dict:
         p = self.out / "run.json"
-        if p.is_file():
-            try:
-                return json.loads(p.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise FspoError(f"{p}: unreadable ({exc})") from None
-        return {"stages": {}, "reference": None, "data": str(self.dataset.root)}
+        if not p.is_file():
+            return {"stages": {}, "reference": None, "data": str(self.dataset.root), "data_fp": self.data_fp}
+        try:
+            info = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(info, dict) or not isinstance(info.get("stages"), dict):
+                raise ValueError("expected an object with a 'stages' object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FspoError(f"{p}: unreadable ({exc})") from None
+        # A resumed run must see the data it started on, or it cannot reproduce the uninterrupted run.
+        if info.get("data_fp", self.data_fp) != self.data_fp:
+            raise FspoError(f"{self.dataset.root}: not the dataset this run started on ({info.get('data')}); "
+                            "--resume needs the same data")  # fmt: skip
+        info.setdefault("data_fp", self.data_fp)
+        return info
 
     def _write_run_info(self):
         if self.is_main:
@@ -287,7 +315,7 @@ class Trainer:
             return
         keep = []
         order = self.run_info.get("stage_order", [])
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:

@@ -113,7 +113,7 @@ def test_every_bad_record_is_reported_with_path_and_line(tmp_path):
         (f"{u}:6: duplicate user_id 'u1' (first on line 1)", None),
         (f"{u}:7: expected a JSON object, got a list", None),
         (f"{p}:2: missing field 'rejected'", None),
-        (f"{p}:3: unknown user_id 'ghost'", None),
+        # p3's unknown user 'ghost' is not reported: users.jsonl had errors (see test_users_errors_...)
         (f"{p}:4: invalid UTF-8", None),
         (f"{p}:5: field 'chosen' must be a string, got null", None),
         (f"{p}:6: duplicate pref_id 'p1' (first on line 1)", None),
@@ -176,6 +176,113 @@ def test_error_report_is_capped(tmp_path):
         load_dataset(d)
     lines = str(info.value).splitlines()
     assert len(lines) == 21 and lines[-1] == "... and 25 more error(s) (45 in all)"
+
+
+def _error_lines(d) -> list[str]:
+    with pytest.raises(FspoError) as info:
+        load_dataset(d)
+    return str(info.value).splitlines()
+
+
+@pytest.mark.parametrize("case", ["malformed", "user_id_int", "empty", "duplicate", "missing"])
+def test_users_errors_do_not_cascade_into_prefs(tmp_path, case):
+    """A bad users.jsonl is reported once; the prefs of the users it lost are not each "unknown user_id"
+    (that flood buried the real error), while other errors in prefs.jsonl are still reported."""
+    users = [_good_user(f"u{i}") for i in range(4)]
+    prefs = [_good_pref(f"p{i}-{k}", uid=f"u{i}") for i in range(4) for k in range(6)]
+    prefs.append(_good_pref("bad", uid="u0", chosen=7))  # a real prefs error, line 25
+    d = _write_raw(tmp_path, users, prefs)
+    u = d / "users.jsonl"
+    if case == "malformed":
+        lines = u.read_bytes().splitlines()
+        lines[2] = b'{"user_id": "u2", '
+        u.write_bytes(b"\n".join(lines) + b"\n")
+        first = f"{u}:3: malformed JSON"
+    elif case == "user_id_int":
+        write_jsonl(u, [{**json.loads(_good_user("u0")), "user_id": 5}])
+        first = f"{u}:1: field 'user_id' must be a string"
+    elif case == "empty":
+        u.write_bytes(b"")
+        first = f"{u}: empty file"
+    elif case == "duplicate":
+        u.write_bytes(_good_user("u0") + b"\n" + _good_user("u0") + b"\n")
+        first = f"{u}:2: duplicate user_id 'u0'"
+    else:
+        u.unlink()
+        first = f"{u}: missing"
+    lines = _error_lines(d)
+    assert len(lines) == 2 and lines[0].startswith(first), lines
+    assert lines[1].startswith(f"{d / 'prefs.jsonl'}:25: field 'chosen' must be a string"), lines
+    assert not any("unknown user_id" in line for line in lines)
+
+
+def test_unknown_user_is_reported_when_users_jsonl_is_clean(tmp_path):
+    d = _write_raw(tmp_path, [_good_user("u1")], [_good_pref("p1"), _good_pref("p2", uid="ghost")])
+    assert _error_lines(d) == [f"{d / 'prefs.jsonl'}:2: unknown user_id 'ghost' (not in users.jsonl)"]
+
+
+def test_lone_surrogates_are_reported_not_passed_to_the_tokenizer(tmp_path):
+    """JSON escapes of lone surrogates are valid JSON but not valid Unicode (they crashed the tokenizer)."""
+    users = [
+        _good_user("u1", description="emoji \U0001f642 is fine"),  # ensure_ascii: a valid surrogate *pair*
+        _good_user("u2").replace(b'"description": "x"', b'"description": "x \\udc00"'),
+        _good_user("u3", traits={"tone": "y"}).replace(b'"y"', b'"\\ud83d y"'),  # high half, no low half
+        _good_user("u4", traits={"k": "v"}).replace(b'"k"', b'"\\udfff"'),  # in a traits key
+    ]
+    prefs = [
+        _good_pref("p1"),
+        _good_pref("p2", uid="u1").replace(b'"chosen": "a"', b'"chosen": "\\ud800 a"'),
+        _good_pref("p3\U0001f642", uid="u1"),
+        _good_pref("p4", uid="u1").replace(b'"question": "q"', b'"question": "q\\uDBFF"'),
+    ]
+    d = _write_raw(tmp_path, users, prefs)
+    u, p = d / "users.jsonl", d / "prefs.jsonl"
+    assert _error_lines(d) == [
+        f"{u}:2: field 'description' is not valid Unicode (lone surrogate)",
+        f"{u}:3: field 'traits' is not valid Unicode (lone surrogate)",
+        f"{u}:4: field 'traits' is not valid Unicode (lone surrogate)",
+        f"{p}:2: field 'chosen' is not valid Unicode (lone surrogate)",
+        f"{p}:4: field 'question' is not valid Unicode (lone surrogate)",
+    ]
+    # The same records without the lone halves load, emoji included.
+    (tmp_path / "ok").mkdir()
+    d2 = _write_raw(tmp_path / "ok", [users[0]], [_good_pref("p1"), prefs[2]])
+    assert load_dataset(d2).prefs["u1"][1].pref_id == "p3\U0001f642"
+    (d2 / "manifest.json").write_text('{"format": "fspo-prefs/1", "domains": ["\\ud800"]}')
+    assert _error_lines(d2) == [
+        f"{d2 / 'manifest.json'}: field 'domains' is not valid Unicode (lone surrogate)"
+    ]
+
+
+def test_utf8_bom_at_the_start_of_a_file_is_accepted(tmp_path):
+    users, prefs = synthetic_records(n_users=3, prefs_per_user=4, seed=1, test_users=1)
+    plain = load_dataset(write_dataset(tmp_path / "plain", users, prefs))
+    d = write_dataset(tmp_path / "bom", users, prefs)
+    for name in ("manifest.json", "users.jsonl", "prefs.jsonl"):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    loaded = load_dataset(d)
+    assert loaded.users == plain.users and loaded.prefs == plain.prefs and loaded.manifest == plain.manifest
+    # Line numbers still count from the real first line; a BOM anywhere but the start is still an error.
+    lines = (d / "prefs.jsonl").read_bytes().split(b"\n")
+    lines[2] = b"\xef\xbb\xbf" + lines[2]
+    lines[4] = b"{oops"
+    (d / "prefs.jsonl").write_bytes(b"\n".join(lines))
+    errs = _error_lines(d)
+    assert len(errs) == 2, errs
+    assert errs[0].startswith(f"{d / 'prefs.jsonl'}:3: malformed JSON (Unexpected UTF-8 BOM")
+    assert errs[1].startswith(f"{d / 'prefs.jsonl'}:5: malformed JSON")
+
+
+def test_unfinished_gen_data_directory_is_named_as_such(tmp_path):
+    d = _write_raw(tmp_path, [_good_user()], [_good_pref()])
+    (d / "manifest.json").unlink()
+    assert _error_lines(d) == [
+        f"{d / 'manifest.json'}: missing (a dataset directory has manifest.json, users.jsonl and prefs.jsonl)"
+    ]
+    (d / ".gen-state").mkdir()
+    assert _error_lines(d) == [
+        f"{d / 'manifest.json'}: missing (gen-data has not finished here: re-run the same gen-data command)"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,7 +431,9 @@ def test_truncation_drops_oldest_shots_first_and_never_cuts_the_target():
     ]
     with pytest.raises(FspoError) as info:
         tokenize_episodes(eps, tok, max_tokens=10)
-    assert len(str(info.value).splitlines()) == 2
+    assert len(str(info.value).splitlines()) == 1 and "(and 1 more episodes that do not fit)" in str(
+        info.value
+    )
 
 
 def test_real_tokenizer_end_to_end(dataset, tmp_path):

@@ -109,6 +109,14 @@ def test_config_errors(tmp_path):
     good.write_text("[optim]\nlr = 3e-4\n[data]\nshots = 4\n")
     cfg = load_config(good, {"pref.beta": 0.25})
     assert cfg.optim.lr == 3e-4 and cfg.data.shots == "4" and cfg.pref.beta == 0.25
+    for key, value in (("optim.lr", float("nan")), ("optim.beta1", 2.0), ("optim.eps", -1.0),
+                       ("optim.min_lr_ratio", -2.0), ("optim.grad_clip", -1.0), ("pref_ft.lr", -0.01),
+                       ("run.log_every", 0), ("model.num_hidden_layers", -1), ("model.hidden_size", 30),
+                       ("data.seed", -1), ("data.max_tokens", 8)):  # fmt: skip
+        with pytest.raises(FspoError, match=key.replace(".", r"\.")):
+            load_config(None, {key: value})
+    bad.write_bytes("\ufeff[optim]\nlr = 3e-4\n".encode())  # a BOM, as Windows editors write
+    assert load_config(bad).optim.lr == 3e-4
     # The resolved TOML reads back to the same config.
     again = tmp_path / "again.toml"
     again.write_text(cfg.resolved_toml())
@@ -117,8 +125,14 @@ def test_config_errors(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     data = write_fixture(tmp_path / "data")
+    (tmp_path / "a_file").write_text("x")
+    test_only = write_fixture(tmp_path / "test_only", users=4)  # every user held out: nothing to train on
     for args, needle in (
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r1")], "missing"),
+        (["--data", str(test_only), "--out", str(tmp_path / "r5"), *SMALL], "no training episodes"),
+        (["--data", str(data), "--out", str(tmp_path / "r6"), *SMALL, "--set", "data.max_tokens=20"], "do not fit"),
+        (["--data", str(data), "--out", str(tmp_path / "r7"), "--device", "cuda:7"], "--device"),
+        (["--data", str(data), "--out", str(tmp_path / "a_file" / "run")], "a_file"),
         (["--data", str(data), "--out", str(tmp_path / "r2"), "--set", "optim.lr=-1"], "optim.lr"),
         (["--data", str(data), "--out", str(tmp_path / "r3"), "--set", "optim.nope=1"], "unknown key optim.nope"),
         (["--data", str(data), "--out", str(tmp_path / "r4"), "--model", str(tmp_path)], "config.json"),
@@ -127,6 +141,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert res.returncode == 1, res.stderr
         assert "Traceback" not in res.stderr
         assert needle in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
         out = args[args.index("--out") + 1]
         assert not os.path.exists(out), f"a failed start left {out} behind"
 
@@ -264,6 +279,18 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "2",
               "--resume")
     assert res.returncode == 1 and "different config" in res.stderr and "Traceback" not in res.stderr
+    other = write_fixture(tmp_path / "other", seed=1)  # same shape, other texts
+    res = cli("train", "--data", str(other), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1",
+              "--resume")
+    assert res.returncode == 1 and "not the dataset this run started on" in res.stderr, res.stderr
+    # A run's final model is sealed: a flipped byte is refused by score/eval, not scored as garbage.
+    weights = run / "pref-ft" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    res = cli("score", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "s.jsonl"))
+    assert res.returncode == 1 and "damaged model" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "s.jsonl").exists()
 
 
 def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
