@@ -52,8 +52,14 @@ def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
 
 def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_tokens: int = 8192, seed: int = 0,
              device: str | None = None, impl: str = "auto", user_description: bool = False,
-             episodes_per_user: int | None = None, progress: bool = True) -> dict:
+             episodes_per_user: int | None = None, progress: bool = True,
+             length_normalize: bool | None = None) -> dict:
+    """Preference accuracy per shot count. length_normalize: compare mean per-token log-probs instead of
+    sums; None = what the run trained with (its config.toml's pref.length_normalize), sums otherwise."""
     from tqdm.auto import tqdm
+
+    if length_normalize is None:
+        length_normalize = _run_length_normalize(Path(model))
 
     device = pick_device(device)
     policy_dir, ref_dir = resolve_models(model)
@@ -74,11 +80,11 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
                               (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tok))  # fmt: skip
         bar = tqdm(total=len(tok) * (2 if ref is not None else 1), desc=f"eval {n}-shot", unit="ep",
                    disable=not progress, leave=False)
-        p = score_episodes(policy, tok, max_tokens, impl=impl, device=device, on_row=bar.update)
-        margin = p.chosen - p.rejected
+        margin = _margin(score_episodes(policy, tok, max_tokens, impl=impl, device=device, on_row=bar.update),
+                         length_normalize)  # fmt: skip
         if ref is not None:
             r = score_episodes(ref, tok, max_tokens, impl=impl, device=device, on_row=bar.update)
-            margin = margin - (r.chosen - r.rejected)
+            margin = margin - _margin(r, length_normalize)
         bar.close()
         results.append({
             "shots": n,
@@ -91,10 +97,31 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         "model": str(policy_dir),
         "reference": None if ref_dir is None else str(ref_dir),
         "method": "implicit_reward" if ref is not None else "logprob",
+        "length_normalized": length_normalize,
         "split": split,
         "data": str(dataset.root),
         "results": results,
     }
+
+
+def _margin(lp, length_normalize: bool) -> torch.Tensor:
+    """chosen - rejected log-prob per episode: sums, or means over each response's tokens."""
+    if length_normalize:
+        return lp.chosen / lp.chosen_tokens.clamp(min=1) - lp.rejected / lp.rejected_tokens.clamp(min=1)
+    return lp.chosen - lp.rejected
+
+
+def _run_length_normalize(model: Path) -> bool:
+    """pref.length_normalize of the run that `model` is (False for a plain model directory)."""
+    cfg = model / "config.toml"
+    if not (model / "run.json").is_file() or not cfg.is_file():
+        return False
+    from fspo_engine.engine.config import tomllib
+
+    try:
+        return bool(tomllib.loads(cfg.read_text(encoding="utf-8")).get("pref", {}).get("length_normalize", False))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FspoError(f"{cfg}: unreadable ({exc})") from None
 
 
 def write_report(report: dict, out_json: Path, out_png: Path | None = None):

@@ -316,6 +316,7 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((run / "eval.json").read_text())
     assert report["method"] == "implicit_reward" and report["reference"].endswith("pref-ft")
+    assert report["length_normalized"] is False  # as the run trained (pref.length_normalize = false)
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
