@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from fspo_engine.data_gen.errors import DataGenError
-from fspo_engine.data_gen.pipeline import json_text, write_staged
+from fspo_engine.data_gen.pipeline import json_text, remove_stale_temps, write_staged
 from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
@@ -259,6 +259,7 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
     # Write all three files beside their targets first, so an old dataset (--overwrite) stays whole while
     # the slow part runs. Then swap: the old manifest goes first and the new one comes last, so during
     # the three renames readers see no manifest and refuse the directory instead of mixing old and new.
+    remove_stale_temps(out, ["users.jsonl", "prefs.jsonl", "manifest.json"])  # left by a killed import
     staged: list[tuple[Path, Path]] = []
     try:
         for name, records in (("users.jsonl", users), ("prefs.jsonl", prefs)):

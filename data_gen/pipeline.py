@@ -217,6 +217,13 @@ def write_staged(path: Path, chunks: Iterable[str]) -> Path:
     return tmp
 
 
+def remove_stale_temps(out: Path, names: Iterable[str]) -> None:
+    """Delete the temp files a killed run staged for `names` in `out` (one writer per directory)."""
+    for name in names:
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(write_staged(path, [json_text(obj)]), path)
 
@@ -646,10 +653,12 @@ def _finalize(out: Path, state: dict) -> dict:
 
     Three files cannot be replaced at once. So that no reader ever pairs new users with old prefs (or an
     old manifest with new files), the old manifest is removed first: readers refuse a directory without
-    one. Everything slow (writing, fsync) happens before that, leaving a window of three renames in which
-    the directory has no manifest; a kill inside it leaves the state at "finalizing", and re-running the
-    same gen-data command completes the swap."""
+    one (and a reader that was already reading sees its manifest replaced, and refuses too). Everything
+    slow (writing, fsync) happens before that, leaving a window of three renames in which the directory
+    has no manifest; a kill inside it leaves the state at "finalizing", and re-running the same gen-data
+    command completes the swap."""
     state_dir = out / STATE_DIR
+    remove_stale_temps(out, ["manifest.json"])
     staged = write_staged(out / "manifest.json", [json_text(state["manifest"])])
     (out / "manifest.json").unlink(missing_ok=True)
     for name in ("users.jsonl", "prefs.jsonl"):

@@ -233,6 +233,14 @@ def _read_manifest(path: Path, errors: _Errors) -> dict:
     return manifest
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def load_dataset(path: str | os.PathLike) -> Dataset:
     """Read and validate a dataset directory. Every malformed record is reported (`path:line: reason`)
     in one FspoError before anything is returned: nothing downstream ever sees a half-valid dataset."""
@@ -240,7 +248,9 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if not root.is_dir():
         raise FspoError(f"{root}: not a dataset directory")
     errors = _Errors()
-    manifest = _read_manifest(root / "manifest.json", errors)
+    manifest_path = root / "manifest.json"
+    manifest_id = _file_identity(manifest_path)
+    manifest = _read_manifest(manifest_path, errors)
 
     users: dict[str, User] = {}
     first_line: dict[str, int] = {}
@@ -285,6 +295,11 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
             continue
         prefs[uid].append(Preference(pid, uid, obj["question"], obj["chosen"], obj["rejected"]))
 
+    # gen-data and the importer swap a dataset in by removing the manifest, renaming the two files and
+    # renaming a new manifest (a new inode) into place; if that overlapped this read, the files read may
+    # be half old, half new. The one true error is then this, not whatever the mix looks like.
+    if manifest_id is not None and _file_identity(manifest_path) != manifest_id:
+        raise FspoError(f"{root}: was replaced while being read (by gen-data?); run again")
     counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
     for key, actual, fname in (
         ("users", len(users), "users.jsonl"),

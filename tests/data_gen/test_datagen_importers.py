@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from fspo_engine.data_gen import import_dataset
+from fspo_engine.data_gen import import_dataset, pipeline
 from fspo_engine.data_gen.errors import DataGenError
 
 ROLEPLAY = [
@@ -132,6 +134,10 @@ def test_hash_split_and_forced_split(tmp_path):
         (b'{"x": "q\xff", "yw": "a"}\n', r":1: not valid UTF-8"),
         (json.dumps({**ROLEPLAY[0], "yw": 7}).encode(), r":1: field 'yw' has type int"),
         (b"", r": no records"),
+        (
+            json.dumps(ROLEPLAY[0]).encode().replace(b"A quiet", b"\\ud800 quiet"),
+            r":1: field 'yw' is not valid Unicode",
+        ),
     ],
 )
 def test_malformed_files_report_path_and_line_and_write_nothing(tmp_path, content, message):
@@ -169,6 +175,52 @@ def test_existing_dataset_needs_overwrite(tmp_path):
     with pytest.raises(DataGenError, match="--overwrite"):
         import_dataset("roleplay", [src], tmp_path / "out")
     import_dataset("roleplay", [src], tmp_path / "out", overwrite=True)
+
+
+def test_utf8_bom_at_the_start_is_accepted(tmp_path):
+    src = write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)
+    bom = tmp_path / "bom" / "roleplay.jsonl"
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())  # pandas to_json(..., encoding="utf-8-sig")
+    import_dataset("roleplay", [src], tmp_path / "a")
+    import_dataset("roleplay", [bom], tmp_path / "b")
+    for name in ("users.jsonl", "prefs.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    src = write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)
+    old = os.umask(umask)
+    try:
+        import_dataset("roleplay", [src], tmp_path / "out")
+    finally:
+        os.umask(old)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["manifest.json", "prefs.jsonl", "users.jsonl"]  # no temp files left behind
+    for name in files:
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_overwrite_that_dies_while_writing_keeps_the_old_dataset(tmp_path, monkeypatch):
+    """The old manifest used to be deleted before the new files were written."""
+    out = tmp_path / "out"
+    import_dataset("roleplay", [write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)], out)
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    real = pipeline.write_staged
+
+    def dying_write_staged(path, chunks):
+        if path.name == "manifest.json":  # the last file staged: users and prefs are already written
+            raise OSError("No space left on device")
+        return real(path, chunks)
+
+    monkeypatch.setattr("fspo_engine.data_gen.importers.write_staged", dying_write_staged)
+    src = write_jsonl(tmp_path / "review.jsonl", REVIEW)
+    with pytest.raises(OSError, match="No space"):
+        import_dataset("review", [src], out, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old  # and no temp files
+    monkeypatch.undo()
+    assert import_dataset("review", [src], out, overwrite=True)["domains"] == ["reviews"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed")

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fspo_engine.data_gen import generate_dataset
+from fspo_engine.data_gen import generate_dataset, pipeline
 from fspo_engine.data_gen.domains import get_domain
 from fspo_engine.data_gen.domains.reviews import AXES, QS_AXES, QS_FOCUS, QS_SENTIMENT
 from fspo_engine.data_gen.errors import DataGenError
@@ -155,6 +156,71 @@ def test_rerun_of_a_complete_dataset_is_a_no_op_and_other_args_need_overwrite(tm
         generate_dataset(tmp_path, users=11, prefs_per_user=2, progress=False)
     generate_dataset(tmp_path, users=11, prefs_per_user=2, progress=False, overwrite=True)
     assert len(read_jsonl(tmp_path / "users.jsonl")) == 11
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so no handler in the code under test catches it."""
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    """--overwrite used to delete the old dataset first: a kill mid-run then left no dataset at all."""
+    new_args = dict(users=30, prefs_per_user=4, seed=1, chunk_users=8, progress=False)
+    generate_dataset(tmp_path / "ref", **new_args)
+    d = tmp_path / "d"
+    generate_dataset(d, users=12, prefs_per_user=3, progress=False)
+    old = file_bytes(d)
+
+    # A kill while the new dataset is being generated: the old one is untouched.
+    real_unit, calls = TemplateProducer.unit, itertools.count()
+
+    async def crashing_unit(self, user):
+        if next(calls) == 20:
+            raise Killed
+        return await real_unit(self, user)
+
+    monkeypatch.setattr(TemplateProducer, "unit", crashing_unit)
+    with pytest.raises(Killed):
+        generate_dataset(d, overwrite=True, **new_args)
+    assert file_bytes(d) == old and (d / STATE_DIR).is_dir()
+    monkeypatch.setattr(TemplateProducer, "unit", real_unit)
+
+    # A kill inside the final swap, between the new users.jsonl and the new prefs.jsonl: there is no
+    # manifest, so readers refuse the directory instead of pairing new users with old prefs.
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if Path(dst).name == "prefs.jsonl":
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        generate_dataset(d, **new_args)  # same arguments: resumes the run, then dies in _finalize
+    monkeypatch.setattr(pipeline.os, "replace", real_replace)
+    assert not (d / "manifest.json").exists()
+    assert (d / "users.jsonl").read_bytes() == (tmp_path / "ref" / "users.jsonl").read_bytes()
+    assert (d / "prefs.jsonl").read_bytes() == old["prefs.jsonl"]
+    # Re-running completes the swap.
+    generate_dataset(d, **new_args)
+    assert file_bytes(d) == file_bytes(tmp_path / "ref") and not (d / STATE_DIR).exists()
+    assert sorted(os.listdir(d)) == sorted(FILES)  # the killed swap's staged manifest is cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """tempfile.mkstemp creates 0600 files; renamed into place, they hid the dataset from other users."""
+    old = os.umask(umask)
+    try:
+        generate_dataset(tmp_path, users=5, prefs_per_user=2, progress=False)
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert want == 0o666 & ~umask
+    for name in FILES:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    assert sorted(os.listdir(tmp_path)) == sorted([*FILES, "plain"])  # no temp files left behind
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -283,6 +284,28 @@ def test_unfinished_gen_data_directory_is_named_as_such(tmp_path):
     assert _error_lines(d) == [
         f"{d / 'manifest.json'}: missing (gen-data has not finished here: re-run the same gen-data command)"
     ]
+
+
+def test_a_dataset_swapped_in_while_being_read_is_refused(tmp_path, monkeypatch):
+    """gen-data --overwrite renames new files over old ones; a reader that overlapped the swap may have read
+    old users and new prefs. It sees the manifest replaced, and says so instead of returning the mix."""
+    from fspo_engine.engine import episodes
+
+    users, prefs = synthetic_records(n_users=3, prefs_per_user=4, seed=2, test_users=1)
+    d = write_dataset(tmp_path / "d", users, prefs)
+    real = episodes._read_jsonl
+
+    def read_during_swap(path, errors):
+        if path.name == "prefs.jsonl":  # users.jsonl is read: now the writer swaps the new dataset in
+            new = d / ".manifest.json.new"
+            new.write_bytes((d / "manifest.json").read_bytes())
+            os.replace(new, d / "manifest.json")
+        return real(path, errors)
+
+    monkeypatch.setattr(episodes, "_read_jsonl", read_during_swap)
+    assert _error_lines(d) == [f"{d}: was replaced while being read (by gen-data?); run again"]
+    monkeypatch.undo()
+    assert load_dataset(d).num_prefs == 12
 
 
 # ----------------------------------------------------------------------------------------------------------
