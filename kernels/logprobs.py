@@ -9,9 +9,9 @@ pair holds ~21 GB of fp32 logits on the plain path). Neither path here ever hold
 * plain torch (CPU, reference, fallback): tiles of vocab x rows, each tile's logits in fp32 (on CUDA
   from 16-bit operands through cuBLAS with fp32 outputs), and a backward that recomputes each tile from
   the saved per-row log-sum-exp (a custom autograd Function). Its GEMMs are deterministic too.
-* Triton (CUDA): tiles over rows and vocab, online log-sum-exp in fp32 registers; backward recomputes
-  logits tile by tile. Two backward kernels, one owning row blocks (grad-hidden) and one owning vocab
-  blocks (grad-weight), so every output element is reduced by one program in a fixed order: no atomics,
+* Triton (CUDA): tiles over rows and vocab, online log-sum-exp in fp32 registers; the backward recomputes
+  the logits tile by tile in a Triton kernel that writes dlogits (in the input dtype) for one vocab tile of
+  all rows, and the two gradient GEMMs of that tile run on cuBLAS. Fixed order, no atomics:
   bitwise-deterministic outputs and gradients.
 
 No fused-loss variant (the loss's gradients computed inside the forward, as chunked-loss libraries do):
@@ -157,11 +157,26 @@ def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b, or out += a @ b, with an fp32 (fp64 for fp64) result; a, b already in `_gemm_dtype`."""
+    """a @ b, or out += a @ b, with an fp32 (fp64 for fp64) result.
+
+    16-bit operands on CUDA go through cuBLAS with fp32 accumulation and an fp32 output (no upcast copies,
+    no 16-bit rounding of the result); on CPU, which has no such GEMM, they are upcast."""
     if a.dtype in (torch.bfloat16, torch.float16):
-        r = torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: 16-bit operands, fp32 accumulate and out
-        return r if out is None else out.add_(r)
+        if not a.is_cuda:
+            a, b = a.float(), b.float()
+        elif out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        else:
+            if _ADDMM_OUT_DTYPE[0]:
+                try:
+                    return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+                except (RuntimeError, TypeError):  # a torch build without the fp32-accumulate overload
+                    _ADDMM_OUT_DTYPE[0] = False
+            return out.add_(torch.mm(a, b, out_dtype=torch.float32))
     return a @ b if out is None else out.addmm_(a, b)
+
+
+_ADDMM_OUT_DTYPE = [True]  # cleared once if torch.addmm(..., out_dtype=) is unavailable here
 
 
 class _TorchLinearLogprobSums(torch.autograd.Function):
@@ -250,18 +265,20 @@ def linear_logprob_sums_torch(
 # ----------------------------------------------------------------------------------------------------
 # Triton path
 #
-# Notation: n compacted rows, V vocab, H hidden. All three kernels compute a logits tile
-# [BLOCK_N, BLOCK_V] in fp32 from an H loop of tl.dot; the tile never leaves registers.
-#   forward  grid (row blocks, vocab splits): online log-sum-exp over the split's vocab range, written as
-#            one partial lse per (split, row) plus the target logit; torch combines the splits (fixed order).
-#   dhidden  grid (row blocks, vocab splits): recompute, dlogits, dh[split, rows, :] += dlogits @ W[cols, :]
-#            (read-modify-write of an fp32 buffer the program alone owns), then torch sums the splits.
-#   dweight  persistent grid (~ one program per SM), each program owning whole vocab blocks in turn:
-#            loop over all row blocks in order, scratch[:, :] += dlogits^T @ h[rows, :] in its own fp32
-#            scratch [BLOCK_V, H], then one rounded store into dW[cols, :].
-# Each output element is reduced by one program in a fixed order, so no atomics: deterministic.
-# Cost: 5 matmuls of n x V x H (forward 1; each backward kernel recomputes the logits, then 1) against
-# the plain path's 3; extra memory O(n + n x H + SMs x BLOCK_V x H), never O(n x V) or an fp32 [V, H].
+# Notation: n compacted rows, V vocab, H hidden. Both kernels compute a logits tile [BLOCK_N, BLOCK_V] in
+# fp32 from an H loop of tl.dot; the logits never leave registers.
+#   forward   grid (row blocks, vocab splits): online log-sum-exp over the split's vocab range, written as
+#             one partial lse per (split, row) plus the target logit; torch combines the splits (fixed order).
+#   dlogits   per vocab tile of all n rows, grid (row blocks, column blocks): recompute, g * (onehot -
+#             softmax), stored in the input dtype into a reused [n, cols] buffer; then two cuBLAS GEMMs:
+#             dh += dlogits @ W[tile] (fp32 accumulator), dW[tile] = dlogits^T @ h (K = n, written once).
+# Each output element is reduced in a fixed order, with no atomics: deterministic.
+# Cost: 4 GEMM-sized passes of n x V x H (forward; recompute; the two gradient GEMMs) against the plain
+# path's 3, plus one 16-bit write and two reads of each dlogits tile; extra memory O(n x H) fp32 plus one
+# tile, never O(n x V) or an fp32 [V, H].
+# (The first version fused the gradient GEMMs into Triton too, with fp32 [rows, H] / [cols, H] partials
+# read and written through global memory once per tile: memory-bound, about 2x the GEMMs at H = 4096 by
+# its traffic, and 5 passes; replaced before it met a GPU.)
 
 try:
     import triton
@@ -381,143 +398,34 @@ if triton is not None:
         # Exactly one split holds each row's target: a plain store, no race.
         tl.store(tlogit_ptr + rows, t_logit, mask=row_mask & (tgt >= v_lo) & (tgt < v_hi))
 
-    @triton.jit
-    def _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, V, H: tl.constexpr, stride_h, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-        """dh[rows, :] += dlogits[rows, cols] @ W[cols, :] for the vocab tile starting at c0."""
-        cols = c0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols = cols.to(tl.int64)
-        logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
-                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-        d = _dlogits_tile(logits, lse, g, tgt, cols, col_mask).to(w_ptr.dtype.element_ty)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-            acc_ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
-            acc_mask = row_mask[:, None] & k_mask[None, :]
-            acc = _dot(d, w, tl.load(acc_ptrs, mask=acc_mask, other=0.0), DOT_FP32, IEEE)
-            tl.store(acc_ptrs, acc, mask=acc_mask)
-        tl.debug_barrier()  # the next tile's loads see these stores, whichever thread made them
-
-    @_autotune(_configs(((64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3))),
-               key=["N_BUCKET", "V", "H"], reset_to_zero=["dh_ptr"])  # fmt: skip
-    @triton.jit(do_not_specialize=["n", "V_PER_SPLIT", "N_BUCKET"])  # per-call ints: no recompile per value
-    def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, n, V, H: tl.constexpr, V_PER_SPLIT,
-                       stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                       INTERPRET: tl.constexpr):  # fmt: skip
+    # Backward, part 1 of 2: dlogits tile by tile. Recompute the logits from the saved lse, turn them into
+    # g * (onehot - softmax) in registers and store that in the input dtype; the two gradient GEMMs (part
+    # 2, `_triton_backward`) then run on cuBLAS. The GEMMs have H on both ends (dh = dlogits @ W,
+    # dW = dlogits^T @ h), so a fused kernel must either accumulate [rows, H] / [cols, H] fp32 partials
+    # through global memory once per tile (memory-bound: ~2x the GEMMs' time at H=4096) or use atomics.
+    @_autotune(_configs(((128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))),
+               key=["N_BUCKET", "V", "H"])  # fmt: skip
+    @triton.jit(do_not_specialize=["n", "c0", "cols", "stride_d", "N_BUCKET"])  # per-call ints: no recompile
+    def _dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, d_ptr, n, c0, cols, V, H: tl.constexpr,
+                        stride_h, stride_w, stride_d, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        """d[rows, j] = dlogits[rows, c0 + j] for j < cols (one vocab tile), in d's dtype."""
         pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        pid_v = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n
         rows = rows.to(tl.int64)
+        local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the tile
+        col_mask = local < cols
+        vocab = (c0 + local).to(tl.int64)
         tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)  # masked rows: zero gradient
-        dh_ptr += pid_s.to(tl.int64) * n * H  # this split's fp32 partial [n, H]
-        v_lo = pid_s * V_PER_SPLIT
-        v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
-        if INTERPRET:
-            c0 = v_lo
-            while c0 < v_hi:
-                _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, v_hi, H, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-                c0 += BLOCK_V
-        else:
-            for c0 in range(v_lo, v_hi, BLOCK_V):
-                _dh_tile(h_ptr, w_ptr, dh_ptr, rows, row_mask, tgt, lse, g, c0, v_hi, H, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-
-    @triton.jit
-    def _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H: tl.constexpr,
-                      stride_h, stride_w, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-        """acc[:, :] += dlogits[rows, cols]^T @ h[rows, :] for the row block starting at n0.
-
-        acc_ptr: this program's fp32 scratch [BLOCK_V, H], row j holding dW[cols[j], :]."""
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < n
-        rows = rows.to(tl.int64)
-        tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-        logits = _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, H, stride_h, stride_w,
+        logits = _logits_tile(h_ptr, w_ptr, rows, vocab, row_mask, col_mask, H, stride_h, stride_w,
                               BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-        d = _dlogits_tile(logits, lse, g, tgt, cols, col_mask).to(h_ptr.dtype.element_ty)
-        d_t = tl.trans(d)  # [BLOCK_V, BLOCK_N]
-        local = tl.arange(0, BLOCK_V).to(tl.int64)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-            acc_ptrs = acc_ptr + local[:, None] * H + ks[None, :]
-            acc = _dot(d_t, h, tl.load(acc_ptrs, mask=k_mask[None, :], other=0.0), DOT_FP32, IEEE)
-            tl.store(acc_ptrs, acc, mask=k_mask[None, :])
-        tl.debug_barrier()  # the next row block's loads see these stores, whichever thread made them
-
-    @triton.jit
-    def _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H: tl.constexpr,
-                        stride_h, stride_w, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                        INTERPRET: tl.constexpr):  # fmt: skip
-        """dW[cols, :] for vocab block vb: zero the scratch, add every row block in order, store once."""
-        cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols = cols.to(tl.int64)
-        local = tl.arange(0, BLOCK_V).to(tl.int64)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            tl.store(acc_ptr + local[:, None] * H + ks[None, :], tl.zeros((BLOCK_V, BLOCK_H), tl.float32),
-                     mask=(ks < H)[None, :])  # fmt: skip
-        tl.debug_barrier()
-        if INTERPRET:
-            n0 = 0
-            while n0 < n:
-                _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H, stride_h,
-                              stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-                n0 += BLOCK_N
-        else:
-            for n0 in range(0, n, BLOCK_N):
-                _dw_row_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, acc_ptr, n0, n, cols, col_mask, H, stride_h,
-                              stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-        for k0 in range(0, H, BLOCK_H):  # fp32 scratch -> dW in the weight's dtype, rounded once
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            acc = tl.load(acc_ptr + local[:, None] * H + ks[None, :], mask=k_mask[None, :], other=0.0)
-            tl.store(dw_ptr + cols[:, None] * H + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
-                     mask=col_mask[:, None] & k_mask[None, :])  # fmt: skip
-        tl.debug_barrier()  # the scratch is reused by this program's next vocab block
-
-    # Persistent: a fixed number of programs, each owning whole vocab blocks (one at a time, all rows in
-    # order) and one fp32 scratch [BLOCK_V, H]. Scratch is then programs x BLOCK_V x H, not [V, H].
-    @_autotune(_configs(((128, 64, 4, 3), (256, 64, 8, 3), (64, 64, 4, 4))), key=["N_BUCKET", "V", "H"])
-    @triton.jit(do_not_specialize=["n", "N_BUCKET"])  # per-call ints: no recompile per value
-    def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, scratch_ptr, n, V, H: tl.constexpr,
-                       stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                       INTERPRET: tl.constexpr):  # fmt: skip
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        acc_ptr = scratch_ptr + pid.to(tl.int64) * BLOCK_V * H
-        num_vb = tl.cdiv(V, BLOCK_V)
-        if INTERPRET:
-            vb = pid
-            while vb < num_vb:
-                _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H, stride_h,
-                                stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE, INTERPRET)  # fmt: skip
-                vb += nprog
-        else:
-            for vb in range(pid, num_vb, nprog):
-                _dw_vocab_block(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, acc_ptr, vb, n, V, H, stride_h,
-                                stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE, INTERPRET)  # fmt: skip
-
-
-_DW_MAX_BLOCK_V = 64  # the largest BLOCK_V among the grad-weight configs: sizes the scratch
+        d = _dlogits_tile(logits, lse, g, tgt, vocab, col_mask)
+        tl.store(d_ptr + rows[:, None] * stride_d + local[None, :], d.to(d_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
 
 
 def _num_sms(device: torch.device) -> int:
@@ -568,29 +476,37 @@ def _triton_forward(h, w, t):
     return tlogit - lse, lse
 
 
+# Backward memory: one dlogits tile [n, cols] in the input dtype. 32 MiB: at n = 4096 response rows,
+# bf16, tiles of 4096 vocab columns, so each tile's GEMMs are ~137 GFLOP (compute-bound); the tile plus
+# the fp32 grad-hidden accumulator [n, H] stay < 2% of the plain path's memory at V = 128k.
+DLOGITS_TILE_BYTES = 32 * 2**20
+
+
 def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
-    """Gradients of sum_n g[n] * logp[n] w.r.t. h [n, H] (fp32) and w [V, H] (w's dtype), or None."""
+    """Gradients of sum_n g[n] * logp[n] w.r.t. h [n, H] (fp32) and w [V, H] (w's dtype), or None.
+
+    Vocab tiles of all n rows: dlogits from `_dlogits_kernel`, then dh += dlogits @ W[tile] (fp32
+    accumulator) and dW[tile] = dlogits^T @ h, one GEMM over all rows, each element written once. cuBLAS
+    GEMMs and a fixed tile order: deterministic, no atomics."""
     n, H = h.shape
     V = w.shape[0]
+    cols = min(V, max(128, DLOGITS_TILE_BYTES // (h.element_size() * n) // 128 * 128))
+    if _INTERPRET:
+        cols = min(V, 384)  # several tiles even for the tests' small shapes
+    d = torch.empty(n, cols, dtype=h.dtype, device=h.device)
+    dh = torch.zeros(n, H, dtype=torch.float32, device=h.device) if need_h else None
+    dw = torch.empty(V, H, dtype=w.dtype, device=h.device) if need_w else None
     args = _launch_args(h, w)
-    dh = dw = None
-    if need_h:
-        nsplit = _num_splits(n, V, h.device, min_cols=512 if _INTERPRET else 8192)
-        # Each split holds an fp32 [n, H] partial: at most 4, and beyond the first only within 128 MiB.
-        nsplit = max(1, min(nsplit, 4, (128 * 2**20) // (4 * n * H)))
-        v_per_split, nsplit = _split_cols(V, nsplit)
-        dh_parts = torch.zeros(nsplit, n, H, dtype=torch.float32, device=h.device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), nsplit)
-        _bwd_dh_kernel[grid](h, w, t, lse, g, dh_parts, n, V, H, v_per_split, h.stride(0), w.stride(0),
-                             triton.next_power_of_2(n), INTERPRET=_INTERPRET, **args)  # fmt: skip
-        dh = dh_parts[0] if nsplit == 1 else dh_parts.sum(0)
-    if need_w:
-        dw = torch.empty(V, H, dtype=w.dtype, device=h.device)  # every element written once
-        progs = min(_num_sms(h.device), _cdiv(V, 16))
-        scratch = torch.empty(progs, _DW_MAX_BLOCK_V, H, dtype=torch.float32, device=h.device)
-        grid = lambda meta: (min(progs, triton.cdiv(V, meta["BLOCK_V"])),)
-        _bwd_dw_kernel[grid](h, w, t, lse, g, dw, scratch, n, V, H, h.stride(0), w.stride(0),
-                             triton.next_power_of_2(n), INTERPRET=_INTERPRET, **args)  # fmt: skip
+    for c0 in range(0, V, cols):
+        width = min(cols, V - c0)
+        tile = d[:, :width]
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: B023
+        _dlogits_kernel[grid](h, w, t, lse, g, tile, n, c0, width, V, H, h.stride(0), w.stride(0), d.stride(0),
+                              triton.next_power_of_2(n), **args)  # fmt: skip
+        if need_h:
+            _mm_acc(tile, w[c0 : c0 + width], out=dh)
+        if need_w:
+            torch.mm(tile.T, h, out=dw[c0 : c0 + width])  # K = n: one GEMM, fp32 accumulate, rounded once
     return dh, dw
 
 
