@@ -72,6 +72,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
         # A sentencepiece-only directory (Llama 2 style). We convert it ourselves: transformers needs protobuf
         # for that, and its conversion differs from sentencepiece on text that starts with a space.
         hf = _load_sentencepiece(sp_file)
+        _apply_tokenizer_config(hf, model_dir)
     else:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # transformers warns about unrelated defaults on every load
@@ -99,6 +100,44 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
         # Some tokenizers have no bos; the prompt still needs a first token that predicts nothing.
         raise FspoError(f"{model_dir}: the tokenizer has no bos token (prompts start with bos)")
     return Tokenizer(hf=hf, bos_id=int(bos), eos_id=int(eos), path=str(model_dir))
+
+
+def _apply_tokenizer_config(hf, model_dir: Path) -> None:
+    """A sentencepiece-only directory's added tokens (tokenizer_config.json's added_tokens_decoder or
+    added_tokens.json) and special-token names (e.g. a chat fine-tune's eos "<|im_end|>"), as transformers
+    would read them. Added tokens must continue the vocabulary in id order, which is how they are made."""
+    cfg, added = {}, {}
+    for name in ("tokenizer_config.json", "added_tokens.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise FspoError(f"{path}: unreadable ({exc})") from None
+            if not isinstance(data, dict):
+                raise FspoError(f"{path}: expected a JSON object")
+            if name == "added_tokens.json":
+                added.update({int(i): t for t, i in data.items()})
+            else:
+                cfg = data
+                for i, entry in (data.get("added_tokens_decoder") or {}).items():
+                    added.setdefault(int(i), entry.get("content") if isinstance(entry, dict) else entry)
+    from tokenizers import AddedToken
+
+    for i in sorted(added):
+        if i < len(hf):
+            if hf.convert_ids_to_tokens(i) != added[i]:
+                raise FspoError(f"{model_dir}: added token {added[i]!r} has id {i}, which the sentencepiece "
+                                f"model already uses for {hf.convert_ids_to_tokens(i)!r}")  # fmt: skip
+            continue
+        if i != len(hf):
+            raise FspoError(f"{model_dir}: added token ids must continue the vocabulary ({len(hf)}), got {i}")
+        hf.add_tokens([AddedToken(added[i], special=True, normalized=False)], special_tokens=True)
+    for role in ("bos_token", "eos_token", "unk_token"):
+        value = cfg.get(role)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value in hf.get_vocab():
+            setattr(hf, role, value)
 
 
 def check_ids_fit(tokenizer: Tokenizer, vocab_size: int, where, id_lists: Iterable[Sequence[int]] = ()) -> None:
@@ -192,8 +231,9 @@ def _load_sentencepiece(path: Path):
     for text in probes:
         if hf.encode(text, add_special_tokens=False, split_special_tokens=True) != sp.encode(text):
             raise FspoError(
-                f"{path}: this sentencepiece model does not segment as a BPE model (unigram?); only BPE "
-                "tokenizer.model files are converted here: add the model's tokenizer.json"
+                f"{path}: converted, this sentencepiece model segments differently from sentencepiece (a unigram "
+                "model, or text normalization other than identity?); only Llama-style BPE tokenizer.model files "
+                "are converted here: add the model's tokenizer.json"
             )
     return hf
 

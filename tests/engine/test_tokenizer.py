@@ -129,3 +129,47 @@ def test_sentencepiece_only_directory_loads_and_segments_like_sentencepiece(tmp_
     for text in texts:
         assert tok.encode(text) == sp.encode(text), repr(text)
         assert tok.decode(tok.encode(text)) == text, repr(text)
+
+
+def _sentencepiece_dir(tmp_path, model_type="bpe"):
+    import sentencepiece as spm
+
+    blob = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(tokenizer_corpus(seed=4)), model_writer=blob,
+                                   model_type=model_type, vocab_size=450, hard_vocab_limit=False,
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(blob.getvalue())
+    return spm.SentencePieceProcessor(model_proto=blob.getvalue())
+
+
+def test_sentencepiece_directory_reads_added_tokens_and_special_names_and_refuses_unigram(tmp_path):
+    """A chat fine-tune's sentencepiece-only directory: added tokens continue the vocabulary and the config
+    names its eos, as transformers reads them. A unigram model, which the BPE conversion would segment
+    wrongly, is refused with one clear error."""
+    sp = _sentencepiece_dir(tmp_path)
+    n = sp.get_piece_size()
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": n, "<|im_end|>": n + 1}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp.bos_id(), n + 1, n + 2)
+    assert tok.encode("say <|im_end|> here") == sp.encode("say <|im_end|> here")  # data text stays text
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": n + 5}))
+    with pytest.raises(FspoError, match="continue the vocabulary"):
+        load_tokenizer(tmp_path)
+
+    uni = tmp_path / "unigram"
+    uni.mkdir()
+    _sentencepiece_dir(uni, model_type="unigram")
+    with pytest.raises(FspoError, match="unigram"):
+        load_tokenizer(uni)
+
+
+def test_tokenizer_config_without_its_vocabulary_is_refused(tmp_path):
+    """tokenizer_config.json whose tokenizer.model was forgotten loads in transformers as a 3-token tokenizer
+    that encodes every text to nothing; training on that would be silent garbage."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    with pytest.raises(FspoError, match="vocabulary file"):
+        load_tokenizer(tmp_path)
