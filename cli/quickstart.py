@@ -40,24 +40,38 @@ QUICKSTART_CONFIG = {
 @click.option("--pref-ft-steps", default=None, type=int, help="Override the Pref-FT steps.")
 @click.option("--pref-steps", default=None, type=int, help="Override the IPO steps.")
 @click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True)
-def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed):
+@click.option("--overwrite", is_flag=True, help="Start over: delete --out first (needed after changing options).")
+def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
+    import shutil
     import time
 
+    from fspo_engine.data_gen.errors import DataGenError
     from fspo_engine.data_gen.pipeline import generate_dataset
     from fspo_engine.engine.config import load_config
+    from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.evaluate import evaluate, write_report
     from fspo_engine.engine.train import Trainer
 
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if overwrite and out.exists():
+        if not (out / "data").is_dir() and not (out / "run").is_dir():
+            raise FspoError(f"{out}: not a quickstart directory (no data/ or run/); not deleting it")
+        shutil.rmtree(out)
     data = out / "data"
     run = out / "run"
     click.echo(f"[1/3] gen-data -> {data}")
     opts = {"preset": "quickstart", "seed": seed}
     if users:
         opts["users"] = users
-    generate_dataset(data, **opts)
+    try:
+        generate_dataset(data, **opts)
+    except DataGenError as exc:
+        if "--overwrite" not in str(exc):
+            raise
+        raise FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite "
+                        f"to start over ({exc})") from None  # fmt: skip
     overrides = dict(QUICKSTART_CONFIG, **{"run.seed": seed, "data.seed": seed})
     if pref_ft_steps is not None:
         overrides["pref_ft.steps"] = pref_ft_steps
@@ -65,8 +79,14 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed):
         overrides["pref.steps"] = pref_steps
     cfg = load_config(None, overrides)
     click.echo(f"[2/3] train (Pref-FT {cfg.pref_ft.steps} steps, IPO {cfg.pref.steps} steps) -> {run}")
-    trainer = Trainer(cfg, str(data), str(run), resume=(run / "config.toml").exists(),
-                      log=lambda m: click.echo(m, err=True))
+    try:
+        trainer = Trainer(cfg, str(data), str(run), resume=(run / "config.toml").exists(),
+                          log=lambda m: click.echo(m, err=True))
+    except FspoError as exc:
+        if "different config" not in str(exc):
+            raise
+        raise FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite "
+                        f"to start over ({exc})") from None  # fmt: skip
     trainer.run("all")
     click.echo(f"[3/3] eval on unseen users -> {run / 'eval.json'}")
     # 4 targets per unseen user (480 episodes per shot count with the preset's 120 test users).

@@ -78,6 +78,23 @@ def stages_for(stage: str, loss: str) -> list[str]:
     raise FspoError(f"--stage: expected pref-ft, ipo, dpo or all, got {stage!r}")
 
 
+def _config_diff(old: str, new: str) -> str:
+    """`section.key: old -> new` for the keys two resolved configs disagree on (first five)."""
+    from fspo_engine.engine.config import tomllib
+
+    def flat(text):
+        try:
+            tree = tomllib.loads(text)
+        except ValueError:
+            return {}
+        return {f"{sec}.{k}": v for sec, body in tree.items() if isinstance(body, dict) for k, v in body.items()}
+
+    a, b = flat(old), flat(new)
+    diff = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]  # fmt: skip
+    return "; ".join(diff[:5]) or "the file was edited"
+
+
 def discard_if_unstarted(out: Path) -> bool:
     """Remove a run directory that holds no sealed checkpoint and no finished stage (a run that failed or
     was interrupted before it had anything worth resuming), so a failed start leaves nothing behind.
@@ -221,10 +238,9 @@ class Trainer:
         if cfg_path.is_file() and started:
             if not resume:
                 raise FspoError(f"{self.out}: already holds a run; pass --resume to continue it or pick a new --out")
-            old = cfg_path.read_text(encoding="utf-8")
+            old = cfg_path.read_text(encoding="utf-8", errors="replace")
             if old != text:
-                diff = [f"{a.strip()} -> {b.strip()}" for a, b in zip(old.splitlines(), text.splitlines()) if a != b]
-                raise FspoError(f"{cfg_path}: --resume with a different config: {'; '.join(diff[:5])}")
+                raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
         barrier()  # every rank has checked before rank 0 writes
@@ -610,6 +626,8 @@ class Trainer:
         return share, [(r, True) for r in mine] + [(mine[0], False)] * (most - len(mine))
 
     def _plot(self):
+        if not self.metrics_path.is_file():  # --max-steps 0: nothing was logged, nothing to plot
+            return
         try:
             plot_metrics(self.metrics_path, self.out / "loss_curve.png")
         except Exception as exc:  # a plot must never fail a finished run
