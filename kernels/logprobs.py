@@ -34,10 +34,11 @@ import torch
 IGNORE_INDEX = -100
 # Plain path: bytes of one fp32 logits tile plus one temporary of the same size. CPU, 16 MiB: tiles of
 # 1024 rows x 2048 vocab, large enough for efficient matmuls, small beside any [N, V] logits. CUDA,
-# 128 MiB: 1024 x 16384 tiles, so that a tile's GEMMs (~0.2 ms at H=4096 on an H100-class GPU) outweigh
-# the ~10 elementwise launches around them; still < 2% of the plain path's memory at 4k rows, V=128k.
+# 128 MiB: at 4k rows, tiles of all rows x 4096 vocab, so that a tile's GEMMs (~0.2 ms at H=4096 on an
+# H100-class GPU) outweigh the ~10 elementwise launches around them.
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 DEFAULT_CHUNK_BYTES_CUDA = 128 * 2**20
+_MAX_ROWS_CUDA = 8192
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,10 +143,13 @@ def _segment_sum_sorted(values, seg, num_segments):
 # (as the Triton grad-weight kernel does). On CPU there is no such GEMM: tiles are upcast to fp32.
 
 
-def _tile_shape(n: int, v: int, chunk_bytes: int) -> tuple[int, int]:
-    """(rows, cols) of a logits tile: 8 bytes per element (the fp32 tile plus one temporary)."""
+def _tile_shape(n: int, v: int, chunk_bytes: int, max_rows: int = 1024) -> tuple[int, int]:
+    """(rows, cols) of a logits tile: 8 bytes per element (the fp32 tile plus one temporary).
+
+    max_rows: 1024 on CPU (tiles that stay in cache); on CUDA up to all rows, so that a vocab tile's
+    grad-weight is one GEMM over every row (no fp32 [cols, H] accumulation across row chunks)."""
     elems = max(1, chunk_bytes // 8)
-    cols = min(v, max(256, elems // max(1, min(n, 1024))))
+    cols = min(v, max(256, elems // max(1, min(n, max_rows))))
     return max(1, elems // cols), cols
 
 
@@ -188,7 +192,7 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
         s = segment_ids.index_select(0, rows).long()  # [n]
         n, V = rows.numel(), weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        step_n, step_v = _tile_shape(n, V, chunk_bytes)
+        step_n, step_v = _tile_shape(n, V, chunk_bytes, _MAX_ROWS_CUDA if hidden.is_cuda else 1024)
         h_g = h.to(_gemm_dtype(h))  # a copy only on CPU for 16-bit inputs: [n, H], small
         lse = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
         t_logit = torch.zeros(n, dtype=acc, device=hidden.device)
@@ -224,7 +228,7 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
             return grad_hidden, grad_weight, None, None, None, None
         g = grad_out.to(acc).index_select(0, s)  # [n] upstream gradient of each row's segment
         h_g = h.to(_gemm_dtype(h))
-        step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes)
+        step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes, _MAX_ROWS_CUDA if h.is_cuda else 1024)
         gh = torch.zeros(n, H, dtype=acc, device=h.device) if need_h else None  # fp32 accumulator
         for j in range(0, V, step_v):
             w_g = weight[j : j + step_v].to(h_g.dtype)  # [cols, H]
