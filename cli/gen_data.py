@@ -134,10 +134,10 @@ def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_mode
     from fspo_engine.data_gen.errors import DataGenError
 
     if import_kind is not None:
-        from fspo_engine.data_gen.importers import import_dataset
-        from fspo_engine.data_gen.pipeline import GenResult, format_summary
+        from fspo_engine.data_gen.importers import run_import
+        from fspo_engine.data_gen.pipeline import format_summary
 
-        manifest = import_dataset(
+        result = run_import(
             import_kind,
             list(import_files),
             out_dir,
@@ -146,7 +146,7 @@ def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_mode
             seed=options["seed"],
             overwrite=options["overwrite"],
         )
-        click.echo(format_summary(GenResult(out_dir, manifest, 0.0, 0, imported=True)))
+        click.echo(format_summary(result))
         return
     if import_files:
         raise DataGenError("--from needs --import roleplay|review|elix")

@@ -1,14 +1,21 @@
 """Chat backends for the LLM path: any OpenAI-compatible server, or a local Hugging Face causal LM.
 
 Both expose `await backend.chat(messages, ...) -> Reply` and `await backend.chat_json(...)`. Shared
-machinery lives in `ChatBackend`: an on-disk reply cache keyed by the request content (model,
-messages, sampling settings, attempt number; never the API key), in-flight de-duplication of
+machinery lives in `ChatBackend`: an on-disk reply cache keyed by the endpoint and the request content
+(server URL as resolved, model, messages, sampling settings, attempt number; never the API key): the
+same model name on another server is another model. In-flight de-duplication of
 identical concurrent requests, token accounting, and JSON reply validation (a reply that is not the
 requested JSON is retried a few times with a new attempt number, then rejected with a message that
 names the model, the request kind and the start of the reply).
 
+A server reply without a usable message (no choices, null content, a body that is not a chat
+completion) is a transport failure, retried like a 5xx and never cached: caching it would replay the
+failure after the server is fixed. A reply that is not valid Unicode (a lone surrogate) is a malformed
+reply: retried, never cached.
+
 API keys are read from the environment by name and only handed to the client object; they never
-enter the cache, the manifest or any log line.
+enter the cache, the manifest or any log line, and `redact` removes the key's value from every error
+message (servers echo a wrong key back in their 401 text).
 """
 
 from __future__ import annotations
@@ -54,6 +61,15 @@ class Usage:
         return asdict(self)
 
 
+def is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate: valid in JSON ("\\ud800"), but no UTF-8 writer can write it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ReplyCache:
     """One small JSON file per request under `root/ab/<sha256>.json`, written atomically.
 
@@ -88,15 +104,21 @@ class ReplyCache:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(reply), f, ensure_ascii=False)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(asdict(reply), f, ensure_ascii=False)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # never leave a stale temp file in the cache
+            raise
 
 
 def parse_json_reply(text: str) -> dict:
     """The JSON object in a model reply: tolerates ```json fences and prose around one object."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty reply")
+    if not is_unicode(text):
+        raise ValueError("the reply is not valid Unicode (lone surrogate)")
     body = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
     start, end = body.find("{"), body.rfind("}")
     if start < 0 or end <= start:
@@ -107,6 +129,8 @@ def parse_json_reply(text: str) -> dict:
         raise ValueError(f"invalid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise ValueError("the JSON is not an object")
+    if not is_unicode(json.dumps(obj, ensure_ascii=False)):  # an escaped "\\ud800" inside the JSON
+        raise ValueError("the reply is not valid Unicode (lone surrogate)")
     return obj
 
 
@@ -114,6 +138,8 @@ class ChatBackend(ABC):
     """Cache, de-duplication, accounting and JSON validation around a subclass's `_call`."""
 
     name = "chat"
+    endpoint: str | None = None  # where replies come from (server URL); part of the cache key
+    secret: str | None = None  # a value that must never appear in an error message (the API key)
 
     def __init__(self, default_model: str, cache_dir: str | Path | None, malformed_retries: int = 2):
         self.default_model = default_model
@@ -121,6 +147,10 @@ class ChatBackend(ABC):
         self.malformed_retries = malformed_retries
         self.usage = Usage()
         self._inflight: dict[str, asyncio.Future] = {}
+
+    def redact(self, text: str) -> str:
+        """`text` with the API key's value replaced by "***": for every message that leaves the backend."""
+        return text.replace(self.secret, "***") if self.secret else text
 
     @abstractmethod
     async def _call(self, request: dict) -> Reply:
@@ -142,7 +172,7 @@ class ChatBackend(ABC):
             "max_tokens": max_tokens,
             "attempt": attempt,  # a malformed-reply retry is a different request, cached apart
         }
-        key = self.cache.key(request)
+        key = self.cache.key({**request, "endpoint": self.endpoint})
         cached = self.cache.get(key)
         if cached is not None:
             self.usage.cached_calls += 1
@@ -157,7 +187,10 @@ class ChatBackend(ABC):
             self.usage.calls += 1
             self.usage.prompt_tokens += reply.prompt_tokens
             self.usage.completion_tokens += reply.completion_tokens
-            self.cache.put(key, reply)
+            # An empty or non-Unicode reply is rejected as malformed by chat_json; caching it would
+            # replay the failure on every re-run, so only usable text is kept.
+            if reply.text.strip() and is_unicode(reply.text):
+                self.cache.put(key, reply)
             future.set_result(reply)
             return reply
         except asyncio.CancelledError:
@@ -192,8 +225,10 @@ class ChatBackend(ABC):
                 reason = str(exc)
                 text = reply.text
         raise MalformedReply(
-            f"malformed reply from {model or self.default_model} for {what}: {reason} "
-            f"(after {self.malformed_retries + 1} tries; reply began {text[:80]!r})"
+            self.redact(
+                f"malformed reply from {model or self.default_model} for {what}: {reason} "
+                f"(after {self.malformed_retries + 1} tries; reply began {text[:80]!r})"
+            )
         )
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook: most transports hold nothing
@@ -236,8 +271,14 @@ class OpenAIBackend(ChatBackend):
         self._openai = openai
         # Local servers accept any key; the SDK refuses an empty one.
         api_key = os.environ.get(api_key_env) or "EMPTY"
-        self.base_url = base_url
+        # Keys shorter than 4 characters are placeholders for local servers ("x", "no"); redacting them
+        # would mangle every message instead of hiding a secret.
+        self.secret = api_key if api_key != "EMPTY" and len(api_key) >= 4 else None
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        # As resolved by the SDK (OPENAI_BASE_URL from the environment when base_url is None): the server
+        # that really answers, for the cache key and the error messages.
+        self.base_url = str(self.client.base_url).rstrip("/")
+        self.endpoint = self.base_url
         self.semaphore = asyncio.Semaphore(concurrency)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -255,35 +296,65 @@ class OpenAIBackend(ChatBackend):
                         temperature=request["temperature"],
                         max_tokens=request["max_tokens"],
                     )
-                break
+                reply = _reply_of(resp)
+                # A server that echoes the key into the reply must not get it into the cache or the data.
+                reply.text = self.redact(reply.text)
+                return reply
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status < 500 and status not in _TRANSIENT_STATUS:
                     raise DataGenError(
-                        f"{self.base_url}: the server refused the request ({status}): {exc.message}"
+                        self.redact(
+                            f"{self.base_url}: the server refused the request ({status}): {exc.message}"
+                        )
                     ) from None
                 error = f"HTTP {status}"
                 retry_after = _retry_after(exc)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 error = type(exc).__name__
+            except (ValueError, openai.APIResponseValidationError) as exc:
+                # A 200 whose body is not JSON (JSONDecodeError is a ValueError), or is JSON but not a
+                # chat completion with a message (_BadBody): a proxy or overloaded server, so retry.
+                if isinstance(exc, _BadBody):
+                    error = str(exc)
+                elif isinstance(exc, json.JSONDecodeError):
+                    error = f"the 200 body is not JSON ({exc.msg})"
+                else:
+                    error = "the 200 body is not a chat completion"
             if attempt == self.max_retries:
                 raise DataGenError(
-                    f"{self.base_url}: request failed after {attempt + 1} tries (last: {error})"
+                    self.redact(f"{self.base_url}: request failed after {attempt + 1} tries (last: {error})")
                 )
             self.usage.retries += 1
             delay = self.backoff_s * 2**attempt * (1 + 0.25 * self._jitter.random())
             await asyncio.sleep(min(retry_after if retry_after is not None else delay, 60.0))
-        choices = getattr(resp, "choices", None) or []
-        text = choices[0].message.content if choices and choices[0].message is not None else None
-        usage = getattr(resp, "usage", None)
-        return Reply(
-            text if isinstance(text, str) else "",
-            int(getattr(usage, "prompt_tokens", 0) or 0),
-            int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+class _BadBody(ValueError):
+    """A 200 reply that holds no message text; the reason is the error message's last part."""
+
+
+def _reply_of(resp) -> Reply:
+    """The message of a chat completion, or _BadBody: an empty reply must never pass as a model's answer."""
+    if isinstance(getattr(resp, "error", None), dict) or (isinstance(resp, dict) and "error" in resp):
+        raise _BadBody("the server answered 200 with an error object")
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise _BadBody(f"the reply has no choices ({type(resp).__name__} body)")
+    message = getattr(choices[0], "message", None)
+    text = getattr(message, "content", None)
+    if not isinstance(text, str):
+        raise _BadBody("the reply's message content is null")
+    usage = getattr(resp, "usage", None)
+    return Reply(
+        text,
+        int(getattr(usage, "prompt_tokens", 0) or 0),
+        int(getattr(usage, "completion_tokens", 0) or 0),
+    )
 
 
 def _retry_after(exc) -> float | None:
@@ -312,8 +383,12 @@ class HFBackend(ChatBackend):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataGenError(f"{path}: cannot load the model ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - transformers/safetensors raise many types for a bad dir
+            # One line: transformers' messages run over several lines (a corrupt safetensors header, a
+            # missing tokenizer), and the CLI prints DataGenError as a single line.
+            text = " ".join(str(exc).split())
+            text = text if len(text) <= 300 else text[:297] + "..."
+            raise DataGenError(f"{path}: cannot load the model ({type(exc).__name__}: {text})") from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self._torch = torch

@@ -14,13 +14,22 @@ reports each as `path:line: reason` (Parquet: `path:row N: reason`).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from fspo_engine.data_gen.errors import DataGenError
-from fspo_engine.data_gen.pipeline import json_text, remove_stale_temps, write_staged
+from fspo_engine.data_gen.pipeline import (
+    GenResult,
+    foreign_files,
+    json_text,
+    locked_dir,
+    remove_stale_temps,
+    write_staged,
+)
 from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
@@ -76,9 +85,14 @@ def _records(path: Path):
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield where, _Unreadable(f"invalid JSON ({exc.msg})")
+                rec = _Unreadable(f"invalid JSON ({exc.msg})")
+            except ValueError as exc:  # e.g. an integer literal beyond Python's 4300-digit limit
+                rec = _Unreadable(f"unreadable JSON ({' '.join(str(exc).split())[:200]})")
+            except RecursionError:
+                rec = _Unreadable("JSON nested too deeply")
+            yield where, rec
 
 
 def _check(kind: str, rec) -> str | None:
@@ -95,6 +109,9 @@ def _check(kind: str, rec) -> str | None:
         if isinstance(rec[name], str) and not _is_unicode(rec[name]):
             # JSON's "\\ud800" escape: valid JSON, but no UTF-8 writer (ours included) can write it.
             return f"field {name!r} is not valid Unicode (lone surrogate)"
+        if "level" in name and isinstance(rec[name], str) and not rec[name].strip():
+            # A blank level names no user: it would become "The user's level is ." for all such records.
+            return f"empty {name}"
     if kind == "roleplay":
         if not rec["x"].strip() or not rec["yw"].strip() or not rec["yl"].strip():
             return "empty question or response"
@@ -119,10 +136,12 @@ def _is_unicode(text: str) -> bool:
 def _split_of(path: Path, split: str) -> str | None:
     if split in ("train", "test"):
         return split
-    name = path.stem.lower()
-    if "test" in name or "eval" in name:
+    # Whole words of the file name only: "roleplay_latest_train" is a train file, though "latest"
+    # contains "test".
+    words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
+    if "test" in words or "eval" in words:
         return "test"
-    if "train" in name:
+    if "train" in words:
         return "train"
     return None  # decided per user by a hash
 
@@ -146,7 +165,24 @@ def import_dataset(
 
     `split`: "train" or "test" for every user, or "auto": a file whose name says train/test (or
     eval) gives its users that split, other files split users by a seeded hash of the user.
+    Re-running an import identical to the dataset already in `out_dir` writes nothing and succeeds.
     """
+    return run_import(
+        kind, files, out_dir, split=split, test_fraction=test_fraction, seed=seed, overwrite=overwrite
+    ).manifest
+
+
+def run_import(
+    kind: str,
+    files: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "auto",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> GenResult:
+    """`import_dataset` for the CLI: a GenResult whose `prefs_written` is 0 when there was nothing to do."""
     if kind not in KINDS:
         raise DataGenError(f"--import must be one of {', '.join(KINDS)}, not {kind!r}")
     if split not in ("auto", "train", "test"):
@@ -228,15 +264,42 @@ def import_dataset(
     if len(set(ids)) != len(ids):
         raise DataGenError(f"{kind}: a user appears in two splits of one file set; pass --import-split")
     user_records = [{k: v for k, v in u.items() if k != "_n"} for u in users.values()]
-    return _write(Path(out_dir), kind, files, user_records, prefs, seed, overwrite)
-
-
-def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
+    out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists() and not overwrite:
-        raise DataGenError(f"{out}: already holds a dataset; pass --overwrite")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with locked_dir(out):  # one writer per directory, as for gen-data
+            manifest, wrote = _write(out, kind, files, user_records, prefs, seed, overwrite)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
+        raise
+    return GenResult(out, manifest, 0.0, len(prefs) if wrote else 0, imported=True)
+
+
+def _lines(records: list[dict]):
+    return (json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+
+
+def _same_bytes(path: Path, chunks) -> bool:
+    """Whether the file `path` holds exactly the concatenated `chunks` (compared by SHA-256, streaming)."""
+    want, have = hashlib.sha256(), hashlib.sha256()
+    for chunk in chunks:
+        want.update(chunk.encode("utf-8"))
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                have.update(block)
+    except OSError:
+        return False
+    return want.digest() == have.digest()
+
+
+def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> tuple[dict, bool]:
+    """Write the three files (the caller holds the directory lock); returns (manifest, whether written)."""
     n_test = sum(u["split"] == "test" for u in users)
     manifest = {
         "format": "fspo-prefs/1",
@@ -256,6 +319,24 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
         },
         "stats": dataset_stats(users, prefs),
     }
+    if not overwrite:
+        if (out / "manifest.json").exists():
+            # The same import again (e.g. re-run after a kill that landed just after completion) is a
+            # no-op, like an identical gen-data re-run; anything else needs an explicit --overwrite.
+            if all(
+                _same_bytes(out / name, chunks)
+                for name, chunks in (
+                    ("manifest.json", [json_text(manifest)]),
+                    ("users.jsonl", _lines(users)),
+                    ("prefs.jsonl", _lines(prefs)),
+                )
+            ):
+                return manifest, False
+            raise DataGenError(f"{out}: already holds a dataset; pass --overwrite")
+        if foreign := foreign_files(out):
+            raise DataGenError(
+                f"{out}: holds {' and '.join(foreign)} without a gen-data manifest; pass --overwrite to replace"
+            )
     # Write all three files beside their targets first, so an old dataset (--overwrite) stays whole while
     # the slow part runs. Then swap: the old manifest goes first and the new one comes last, so during
     # the three renames readers see no manifest and refuse the directory instead of mixing old and new.
@@ -263,8 +344,7 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
     staged: list[tuple[Path, Path]] = []
     try:
         for name, records in (("users.jsonl", users), ("prefs.jsonl", prefs)):
-            lines = (json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-            staged.append((write_staged(out / name, lines), out / name))
+            staged.append((write_staged(out / name, _lines(records)), out / name))
         staged.append((write_staged(out / "manifest.json", [json_text(manifest)]), out / "manifest.json"))
     except BaseException:
         for tmp, _ in staged:
@@ -273,4 +353,4 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> dict:
     (out / "manifest.json").unlink(missing_ok=True)
     for tmp, target in staged:
         os.replace(tmp, target)
-    return manifest
+    return manifest, True

@@ -5,7 +5,10 @@ RNGs seeded by (seed, domain, index) (see personas.py), so a unit's output does 
 run, chunk or resume point produced it. That gives both guarantees of the issue:
 
 - Reproducible: same seed and arguments -> byte-identical files with the template backend (JSON with
-  sorted keys, floats rounded, no timestamps or timings in the manifest).
+  sorted keys, floats rounded, no timestamps or timings in the manifest), and with an LLM backend whose
+  server answers deterministically. The manifest holds only the contract's keys, the generator settings
+  and statistics of the data itself; run bookkeeping that varies between equal runs (requests, cache
+  hits, retries, tokens) goes to the sidecar `gen_stats.json`, written atomically beside it.
 - Resumable: units are appended in order to `.gen-state/{users,prefs}.jsonl`; after every chunk the
   files are fsynced and `.gen-state/state.json` (units done + byte lengths of both files) is replaced
   atomically. A killed run re-run with the same arguments truncates the files to the recorded lengths
@@ -14,12 +17,18 @@ run, chunk or resume point produced it. That gives both guarantees of the issue:
   written last: a directory with a manifest is always complete.
 - Overwrite keeps the old dataset: `--overwrite` discards only an unfinished run, and the old files stay
   whole and readable until `_finalize` swaps the new ones in (see there for the one short window).
+- Nothing partial, nothing foreign: the model (hf) or client is built before anything is created, a
+  run that fails before generating any unit removes its state (so the corrected command just runs),
+  users.jsonl/prefs.jsonl without a manifest of ours are not replaced without `--overwrite`, and an
+  exclusive lock on the directory makes a second concurrent run on the same --out fail at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -46,11 +55,16 @@ from fspo_engine.data_gen.stats import binary_entropy, dataset_stats, mean_entro
 
 FORMAT = "fspo-prefs/1"
 STATE_DIR = ".gen-state"
+GEN_STATS = "gen_stats.json"  # sidecar: run bookkeeping of the last LLM run, not part of the dataset
 BACKENDS = ("template", "openai", "hf")
 RESPONSE_MODES = ("views", "persona", "both")
 # Preset defaults, applied to the options the caller left unset (None).
 PRESET_DEFAULTS = {"quickstart": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0}}
 DEFAULTS = {"users": 200, "prefs_per_user": 16, "label_noise": 0.02}
+# Users per domain. The work list and the split are built up front (~100 B per user), and 10 million
+# users is already days of LLM time: a larger value is a typo, not a plan.
+MAX_USERS = 10_000_000
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai SDK's default when nothing is set
 
 
 @dataclass
@@ -95,6 +109,9 @@ class GenConfig:
         cfg = dataclasses.replace(self, **updates)
         cfg.domains = tuple(cfg.domains)
         cfg.gen_models = tuple(cfg.gen_models)
+        if cfg.backend == "openai" and not cfg.base_url:
+            # What the SDK would use: recorded so the manifest, the resume check and errors name the real server.
+            cfg.base_url = os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
         return cfg
 
     def validate(self) -> None:
@@ -118,6 +135,7 @@ class GenConfig:
             get_domain(self.domains[0], self.preset)  # raises for a bad preset/domain combination
             need(self.domains == ("reviews",), "--preset quickstart generates only the reviews domain")
         need(isinstance(self.users, int) and self.users >= 1, f"--users must be >= 1, not {self.users}")
+        need(self.users <= MAX_USERS, f"--users must be <= {MAX_USERS:,} per domain, not {self.users}")
         need(
             isinstance(self.prefs_per_user, int) and self.prefs_per_user >= 1,
             f"--prefs-per-user must be >= 1, not {self.prefs_per_user}",
@@ -226,6 +244,31 @@ def remove_stale_temps(out: Path, names: Iterable[str]) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(write_staged(path, [json_text(obj)]), path)
+
+
+@contextlib.contextmanager
+def locked_dir(out: Path):
+    """Hold an exclusive lock on the directory `out` (flock on the directory's own fd) for a whole run.
+
+    A second gen-data or import on the same --out then fails at once instead of interleaving its writes
+    with ours. Locking the directory rather than a lock file leaves nothing behind, and the kernel drops
+    the lock when the process dies (kill -9 included), so a stale lock cannot block a resume."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataGenError(f"{out}: another gen-data run is writing this directory") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Dataset file names in `out` that no manifest of ours vouches for (the user's own files)."""
+    if (out / "manifest.json").exists() or (out / STATE_DIR).exists():
+        return []
+    return [name for name in ("users.jsonl", "prefs.jsonl") if (out / name).exists()]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -468,7 +511,21 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    # Build the model (hf) or client before creating anything: a bad --model leaves no directory behind.
+    backend = _make_backend(cfg, out) if created and cfg.backend != "template" else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with locked_dir(out):
+            return _generate_locked(out, cfg, backend)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a failed first run leaves no empty directory either
+        raise
+
+
+def _generate_locked(out: Path, cfg: GenConfig, backend) -> GenResult:
     generator = cfg.generator_record()
     state_dir = out / STATE_DIR
     manifest_path = out / "manifest.json"
@@ -485,6 +542,10 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
         if manifest.get("generator") != generator:
             raise DataGenError(f"{out}: already holds a dataset made with other arguments; pass --overwrite")
         return GenResult(out, manifest, 0.0, 0)
+    elif foreign := foreign_files(out):
+        raise DataGenError(
+            f"{out}: holds {' and '.join(foreign)} without a gen-data manifest; pass --overwrite to replace"
+        )
     state = None
     if (state_dir / "state.json").exists():
         try:
@@ -493,7 +554,11 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
             raise DataGenError(f"{state_dir / 'state.json'}: unreadable ({exc}); pass --overwrite") from None
         if state.get("generator") != generator:
             raise DataGenError(f"{out}: holds an unfinished run with other arguments; pass --overwrite")
-    else:
+    n_units = len(cfg.domains) * cfg.users
+    if state is None or (state["phase"] == "generating" and state["done"] < n_units):
+        if backend is None and cfg.backend != "template":
+            backend = _make_backend(cfg, out)  # before the state: a bad --model leaves none behind
+    if state is None:
         shutil.rmtree(state_dir, ignore_errors=True)
         state_dir.mkdir()
         state = {
@@ -507,10 +572,17 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
             "first_error": None,
         }
         write_json_atomic(state_dir / "state.json", state)
-    return asyncio.run(_run(out, cfg, state))
+    try:
+        return asyncio.run(_run(out, cfg, state, backend))
+    except BaseException:
+        if state["phase"] == "generating" and state["done"] == 0:
+            # Nothing was generated (a model-name typo answered 404, a dead server): a kept state would
+            # only make the corrected command refuse to start ("unfinished run with other arguments").
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
 
 
-async def _run(out: Path, cfg: GenConfig, state: dict) -> GenResult:
+async def _run(out: Path, cfg: GenConfig, state: dict, backend) -> GenResult:
     start = time.perf_counter()
     state_dir = out / STATE_DIR
     domains = {name: get_domain(name, cfg.preset) for name in cfg.domains}
@@ -523,7 +595,7 @@ async def _run(out: Path, cfg: GenConfig, state: dict) -> GenResult:
         if cfg.backend == "template":
             producer = TemplateProducer(cfg, domains)
         else:
-            producer = LLMProducer(cfg, domains, _make_backend(cfg, out), heldout)
+            producer = LLMProducer(cfg, domains, backend, heldout)
         try:
             written = await _generate(cfg, state, state_dir, units, domains, heldout, tests, producer)
         finally:
@@ -591,11 +663,13 @@ def _prepare_manifest(cfg: GenConfig, state: dict, state_dir: Path) -> dict:
     users = _read_jsonl(state_dir / "users.jsonl")
     prefs = _read_jsonl(state_dir / "prefs.jsonl")
     if not prefs:
+        # Every unit is done, so a kept state would make the advised re-run fail the same way at once.
+        shutil.rmtree(state_dir, ignore_errors=True)
         first = state.get("first_error")
         raise DataGenError(
             "no preferences were generated"
             + (f"; first problem: {first}" if first else "")
-            + f" (partial state kept in {state_dir}; fix the cause and re-run, or pass --overwrite)"
+            + " (nothing was kept; fix the cause and re-run)"
         )
     c = state["counters"]
     stats = dataset_stats(users, prefs)
@@ -628,7 +702,6 @@ def _prepare_manifest(cfg: GenConfig, state: dict, state_dir: Path) -> dict:
                 )
             },
         }
-        stats["usage"] = state.get("usage", {})
     n_test = sum(u["split"] == "test" for u in users)
     manifest = {
         "format": FORMAT,
@@ -658,7 +731,13 @@ def _finalize(out: Path, state: dict) -> dict:
     has no manifest; a kill inside it leaves the state at "finalizing", and re-running the same gen-data
     command completes the swap."""
     state_dir = out / STATE_DIR
-    remove_stale_temps(out, ["manifest.json"])
+    remove_stale_temps(out, ["manifest.json", GEN_STATS])
+    # Run bookkeeping (requests, cache hits, retries, tokens) differs between runs that make the same
+    # data, so it lives beside the manifest, never in it; a template run leaves none (and no stale one).
+    if state.get("usage"):
+        write_json_atomic(out / GEN_STATS, {"usage": state["usage"]})
+    else:
+        (out / GEN_STATS).unlink(missing_ok=True)
     staged = write_staged(out / "manifest.json", [json_text(state["manifest"])])
     (out / "manifest.json").unlink(missing_ok=True)
     for name in ("users.jsonl", "prefs.jsonl"):
@@ -708,7 +787,7 @@ def format_summary(result: GenResult) -> str:
             f"  LLM usage: {u.get('calls')} calls ({u.get('cached_calls')} cached), {u.get('retries')} retries, "
             f"{u.get('malformed')} malformed, tokens {u.get('prompt_tokens')} in / {u.get('completion_tokens')} out"
         )
-    if result.imported:
+    if result.imported and result.prefs_written:
         lines.append(f"  imported {m['counts']['prefs']} prefs")
     elif result.prefs_written:
         lines.append(

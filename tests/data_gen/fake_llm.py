@@ -10,7 +10,10 @@ tiny rule-based "model":
 - improve persona: adds "They prefer brief answers."
 
 Knobs: `delay_s` per request (so concurrency can build up), `script` (HTTP statuses returned, in
-order, before normal answers), `reply` (override the content), and counters of what was seen.
+order, before normal answers), `raw` (200 bodies (bytes, content type) returned, in order, instead of
+chat completions: broken proxies), `error_message` (the text of scripted errors, from the status and
+the Authorization header), `reply` (override the content; None gives a null content), and counters
+of what was seen.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Server(ThreadingHTTPServer):
+    # The stdlib default listen backlog is 5: at --concurrency 64 the kernel refuses connections, the
+    # client retries, and tests see retries no real server would cause.
+    request_queue_size = 128
 
 
 def rule_based_reply(messages: list[dict]) -> str:
@@ -53,6 +62,8 @@ class FakeLLMServer:
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
         self.script: list[int] = []  # statuses to return before answering normally
+        self.raw: list[tuple[bytes, str]] = []  # 200 bodies (bytes, content type) to return, in order
+        self.error_message = lambda status, auth: f"scripted {status}"
         self.reply = rule_based_reply  # messages -> content string
         self.lock = threading.Lock()
         self.requests = 0  # HTTP requests received (including scripted failures)
@@ -78,11 +89,16 @@ class FakeLLMServer:
                     server.max_inflight = max(server.max_inflight, server.inflight)
                     server.auth_headers.add(self.headers.get("Authorization", ""))
                     status = server.script.pop(0) if server.script else 200
+                    raw = server.raw.pop(0) if status == 200 and server.raw else None
                 try:
                     time.sleep(server.delay_s)
                     if status != 200:
-                        payload = {"error": {"message": f"scripted {status}", "type": "test", "code": status}}
+                        message = server.error_message(status, self.headers.get("Authorization", ""))
+                        payload = {"error": {"message": message, "type": "test", "code": status}}
                         self._send(status, payload, {"Retry-After": "0"})
+                        return
+                    if raw is not None:
+                        self._send_bytes(200, raw[0], raw[1])
                         return
                     content = server.reply(body["messages"])
                     kind = body["messages"][-1]["content"].splitlines()[0]
@@ -112,16 +128,18 @@ class FakeLLMServer:
                         server.inflight -= 1
 
             def _send(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
+                self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+            def _send_bytes(self, status, data, content_type, headers=None):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 

@@ -84,3 +84,13 @@ def test_import_through_the_cli(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "imported 1 prefs" in result.output
+
+
+def test_an_identical_import_rerun_has_nothing_to_do(tmp_path):
+    src = tmp_path / "roleplay.jsonl"
+    src.write_text(json.dumps({"x": "q", "yw": "a", "yl": "b", "level": 1, "score_persona": "p"}) + "\n")
+    args = ("--out", tmp_path / "out", "--import", "roleplay", "--from", src)
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output and "imported" not in again.output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -86,10 +85,29 @@ def test_hf_pipeline_fails_clearly_when_no_reply_parses(tiny_llama, tmp_path):
             max_tokens=4,
             progress=False,
         )
-    state = json.loads((tmp_path / "out" / ".gen-state" / "state.json").read_text())
-    assert state["done"] == 2 and state["counters"]["questions_failed"] == 2
+    # Every unit was done and none gave a pair: the state is dropped so that the advised re-run (with the
+    # cause fixed) starts afresh instead of finding all units done and failing the same way.
+    assert not (tmp_path / "out" / ".gen-state").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_hf_backend_rejects_a_non_model_directory(tmp_path):
     with pytest.raises(DataGenError, match="not a Hugging Face model directory"):
         HFBackend(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["corrupt weights", "no tokenizer"])
+def test_hf_load_errors_are_one_line_and_leave_nothing(tiny_llama, tmp_path, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    if damage == "corrupt weights":
+        (model / "model.safetensors").write_bytes(b"\xff" * 64)  # a header length far past the file
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (model / name).unlink(missing_ok=True)
+    with pytest.raises(DataGenError, match=rf"^{model}: cannot load the model \(") as info:
+        generate_dataset(tmp_path / "out", backend="hf", model=str(model), users=2, progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # the model is loaded before anything is created

@@ -12,6 +12,8 @@ import pytest
 
 from fspo_engine.data_gen import import_dataset, pipeline
 from fspo_engine.data_gen.errors import DataGenError
+from fspo_engine.data_gen.importers import run_import
+from fspo_engine.data_gen.pipeline import format_summary
 
 ROLEPLAY = [
     {
@@ -169,12 +171,17 @@ def test_missing_file_and_bad_kind(tmp_path):
         import_dataset("movies", [tmp_path / "x.jsonl"], tmp_path / "out")
 
 
-def test_existing_dataset_needs_overwrite(tmp_path):
+def test_existing_dataset_needs_overwrite_unless_the_import_is_identical(tmp_path):
     src = write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)
     import_dataset("roleplay", [src], tmp_path / "out")
-    with pytest.raises(DataGenError, match="--overwrite"):
-        import_dataset("roleplay", [src], tmp_path / "out")
-    import_dataset("roleplay", [src], tmp_path / "out", overwrite=True)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    # The identical import again (a re-run after a kill just after completion) is a no-op, like gen-data.
+    again = run_import("roleplay", [src], tmp_path / "out")
+    assert again.prefs_written == 0 and "nothing to do" in format_summary(again)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    with pytest.raises(DataGenError, match="already holds a dataset; pass --overwrite"):
+        import_dataset("roleplay", [src], tmp_path / "out", seed=1)  # another import: another dataset
+    import_dataset("roleplay", [src], tmp_path / "out", seed=1, overwrite=True)
 
 
 def test_utf8_bom_at_the_start_is_accepted(tmp_path):
@@ -245,3 +252,47 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
     (tmp_path / "elix.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataGenError, match=r"elix.parquet: reading Parquet needs pyarrow"):
         import_dataset("elix", [tmp_path / "elix.parquet"], tmp_path / "out")
+
+
+def test_unparsable_lines_are_reported_per_line_not_raised(tmp_path):
+    good = json.dumps(REVIEW[0])
+    src = tmp_path / "review.jsonl"
+    # Valid JSON syntax that json.loads still refuses: an integer past Python's 4300-digit limit
+    # (ValueError) and nesting deeper than the recursion limit (RecursionError).
+    src.write_text(good + "\n" + '{"label": ' + "9" * 5000 + "}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataGenError) as info:
+        import_dataset("review", [src], tmp_path / "out")
+    lines = str(info.value).splitlines()
+    assert (
+        lines[0].startswith(f"{src}:2: unreadable JSON (") and lines[1] == f"{src}:3: JSON nested too deeply"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", ["scorer_level", "level_x"])
+def test_a_blank_level_is_rejected(tmp_path, field):
+    src = write_jsonl(tmp_path / "review.jsonl", [{**REVIEW[0], field: "   "}])
+    with pytest.raises(DataGenError, match=rf"{src}:1: empty {field}"):
+        import_dataset("review", [src], tmp_path / "out")
+
+
+def test_auto_split_matches_whole_words_of_the_file_name(tmp_path):
+    # "latest" contains "test": the file is still a train file.
+    for name, split in [("roleplay_latest_train", "train"), ("rp-test", "test"), ("contest", None)]:
+        src = write_jsonl(tmp_path / f"{name}.jsonl", ROLEPLAY)
+        import_dataset("roleplay", [src], tmp_path / name, test_fraction=0.0)
+        users = [json.loads(line) for line in (tmp_path / name / "users.jsonl").read_text().splitlines()]
+        assert {u["split"] for u in users} == {split or "train"}, name  # None: hash split, fraction 0
+
+
+def test_foreign_dataset_files_are_not_replaced_without_overwrite(tmp_path):
+    src = write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "prefs.jsonl").write_text('{"my": "hand-labelled data"}\n')
+    with pytest.raises(DataGenError, match="holds prefs.jsonl without a gen-data manifest; pass --overwrite"):
+        import_dataset("roleplay", [src], out)
+    assert (out / "prefs.jsonl").read_text() == '{"my": "hand-labelled data"}\n'
+    assert sorted(os.listdir(out)) == ["prefs.jsonl"]
+    import_dataset("roleplay", [src], out, overwrite=True)
+    assert "hand-labelled" not in (out / "prefs.jsonl").read_text()
