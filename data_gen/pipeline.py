@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import secrets
@@ -40,6 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fspo_engine.data_gen.backends import HFBackend, MalformedReply, OpenAIBackend
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs on one --out must then not overlap
+    fcntl = None
 from fspo_engine.data_gen.domains import DOMAIN_NAMES, TemplateDomain, get_domain
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.labeler import label_user
@@ -253,6 +257,9 @@ def locked_dir(out: Path):
     A second gen-data or import on the same --out then fails at once instead of interleaving its writes
     with ours. Locking the directory rather than a lock file leaves nothing behind, and the kernel drops
     the lock when the process dies (kill -9 included), so a stale lock cannot block a resume."""
+    if fcntl is None:
+        yield
+        return
     fd = os.open(out, os.O_RDONLY)
     try:
         try:
