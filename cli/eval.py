@@ -10,12 +10,12 @@ import click
 def parse_shot_list(text: str) -> list[int]:
     from fspo_engine.engine.errors import FspoError
 
-    try:
-        shots = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise FspoError(f"--shots: expected a comma-separated list of integers, got {text!r}") from None
-    if not shots or min(shots) < 0:
-        raise FspoError(f"--shots: expected non-negative integers, got {text!r}")
+    items = [s.strip() for s in text.split(",")]
+    if not all(s.isascii() and s.isdigit() for s in items):  # int() would also take "1_0", "+2", "-1"
+        raise FspoError(f"--shots: expected a comma-separated list of non-negative integers, got {text!r}")
+    shots = [int(s) for s in items]
+    if len(set(shots)) != len(shots):
+        raise FspoError(f"--shots: {text!r} lists a shot count twice")
     return shots
 
 
@@ -34,10 +34,13 @@ def parse_shot_list(text: str) -> list[int]:
 def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, user_description, device):
     """Preference accuracy on unseen users for each shot count, as JSON and a PNG plot."""
     from fspo_engine.engine.checkpoint import check_writable
+    from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.evaluate import evaluate, write_report
 
     out = Path(out_file) if out_file else Path(model) / "eval.json"
     check_writable(out)
+    if out.suffix.lower() == ".png":
+        raise FspoError(f"--out {out}: the JSON report's path (the PNG plot is written beside it, as .png)")
     report = evaluate(model, data_dir, parse_shot_list(shots), split=split, max_tokens=max_tokens, seed=seed,
                       device=device, user_description=user_description)
     out.parent.mkdir(parents=True, exist_ok=True)

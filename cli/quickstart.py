@@ -87,7 +87,10 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
             raise
         raise FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite "
                         f"to start over ({exc})") from None  # fmt: skip
-    trainer.run("all")
+    try:
+        trainer.run("all")
+    finally:
+        trainer.close()
     click.echo(f"[3/3] eval on unseen users -> {run / 'eval.json'}")
     # 4 targets per unseen user (480 episodes per shot count with the preset's 120 test users).
     report = evaluate(str(run), str(data), [0, 1, 2, 4, 8], split="test", max_tokens=cfg.data.max_tokens,

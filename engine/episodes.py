@@ -339,11 +339,10 @@ def parse_shots(text: str | int) -> ShotsSpec:
     if isinstance(text, int):
         spec: ShotsSpec = text
     else:
-        parts = str(text).strip().split("-")
-        try:
-            nums = [int(p) for p in parts]
-        except ValueError:
-            raise FspoError(f"--shots: expected N or LO-HI (e.g. 8 or 1-8), got {text!r}") from None
+        parts = [p.strip() for p in str(text).strip().split("-")]
+        if not all(p.isascii() and p.isdigit() for p in parts):  # int() would also take "1_0", "+2", " 8 "
+            raise FspoError(f"--shots: expected N or LO-HI (e.g. 8 or 1-8), got {text!r}")
+        nums = [int(p) for p in parts]
         if len(nums) == 1:
             spec = nums[0]
         elif len(nums) == 2 and nums[0] <= nums[1]:

@@ -244,12 +244,37 @@ class Trainer:
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
         barrier()  # every rank has checked before rank 0 writes
+        busy = 0.0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            busy = 0.0 if self._lock_run_dir() else 1.0
+        if all_reduce_sum([busy])[0]:  # every rank fails, none waits at a barrier for rank 0
+            raise FspoError(f"{self.out}: another training run is using this directory (still running, or "
+                            "orphaned workers of a killed torchrun: stop them first)")  # fmt: skip
+        if self.is_main:
             if not started:  # leftovers of an attempt that died before its first checkpoint: start clean
                 shutil.rmtree(self.out / "tokenizer", ignore_errors=True)
             ckpt.atomic_write_text(cfg_path, text)
         barrier()
+
+    def _lock_run_dir(self) -> bool:
+        """Hold an exclusive flock on the run directory for this process's life (False: another holds it).
+
+        Two jobs writing one run (a --resume started while a killed torchrun's workers still train)
+        would interleave checkpoints and metrics. The kernel drops the lock when the process dies, kill -9
+        included, so a stale lock never blocks a resume."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            return True
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
 
     def _read_run_info(self) -> dict:
         p = self.out / "run.json"
@@ -611,6 +636,9 @@ class Trainer:
 
         if self._tb is not None:
             self._tb.close()
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)  # releases the run directory's lock
+            self._lock_fd = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -360,7 +360,7 @@ def test_shots_range_is_sampled_per_episode(dataset):
     for e in eps:
         assert e.n_shots == min(e.shots_requested, len(dataset.prefs[e.user_id]) - 1)
     assert parse_shots("1-8") == (1, 8) and parse_shots("8") == 8 and parse_shots(" 0 ") == 0
-    for bad in ("8-1", "x", "1-2-3", "-1", ""):
+    for bad in ("8-1", "x", "1-2-3", "-1", "", "1_0", "+2", "1-"):
         with pytest.raises(FspoError, match="--shots"):
             parse_shots(bad)
 

@@ -279,6 +279,17 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "2",
               "--resume")
     assert res.returncode == 1 and "different config" in res.stderr and "Traceback" not in res.stderr
+    # A second job on a run directory that a live process holds (e.g. orphaned torchrun workers) is refused.
+    import fcntl
+
+    fd = os.open(run, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1",
+                  "--resume")
+    finally:
+        os.close(fd)
+    assert res.returncode == 1 and "another training run is using this directory" in res.stderr, res.stderr
     other = write_fixture(tmp_path / "other", seed=1)  # same shape, other texts
     res = cli("train", "--data", str(other), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1",
               "--resume")
@@ -317,6 +328,10 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     report = json.loads((run / "eval.json").read_text())
     assert report["method"] == "implicit_reward" and report["reference"].endswith("pref-ft")
     assert report["length_normalized"] is False  # as the run trained (pref.length_normalize = false)
+    res = cli("eval", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "report.png"))
+    assert res.returncode == 1 and "PNG" in res.stderr and not (tmp_path / "report.png").exists(), res.stderr
+    res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1_0")
+    assert res.returncode == 1 and "--shots" in res.stderr, res.stderr
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
