@@ -34,6 +34,26 @@ def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compi
     return model
 
 
+def _die_with_launcher():
+    """Linux: have the kernel kill this worker when its parent (torchrun's agent) dies. Without it a
+    kill -9 of the launcher leaves the workers training on, orphaned, into a run directory the user is
+    about to --resume."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the run-directory lock still refuses a second job
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
     """The --device a user asked for (default: cuda when available, else cpu), checked to exist here."""
     from fspo_engine.engine.errors import FspoError
@@ -64,6 +84,8 @@ def init_distributed(device_type: str) -> torch.device:
     import torch.distributed as dist
 
     rank, local_rank, world_size = world()
+    if world_size > 1:
+        _die_with_launcher()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
