@@ -406,6 +406,7 @@ class Trainer:
             policy_dir = self.out / result[s]["final"]
         if self.is_main:
             self._plot()
+        barrier()  # no rank tears the process group down while another still works (gloo aborts then)
         return result
 
     def _stage_steps(self, stage: str, max_steps: int | None) -> tuple[int, float]:
