@@ -89,8 +89,10 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
                         f"to start over ({exc})") from None  # fmt: skip
     try:
         trainer.run("all")
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
     click.echo(f"[3/3] eval on unseen users -> {run / 'eval.json'}")
     # 4 targets per unseen user (480 episodes per shot count with the preset's 120 test users).
     report = evaluate(str(run), str(data), [0, 1, 2, 4, 8], split="test", max_tokens=cfg.data.max_tokens,

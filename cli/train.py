@@ -44,8 +44,10 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
         trainer = Trainer(cfg, data_dir, out_dir, resume=resume, device=device, log=lambda m: click.echo(m, err=True))
         try:
             result = trainer.run(stage)
-        finally:
-            trainer.close()
+        except BaseException:
+            trainer.close(failed=True)
+            raise
+        trainer.close()
     except BaseException:
         if fresh:  # a run that failed before it had anything worth resuming leaves no directory behind
             discard_if_unstarted(Path(out_dir))

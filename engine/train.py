@@ -631,8 +631,11 @@ class Trainer:
                "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(), "_tokens": n_tokens}
         return rec
 
-    def close(self):
-        """Flush TensorBoard and leave the process group (torchrun)."""
+    def close(self, failed: bool = False):
+        """Flush TensorBoard, release the run directory and leave the process group (torchrun).
+
+        After a failure the process group is left alone: destroying it is collective, and peers may be
+        blocked in another collective (a deadlock); torchrun ends them when this rank exits non-zero."""
         import torch.distributed as dist
 
         if self._tb is not None:
@@ -640,7 +643,7 @@ class Trainer:
         if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)  # releases the run directory's lock
             self._lock_fd = None
-        if dist.is_available() and dist.is_initialized():
+        if not failed and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
     def _rank_rows(self, items: list, pack) -> tuple[list, list]:
