@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("ours", "floor", "naive", "liger", "cce", "compiled", "ours_torch")  # most telling first
+VARIANTS = ("ours", "ours_torch", "floor", "naive", "liger", "cce", "compiled")  # most telling first: a step timeout cuts the tail
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROWS_PER_SEGMENT = 256  # an FSPO response of a few hundred tokens
 
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None):
                 r.update(T=t, H=h, V=args.vocab, dtype=args.dtype, variant=var,
                          device=torch.cuda.get_device_name() if gpu else "cpu")  # fmt: skip
                 results.append(r)
-                print(f"T={t} H={h} {var}: " + (r["skipped"] if "skipped" in r else f"{r['time_ms']:.1f} ms"),
+                done = f"{r['time_ms']:.1f} ms, peak +{r.get('peak_mb', float('nan')):.0f} MB" if "time_ms" in r else ""
+                print(f"T={t} H={h} {var}: " + (r["skipped"] if "skipped" in r else done),
                       file=sys.stderr, flush=True)  # fmt: skip
             # Ratios side by side, within this shape.
             shape = [r for r in results if r["T"] == t and r["H"] == h and "skipped" not in r]
