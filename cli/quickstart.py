@@ -70,8 +70,7 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
     except DataGenError as exc:
         if "--overwrite" not in str(exc):
             raise
-        raise FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite "
-                        f"to start over ({exc})") from None  # fmt: skip
+        raise _changed_options(out, exc) from None
     overrides = dict(QUICKSTART_CONFIG, **{"run.seed": seed, "data.seed": seed})
     if pref_ft_steps is not None:
         overrides["pref_ft.steps"] = pref_ft_steps
@@ -85,8 +84,7 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
     except FspoError as exc:
         if "different config" not in str(exc):
             raise
-        raise FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite "
-                        f"to start over ({exc})") from None  # fmt: skip
+        raise _changed_options(out, exc) from None
     try:
         trainer.run("all")
     except BaseException:
@@ -107,3 +105,11 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
     click.echo(f"target (acc@8 >= 0.85 and >= 0.25 above acc@0): {'met' if ok else 'NOT met'}; "
                f"acc@0 {acc[0]:.3f}, acc@8 {acc[8]:.3f}; {time.perf_counter() - t0:.0f} s in all")
     click.echo(f"plots: {run / 'loss_curve.png'}, {run / 'eval.png'}")
+
+
+def _changed_options(out: Path, exc: Exception) -> Exception:
+    """The error for a re-run with other options: quickstart's own remedy, not gen-data's or train's."""
+    from fspo_engine.engine.errors import FspoError
+
+    return FspoError(f"{out}: holds a quickstart run made with other options; re-run with --overwrite to start "
+                     f"over ({exc})")

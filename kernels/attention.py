@@ -446,15 +446,13 @@ if triton is not None:
         tl.store(DELTA + h * T + offs_m, delta, mask=ok)
 
     @triton.jit
-    def _dkdv_tile(
-        dk, dv, k, v, k_doc, k_br, offs_n, qb, h, Q, DO, LSE, DELTA, DOC, BR, T,
-        stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
-        MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ):  # fmt: skip
+    def _load_q_block(qb, h, Q, DO, LSE, DELTA, T, stride_qt, stride_qh, stride_dt, stride_dh,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+        """Query block qb of head h for the backward: rows, their mask, q and do [BM, D], lse and delta [BM].
+        Padding rows get q = do = 0 and lse = +inf, so their p and ds are exactly 0."""
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         m_ok = offs_m < T
-        # Padding query rows: q = do = 0 and lse = +inf, so their p and ds are exactly 0.
         q = tl.load(
             Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0
         )
@@ -463,6 +461,17 @@ if triton is not None:
         )
         lse = tl.load(LSE + h * T + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + h * T + offs_m, mask=m_ok, other=0.0)
+        return offs_m, m_ok, q, do, lse, delta
+
+    @triton.jit
+    def _dkdv_tile(
+        dk, dv, k, v, k_doc, k_br, offs_n, qb, h, Q, DO, LSE, DELTA, DOC, BR, T,
+        stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
+        MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        offs_m, m_ok, q, do, lse, delta = _load_q_block(
+            qb, h, Q, DO, LSE, DELTA, T, stride_qt, stride_qh, stride_dt, stride_dh, BLOCK_M, HEAD_DIM
+        )
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM] = scores^T
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
@@ -622,17 +631,10 @@ if triton is not None:
         qb = tl.load(ORDER + tl.program_id(1))
         K += (h // GROUP) * stride_kh
         V += (h // GROUP) * stride_vh
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m, m_ok, q, do, lse, delta = _load_q_block(
+            qb, h, Q, DO, LSE, DELTA, T, stride_qt, stride_qh, stride_dt, stride_dh, BLOCK_M, HEAD_DIM
+        )
         offs_d = tl.arange(0, HEAD_DIM)
-        m_ok = offs_m < T
-        q = tl.load(
-            Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0
-        )
-        do = tl.load(
-            DO + offs_m[:, None] * stride_dt + h * stride_dh + offs_d[None, :], mask=m_ok[:, None], other=0.0
-        )
-        lse = tl.load(LSE + h * T + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + h * T + offs_m, mask=m_ok, other=0.0)
         q_doc = tl.load(DOC + offs_m, mask=m_ok, other=-1)
         q_br = tl.load(BR + offs_m, mask=m_ok, other=-1)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

@@ -176,3 +176,24 @@ def hf_response_logprob(model, prompt_ids: list[int], response_ids: list[int]) -
     P, L = len(prompt_ids), len(response_ids)
     rows = torch.arange(P - 1, P + L - 1)
     return float(logp[rows, torch.tensor(response_ids)].sum())
+
+
+def compile_for_sm90(script: str, argsets: list[tuple[str, ...]]) -> list[str]:
+    """Run a Triton ahead-of-time compile `script` (sm_90, no GPU needed) once per argument set, in parallel
+    processes without TRITON_INTERPRET; returns each stdout. Skips when this triton cannot compile AOT."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for args in argsets]  # fmt: skip
+    outputs = [proc.communicate() for proc in procs]  # wait for all before any skip or failure
+    for args, proc, (_, err) in zip(argsets, procs, outputs):
+        if "ModuleNotFoundError" in err or "ImportError" in err:
+            pytest.skip(f"triton AOT compile unavailable: {err.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, f"{args}: {err[-3000:]}"
+    return [out for out, _ in outputs]

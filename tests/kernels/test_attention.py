@@ -465,30 +465,12 @@ print("compiled", done)
 
 @pytest.mark.slow
 def test_triton_attention_kernels_compile_for_sm90():
-    import subprocess
-    import sys
+    from helpers import compile_for_sm90
 
-    pytest.importorskip("triton.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     n_configs = sum(len(c) for c in A._CANDIDATES.values())
     # Two processes, one per dtype (~25 s each cold, 2 cores); they also cover both id dtypes and a
     # GQA group of 4 (Llama-3 8B) and 1 (MHA, a one-trip head loop in dk/dv).
-    runs = [("bf16", "i64", "4"), ("fp16", "i32", "1")]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _AOT, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for args in runs
-    ]
-    outputs = [proc.communicate() for proc in procs]  # wait for both before any skip or failure
-    for args, proc, (out, err) in zip(runs, procs, outputs):
-        if "ModuleNotFoundError" in err or "ImportError" in err:
-            pytest.skip(f"triton AOT compile unavailable: {err.strip().splitlines()[-1]}")
-        assert proc.returncode == 0, f"{args}: {err[-3000:]}"
+    for out in compile_for_sm90(_AOT, [("bf16", "i64", "4"), ("fp16", "i32", "1")]):
         assert f"compiled {2 * (n_configs + 1)}" in out, out[-2000:]
 
 
