@@ -10,6 +10,11 @@ For T target rows (all with a target, in T/256 segments), hidden size H and voca
 - cce         cut-cross-entropy's `linear_cross_entropy`, reduction="sum" (when installed);
 - floor       GPU only: three bare matmuls of the same shapes (h @ W^T, dlogits @ W, dlogits^T @ h), the
               work any exact method must do; the issue's target is ours <= 1.5 x floor.
+- loss_fwd    the chunked-loss design (Liger's): gradients computed in the forward, for a loss known there to
+              be linear in the segment sums (SFT), so the backward only scales them. Row chunks outside,
+              the whole vocab inside: 3 GEMM passes instead of ours' 4, but an fp32 [V, H] grad-weight read
+              and written once per row chunk. Tile memory as ours'; loss_fwd_4x with 4x that.
+              Benchmark-only: it answers whether the op should have such a variant (see logprobs.py).
 
 Peak memory is the memory the variant adds on top of its inputs: on GPU `torch.cuda.max_memory_allocated`
 over one fwd+bwd minus what was allocated before it; on CPU each variant runs in its own process and
@@ -35,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("ours", "ours_torch", "floor", "naive", "liger", "cce", "compiled")  # most telling first: a step timeout cuts the tail
+# Most telling first: a step timeout cuts the tail.
+VARIANTS = ("ours", "ours_torch", "floor", "naive", "liger", "cce", "compiled", "loss_fwd", "loss_fwd_4x")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROWS_PER_SEGMENT = 256  # an FSPO response of a few hundred tokens
 
@@ -54,6 +60,46 @@ def naive_logprob_sums(hidden, weight, targets, segs, num_segments):
     logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # [T, V] fp32
     picked = logp.gather(1, targets[:, None]).squeeze(1)
     return torch.zeros(num_segments, device=hidden.device).index_add(0, segs, picked)
+
+
+class _SumLossInForward(torch.autograd.Function):
+    """sum over counted rows of log_softmax(h @ W^T)[target], with both gradients computed in the forward.
+
+    Valid only for a loss linear in the segment sums (here their plain sum): the backward scales the saved
+    gradients by the upstream scalar. Row chunks of [c, V] fp32 logits, c from the tile budget."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, segs, chunk_bytes):
+        from fspo_engine.kernels.logprobs import _gemm_dtype, _mm_acc
+
+        keep = ((targets != -100) & (segs >= 0)).nonzero().squeeze(1)
+        h, t = hidden.index_select(0, keep).to(_gemm_dtype(hidden)), targets.index_select(0, keep)
+        w = weight.to(h.dtype)  # a copy only for 16-bit inputs on CPU
+        n, v = h.shape[0], w.shape[0]
+        step = max(1, chunk_bytes // (8 * v))  # the fp32 logits chunk and one temporary
+        gh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device)
+        gw = torch.zeros(v, h.shape[1], dtype=torch.float32, device=h.device)  # fp32 across chunks
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for i in range(0, n, step):
+            h_c, t_c = h[i : i + step], t[i : i + step]
+            logits = _mm_acc(h_c, w.T)  # [c, V] fp32
+            lse = torch.logsumexp(logits, dim=1)
+            total += (logits.gather(1, t_c[:, None]).squeeze(1) - lse).double().sum()
+            d = logits.sub_(lse[:, None]).exp_().neg_()  # d logp / d logits = onehot - softmax
+            d[torch.arange(d.shape[0], device=d.device), t_c] += 1.0
+            d = d.to(h.dtype)
+            _mm_acc(d, w, out=gh[i : i + step])
+            _mm_acc(d.T, h_c, out=gw)
+            del logits, d
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden[keep] = gh.to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden, gw.to(weight.dtype))
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second [V, H] (one backward only)
+        return grad_hidden.mul_(grad_out), grad_weight.mul_(grad_out), None, None, None
 
 
 def build(variant, device):
@@ -88,6 +134,13 @@ def build(variant, device):
         if device == "cpu":
             return "cut-cross-entropy needs CUDA"
         return lambda h, w, t, s, n: linear_cross_entropy(h, w, t, reduction="sum")
+    if variant in ("loss_fwd", "loss_fwd_4x"):
+        from fspo_engine.kernels.logprobs import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES_CUDA
+
+        budget = (DEFAULT_CHUNK_BYTES_CUDA if device == "cuda" else DEFAULT_CHUNK_BYTES) * (
+            4 if variant == "loss_fwd_4x" else 1
+        )
+        return lambda h, w, t, s, n: _SumLossInForward.apply(h, w, t, s, budget)
     if variant == "floor":
         if device == "cpu":
             return "GPU only"

@@ -14,11 +14,20 @@ pair holds ~21 GB of fp32 logits on the plain path). Neither path here ever hold
   all rows, and the two gradient GEMMs of that tile run on cuBLAS. Fixed order, no atomics:
   bitwise-deterministic outputs and gradients.
 
-No fused-loss variant (the loss's gradients computed inside the forward, as chunked-loss libraries do):
-an IPO/DPO pair's gradient needs both branch sums, i.e. a full pass over the vocab for the pair's rows,
-before any dlogits exist; so it either recomputes the logits (what the backward here does) or holds
-them for whole pairs ([pair rows, V] fp32: ~0.3 GB for 600 response rows at V=128k). Only SFT, linear
-in the sums, could skip the recompute for free; not done, not measured.
+No loss-in-forward variant (the loss's gradients computed inside the forward, as chunked-loss libraries
+do), because it does not pay here, measured (`bench kernels`, variants loss_fwd and loss_fwd_4x):
+* IPO/DPO cannot use it: a pair's gradient needs both branch sums, i.e. a full vocab pass over the pair's
+  rows, before any dlogits exist. So it would have to recompute the logits, which is what this backward
+  does, or hold them for whole pairs ([pair rows, V] fp32: ~0.3 GB for 600 response rows at V=128k).
+* SFT (linear in the sums) can skip the recompute: 3 GEMM passes instead of 4. But the loop must then run
+  row chunks outside and the whole vocab inside, and an fp32 [V, H] grad-weight is read and written once
+  per row chunk. On 2 CPU cores at T=4096, V=32000, fp32, two runs gave:
+  - H=1024, same tile memory as ours: 1.27-1.32x slower;
+  - H=1024, 4x the tile memory: 0.83-0.94x ours' time, at 1.8x its extra memory;
+  - H=256, either budget: 1.02-1.21x ours (slower).
+  On a GPU under the issue's 2% memory budget (~300-row chunks at V=128k, H=4096), the grad-weight
+  traffic is ~55 GB, ~11 ms at 4.8 TB/s, against ~6.5 ms for the GEMM pass saved: a loss (a model, not a
+  measurement; the GPU run of bench kernels times loss_fwd too).
 
 Only rows with a target (!= -100) AND a segment (!= -1) count; they are compacted first, so the other
 rows cost no matmul work. Segment sums accumulate in fp64 in a fixed order on every device (not

@@ -219,6 +219,23 @@ def test_torch_path_tiling_and_gradcheck():
     assert torch.autograd.gradcheck(fn, (h, w))
 
 
+def test_benchmark_loss_in_forward_variant_is_exact():
+    """bench kernels' `loss_fwd` (gradients computed in the forward) must compute what it is timed
+    against: the sum of the segment sums and both gradients, under several row chunks."""
+    from fspo_engine.benchmarks.bench_kernels import _SumLossInForward
+
+    hidden, weight, targets, segs, _ = make_case(37, 24, 301, 5, seed=4)
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference(hr, wr, targets, segs, 5).sum()
+    rgh, rgw = torch.autograd.grad(ref * 2.5, (hr, wr))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    out = _SumLossInForward.apply(h, w, targets, segs, 8 * 301 * 10)  # 10-row chunks: 4 of them
+    (out * 2.5).backward()
+    assert_close(out, ref.detach(), 1e-6, "out")
+    assert_close(h.grad, rgh, 1e-5, "grad hidden")
+    assert_close(w.grad, rgw, 1e-5, "grad weight")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Determinism
 
