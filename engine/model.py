@@ -502,6 +502,31 @@ def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", 
     return model
 
 
+_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float32}
+
+
+def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype an HF Llama directory stores its weights in (its embedding's; fp64 counts as fp32)."""
+    from safetensors import safe_open
+
+    cfg = read_config(model_dir)
+    for path, names in check_weights(model_dir, cfg).items():
+        if "model.embed_tokens.weight" in names:
+            with safe_open(str(path), framework="pt") as f:
+                return _STORED_DTYPES[f.get_slice("model.embed_tokens.weight").get_dtype()]
+    raise FspoError(f"{model_dir}: no model.embed_tokens.weight")  # check_weights has already refused this
+
+
+def read_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory's safetensors files, as stored, on the CPU."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
+        state.update(load_file(str(path)))
+    return state
+
+
 def _atomic_write_bytes(path: Path, data: bytes):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -568,4 +593,4 @@ def save_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig, out_dir
 
 
 __all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "load_model", "save_model", "save_state_dict", "read_config", "check_weights",
-           "rope_inv_freq"]
+           "rope_inv_freq", "stored_dtype", "read_weights"]

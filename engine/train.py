@@ -60,7 +60,9 @@ from fspo_engine.engine.model import (
     check_weights,
     load_model,
     read_config,
+    read_weights,
     save_state_dict,
+    stored_dtype,
 )
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
@@ -209,9 +211,11 @@ class Trainer:
             except ImportError:
                 raise FspoError("run.tensorboard = true needs the tensorboard package: "
                                 "pip install 'fspo-engine[tensorboard]'") from None
+        self.source_dtype = self._param_dtype()  # the weights' dtype in the source checkpoint
         if cfg.model.name not in NAMED_SIZES:  # a bad model directory fails before the run directory exists
             check_weights(cfg.model.name)
             self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
+            self.source_dtype = stored_dtype(cfg.model.name)
         self._prepare_run_dir(resume)
         self.run_info = self._read_run_info()
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
@@ -321,6 +325,12 @@ class Trainer:
 
     def _param_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
+
+    def _final_dtype(self) -> torch.dtype:
+        """Stage finals' dtype (model.save_dtype): by default the source checkpoint's, so a bf16 Llama comes
+        back in bf16, not at twice its size; checkpoints keep the parameter dtype (exact resume)."""
+        choice = self.cfg.model.save_dtype
+        return self.source_dtype if choice == "auto" else getattr(torch, choice)
 
     def _initial_model(self):
         m = self.cfg.model
@@ -525,6 +535,8 @@ class Trainer:
         tmp = self.out / f".{stage}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(last_ckpt / "model", tmp)
+        if self._final_dtype() != self._param_dtype():  # checkpoints keep the master weights; finals are cast
+            save_state_dict(read_weights(tmp), model.config, tmp, dtype=self._final_dtype())
         ckpt.seal(tmp)
         if final.exists():
             shutil.rmtree(final)

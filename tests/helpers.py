@@ -118,8 +118,9 @@ def make_tiny_model_dir(
     init_std: float = 0.1,
     tokenizer: bool = True,
     max_position_embeddings: int = 4096,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A random fp32 `transformers.LlamaForCausalLM` saved in HF format (safetensors), with a tokenizer
+    """A random `transformers.LlamaForCausalLM` saved in HF format (safetensors) in `dtype`, with a tokenizer
     trained on `tokenizer_corpus()` (its vocabulary is at most `vocab_size`, the model's).
 
     `init_std` is larger than HF's 0.02 so that attention and the output distribution are far from
@@ -150,7 +151,7 @@ def make_tiny_model_dir(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    model.save_pretrained(path, safe_serialization=True)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
     if tokenizer:
         from fspo_engine.engine.tokenizer import train_tokenizer
 

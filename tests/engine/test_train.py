@@ -112,7 +112,7 @@ def test_config_errors(tmp_path):
     for key, value in (("optim.lr", float("nan")), ("optim.beta1", 2.0), ("optim.eps", -1.0),
                        ("optim.min_lr_ratio", -2.0), ("optim.grad_clip", -1.0), ("pref_ft.lr", -0.01),
                        ("run.log_every", 0), ("model.num_hidden_layers", -1), ("model.hidden_size", 30),
-                       ("data.seed", -1), ("data.max_tokens", 8)):  # fmt: skip
+                       ("data.seed", -1), ("data.max_tokens", 8), ("model.save_dtype", "int8")):  # fmt: skip
         with pytest.raises(FspoError, match=key.replace(".", r"\.")):
             load_config(None, {key: value})
     bad.write_bytes("\ufeff[optim]\nlr = 3e-4\n".encode())  # a BOM, as Windows editors write
@@ -305,12 +305,14 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
 
 
 def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
-    """The real-user path: --model HF_DIR (its own tokenizer, tied embeddings), Pref-FT then DPO; the final
-    model loads in transformers; eval uses the run's reference."""
+    """The real-user path: --model HF_DIR (bf16 weights, its own tokenizer, tied embeddings), Pref-FT then
+    DPO; the finals come back in bf16 (checkpoints keep fp32 master weights) and load in transformers; eval
+    uses the run's reference."""
     from helpers import make_tiny_model_dir
+    from safetensors import safe_open
 
     data = write_fixture(tmp_path / "data")
-    hf_dir = make_tiny_model_dir(tmp_path / "hf", tie=True, init_std=0.02)
+    hf_dir = make_tiny_model_dir(tmp_path / "hf", tie=True, init_std=0.02, dtype=torch.bfloat16)
     run = tmp_path / "run"
     res = cli("train", "--data", str(data), "--out", str(run), "--model", str(hf_dir), "--shots", "2",
               "--set", "pref.loss=dpo", "--set", "pref.label_smoothing=0.1", "--set", "batch.episodes=4",
@@ -323,6 +325,15 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     assert (final / "tokenizer.json").is_file() or (final / "tokenizer.model").is_file()
     assert json.loads((final / "config.json").read_text())["tie_word_embeddings"] is True
     transformers.AutoModelForCausalLM.from_pretrained(final)
+
+    def dtypes(model_dir):
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()}
+
+    assert dtypes(final) == dtypes(run / "pref-ft") == {"BF16"}
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert ckpt.verify(final) is None  # sealed after the cast
+    assert dtypes(ckpt.latest_valid(run / "checkpoints" / "dpo") / "model") == {"F32"}
     res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "0,2")
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((run / "eval.json").read_text())
