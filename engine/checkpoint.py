@@ -123,7 +123,10 @@ def write_checkpoint(stage_dir: Path, step: int, write_fn, keep_last: int) -> Pa
     else:
         os.replace(tmp, final)
     _fsync_dir(stage_dir)
-    for stale in list_checkpoints(stage_dir)[:-keep_last]:
+    # Checkpoints past this step are an abandoned future: the run resumed from an older one because these
+    # were broken. Left in place they would count as the newest and prune every checkpoint written now.
+    kept = [c for c in list_checkpoints(stage_dir) if step_of(c) <= step]
+    for stale in [c for c in list_checkpoints(stage_dir) if step_of(c) > step] + kept[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in stage_dir.glob(".tmp-step-*"):  # from killed runs
         if leftover != tmp:

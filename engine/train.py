@@ -107,8 +107,31 @@ def discard_if_unstarted(out: Path) -> bool:
         return False
     if any(ckpt.verify(d.parent) is None for d in out.glob("*/COMPLETE")):
         return False
-    shutil.rmtree(out, ignore_errors=True)
+    fd = _try_lock(out)
+    if fd is None:  # another run holds it (two jobs started on one --out): it is theirs, not ours to remove
+        return False
+    try:
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        os.close(fd)
     return True
+
+
+def _try_lock(directory: Path) -> int | None:
+    """An exclusive flock on `directory`: the open fd, or None when another process holds it. The kernel
+    drops the lock when the fd closes or the process dies (kill -9 included). Without fcntl (Windows) the
+    fd is returned unlocked."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        import fcntl
+    except ImportError:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -216,13 +239,17 @@ class Trainer:
             check_weights(cfg.model.name)
             self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
             self.source_dtype = stored_dtype(cfg.model.name)
-        self._prepare_run_dir(resume)
-        self.run_info = self._read_run_info()
+        self._tb = self._lock_fd = None
+        try:
+            self._prepare_run_dir(resume)
+            self.run_info = self._read_run_info()
+            self.tokenizer_dir = self._tokenizer()
+            self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        except BaseException:
+            self.close(failed=True)  # the run directory's lock too: a corrected retry in this process works
+            raise
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
-        self.tokenizer_dir = self._tokenizer()
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.metrics_path = self.out / "metrics.jsonl"
-        self._tb = None
 
     def _check_vocab(self, tokenizer, vocab_size: int):
         """Every id the training texts and the episode format encode to fits the model's embedding."""
@@ -247,6 +274,11 @@ class Trainer:
                 raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
+        if self.out.is_dir() and not cfg_path.is_file() and not started and any(self.out.iterdir()):
+            # Not a run: the trainer would write into it and replace folders it happens to name (tokenizer/,
+            # pref-ft/, ipo/). Nothing was changed.
+            raise FspoError(f"{self.out}: exists, is not empty and holds no run; pick a new --out (or an empty "
+                            "directory)")  # fmt: skip
         barrier()  # every rank has checked before rank 0 writes
         busy = 0.0
         if self.is_main:
@@ -267,18 +299,8 @@ class Trainer:
         Two jobs writing one run (a --resume started while a killed torchrun's workers still train)
         would interleave checkpoints and metrics. The kernel drops the lock when the process dies, kill -9
         included, so a stale lock never blocks a resume."""
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform
-            return True
-        fd = os.open(self.out, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        return True
+        self._lock_fd = _try_lock(self.out)
+        return self._lock_fd is not None
 
     def _read_run_info(self) -> dict:
         p = self.out / "run.json"
@@ -327,10 +349,14 @@ class Trainer:
         return torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
 
     def _final_dtype(self) -> torch.dtype:
-        """Stage finals' dtype (model.save_dtype): by default the source checkpoint's, so a bf16 Llama comes
-        back in bf16, not at twice its size; checkpoints keep the parameter dtype (exact resume)."""
+        """Stage finals' dtype (model.save_dtype). By default the master weights' (what the checkpoints hold):
+        a later stage starts from this final and scores its reference with it, and a bf16 cast would round
+        away Pref-FT updates below bf16's resolution (~0.4% of a weight) before IPO begins. "source" is the
+        source checkpoint's dtype: half the size for a bf16 Llama, for a run's last stage."""
         choice = self.cfg.model.save_dtype
-        return self.source_dtype if choice == "auto" else getattr(torch, choice)
+        if choice == "auto":
+            return self._param_dtype()
+        return self.source_dtype if choice == "source" else getattr(torch, choice)
 
     def _initial_model(self):
         m = self.cfg.model
@@ -456,13 +482,9 @@ class Trainer:
         model = self._wrap(model)
         optimizer = make_optimizer(model, cfg)
         if resume_from is not None:
-            if self.world > 1:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(state["optimizer"])
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
             ckpt.set_rng_state(state["rng"])
         else:
             torch.manual_seed(cfg.run.seed)
@@ -548,18 +570,17 @@ class Trainer:
         return self.run_info["stages"][stage]
 
     def _save(self, stage_dir: Path, step: int, model, optimizer) -> Path:
-        if self.world > 1:  # gather full (unsharded) states on rank 0: a collective, every rank calls it
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+        # Full (unsharded) states on rank 0, keyed by parameter name: a collective under torchrun (every rank
+        # calls it), and one format for every world size, so a run resumes on more or fewer ranks.
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(model, options=opts)
-            optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
-        else:
-            model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=opts)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
         final = stage_dir / f"step-{step:09d}"
         if self.is_main:
             dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32

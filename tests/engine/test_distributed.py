@@ -52,7 +52,7 @@ def test_two_rank_fsdp2_matches_single_process(tmp_path):
                     reason="torchrun not installed")
 def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
     """A 2-rank run resumed from a mid-stage checkpoint (full state gathered on rank 0, re-sharded on load)
-    logs the same losses as the uninterrupted 2-rank run."""
+    logs the same losses as the uninterrupted 2-rank run; so does one process resuming it."""
     data = write_fixture(tmp_path / "data")
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"]
     # 5 steps, checkpoints at 2, 4 and 5; steps 4 and 5 depend on the Adam moments saved at step 2.
@@ -66,8 +66,17 @@ def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
         shutil.rmtree(cut / "checkpoints" / "pref-ft" / f"step-{step:09d}")
     shutil.rmtree(cut / "pref-ft")
     (cut / "run.json").unlink()
+    cut_single = tmp_path / "cut_single"
+    shutil.copytree(cut, cut_single)
     resumed = _train(torchrun, data, cut, (*extra, "--resume"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(whole, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * max(1.0, abs(a["loss"])), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * max(1.0, a["grad_norm"]), (a, b)
+    # The same checkpoint resumed by one process (checkpoints are full states keyed by parameter name):
+    # same global batch, so the same losses up to the order of floating-point reductions.
+    single = _train([sys.executable], data, cut_single, (*extra, "--resume"))
+    assert [r["step"] for r in single] == [1, 2, 3, 4, 5]
+    for a, b in zip(whole, single):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)

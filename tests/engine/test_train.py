@@ -304,10 +304,57 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_run_directory_ownership(tmp_path):
+    """The trainer never adopts or deletes a directory that is not its run: a non-empty --out that holds no
+    run is refused untouched; a failed start never removes a directory another process holds; a Trainer
+    that fails after taking the lock releases it (a corrected retry in the same process works)."""
+    from fspo_engine.engine.train import Trainer, _try_lock, discard_if_unstarted
+
+    data = write_fixture(tmp_path / "data")
+    mine = tmp_path / "project"
+    (mine / "tokenizer").mkdir(parents=True)
+    (mine / "tokenizer" / "notes.txt").write_text("keep me")
+    res = cli("train", "--data", str(data), "--out", str(mine), *SMALL, "--max-steps", "1")
+    assert res.returncode == 1 and "holds no run" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert sorted(p.name for p in mine.rglob("*")) == ["notes.txt", "tokenizer"]
+
+    other = tmp_path / "other-job"
+    other.mkdir()
+    fd = _try_lock(other)  # as the job that won the race for this --out holds it
+    try:
+        assert not discard_if_unstarted(other) and other.is_dir()
+    finally:
+        os.close(fd)
+    assert discard_if_unstarted(other) and not other.exists()
+
+    run = tmp_path / "run"
+    cfg = load_config(None, {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.vocab_size": 400,
+                             "run.progress": False})
+    Trainer(cfg, str(data), str(run), log=lambda m: None).close()
+    (run / "run.json").write_text("{torn")
+    with pytest.raises(FspoError, match="unreadable"):
+        Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None)
+    (run / "run.json").unlink()
+    Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None).close()  # not "another training run"
+
+
+def test_write_checkpoint_drops_an_abandoned_future(tmp_path):
+    """A run that resumed past broken newer checkpoints drops them when it saves: kept, they would count as
+    the newest and keep_last would prune every checkpoint the resumed run writes."""
+    stage = tmp_path / "stage"
+    for step in (2, 4):
+        ckpt.write_checkpoint(stage, step, lambda d, s=step: (d / "x").write_text(str(s)), keep_last=3)
+    (stage / "step-000000004" / "x").write_text("bit rot")
+    assert ckpt.latest_valid(stage, log=lambda m: None) == stage / "step-000000002"
+    ckpt.write_checkpoint(stage, 3, lambda d: (d / "x").write_text("3"), keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(stage)] == ["step-000000003"]
+    assert ckpt.verify(stage / "step-000000003") is None
+
+
 def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     """The real-user path: --model HF_DIR (bf16 weights, its own tokenizer, tied embeddings), Pref-FT then
-    DPO; the finals come back in bf16 (checkpoints keep fp32 master weights) and load in transformers; eval
-    uses the run's reference."""
+    DPO; with model.save_dtype=source the finals come back in bf16 (checkpoints keep fp32 master weights)
+    and load in transformers; eval uses the run's reference."""
     from helpers import make_tiny_model_dir
     from safetensors import safe_open
 
@@ -316,7 +363,8 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     run = tmp_path / "run"
     res = cli("train", "--data", str(data), "--out", str(run), "--model", str(hf_dir), "--shots", "2",
               "--set", "pref.loss=dpo", "--set", "pref.label_smoothing=0.1", "--set", "batch.episodes=4",
-              "--set", "pref_ft.steps=2", "--set", "pref.steps=2", "--set", "run.progress=false")
+              "--set", "pref_ft.steps=2", "--set", "pref.steps=2", "--set", "run.progress=false",
+              "--set", "model.save_dtype=source")
     assert res.returncode == 0, res.stderr[-3000:]
     recs = read_metrics(run)
     assert [r["stage"] for r in recs] == ["pref-ft", "pref-ft", "dpo", "dpo"]
