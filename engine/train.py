@@ -269,11 +269,16 @@ class Trainer:
         if cfg_path.is_file() and started:
             if not resume:
                 raise FspoError(f"{self.out}: already holds a run; pass --resume to continue it or pick a new --out")
-            old = cfg_path.read_text(encoding="utf-8", errors="replace")
-            if old != text:
+            # Compared as configs, not as text: a key a newer fspo-engine added reads as its default.
+            from fspo_engine.engine.config import load_config
+
+            if load_config(cfg_path) != self.cfg:
+                old = cfg_path.read_text(encoding="utf-8", errors="replace")
                 raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
+        if resume and not started:  # e.g. a job script that always passes --resume, on its first start
+            self.log(f"--resume: {self.out} holds no run yet; starting a new one")
         if self.out.is_dir() and not cfg_path.is_file() and not started and any(self.out.iterdir()):
             # Not a run: the trainer would write into it and replace folders it happens to name (tokenizer/,
             # pref-ft/, ipo/). Nothing was changed.
@@ -387,7 +392,10 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
 
     def _truncate_metrics(self, stage: str, step: int):
-        """After a resume, drop metric lines the killed run wrote past its checkpoint (and torn lines)."""
+        """As `stage` starts at `step`, drop its metric lines past that step (written by a killed run after
+        its checkpoint) and torn lines. Other stages' lines stay: a later stage that resumes from its own
+        checkpoint keeps its history (each stage truncates itself when it starts). Lines are ordered by
+        stage, then step, as an uninterrupted run writes them."""
         if not self.is_main or not self.metrics_path.is_file():
             return
         keep = []
@@ -397,13 +405,12 @@ class Trainer:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            s = rec.get("stage")
-            if s == stage and rec.get("step", 0) > step:
+            if not isinstance(rec, dict) or rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
-            if s in order and stage in order and order.index(s) > order.index(stage):
-                continue
-            keep.append(line)
-        ckpt.atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for ln in keep))
+            keep.append((rec.get("stage"), rec.get("step", 0), line))
+        rank = {s: i for i, s in enumerate(order)}
+        keep.sort(key=lambda r: (rank.get(r[0], len(order)), r[1] if isinstance(r[1], int) else 0))
+        ckpt.atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for _, _, ln in keep))
 
     def _emit(self, record: dict):
         if not self.is_main:

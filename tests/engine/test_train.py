@@ -269,6 +269,33 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     assert all(abs(x["loss"] - y["loss"]) < 1e-6 for x, y in zip(before, after))
 
 
+def test_resume_in_a_later_stage_keeps_its_history_after_republishing_an_earlier_final(tmp_path):
+    """Killed mid-IPO with the Pref-FT final lost: --resume republishes Pref-FT from its last checkpoint and
+    IPO resumes from its own; metrics.jsonl ends as the uninterrupted run's (IPO's first steps kept)."""
+    import shutil
+
+    data = write_fixture(tmp_path / "data")
+    args = [*SMALL, "--set", "pref_ft.steps=4", "--set", "pref.steps=4", "--save-every", "2",
+            "--set", "run.keep_last=3"]
+    whole = tmp_path / "whole"
+    res = cli("train", "--data", str(data), "--out", str(whole), *args)
+    assert res.returncode == 0, res.stderr
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "ipo" / "step-000000004")
+    for final in ("ipo", "pref-ft"):
+        shutil.rmtree(cut / final)
+    info = json.loads((cut / "run.json").read_text())
+    info["stages"] = {}
+    (cut / "run.json").write_text(json.dumps(info))
+    res = cli("train", "--data", str(data), "--out", str(cut), *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr and "step 2" in res.stderr, res.stderr
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(a, b))
+
+
 def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path):
     data = write_fixture(tmp_path / "data")
     run = tmp_path / "run"
@@ -279,6 +306,16 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "2",
               "--resume")
     assert res.returncode == 1 and "different config" in res.stderr and "Traceback" not in res.stderr
+    # A config.toml written before a key existed (an older fspo-engine) resumes: the key reads as its default.
+    cfg_text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text("\n".join(ln for ln in cfg_text.splitlines() if not ln.startswith("save_dtype")))
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1",
+              "--resume")
+    assert res.returncode == 0 and "already complete" in res.stderr, res.stderr
+    # --resume on a directory with no run yet (a job script that always passes it) starts one, and says so.
+    res = cli("train", "--data", str(data), "--out", str(tmp_path / "new"), *SMALL, "--stage", "pref-ft",
+              "--max-steps", "1", "--resume")
+    assert res.returncode == 0 and "holds no run yet" in res.stderr, res.stderr
     # A second job on a run directory that a live process holds (e.g. orphaned torchrun workers) is refused.
     import fcntl
 
