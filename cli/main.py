@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
@@ -24,6 +25,13 @@ class _Group(click.Group):
         except Exception as exc:  # noqa: BLE001 - filtered below
             if os.environ.get("FSPO_DEBUG") or not _is_user_error(exc):
                 raise
+            rank = int(os.environ.get("RANK", "0") or 0)
+            if rank and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                # Under torchrun every rank usually meets the same bad input: rank 0 reports it and exits, and
+                # torchrun ends the other ranks within a second. An error only this rank met still shows.
+                time.sleep(5)
+                click.echo(f"error: [rank {rank}] {exc}", err=True)
+                sys.exit(1)
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 

@@ -80,3 +80,16 @@ def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
     for a, b in zip(whole, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_bad_input_under_torchrun_is_reported_once(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fspo_engine.cli.main", "train",
+                          "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), *SMALL],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'missing'}: not a dataset directory"], res.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
