@@ -277,13 +277,13 @@ class Trainer:
                 raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
-        if resume and not started:  # e.g. a job script that always passes --resume, on its first start
-            self.log(f"--resume: {self.out} holds no run yet; starting a new one")
         if self.out.is_dir() and not cfg_path.is_file() and not started and any(self.out.iterdir()):
             # Not a run: the trainer would write into it and replace folders it happens to name (tokenizer/,
             # pref-ft/, ipo/). Nothing was changed.
             raise FspoError(f"{self.out}: exists, is not empty and holds no run; pick a new --out (or an empty "
                             "directory)")  # fmt: skip
+        if resume and not started:  # e.g. a job script that always passes --resume, on its first start
+            self.log(f"--resume: {self.out} holds no run yet; starting a new one")
         barrier()  # every rank has checked before rank 0 writes
         busy = 0.0
         if self.is_main:
