@@ -34,7 +34,7 @@ def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compi
     return model
 
 
-def _die_with_launcher():
+def die_with_launcher():
     """Linux: have the kernel kill this worker when its parent (torchrun's agent) dies. Without it a
     kill -9 of the launcher leaves the workers training on, orphaned, into a run directory the user is
     about to --resume."""
@@ -85,7 +85,7 @@ def init_distributed(device_type: str) -> torch.device:
 
     rank, local_rank, world_size = world()
     if world_size > 1:
-        _die_with_launcher()
+        die_with_launcher()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -35,9 +35,11 @@ from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import TrainConfig
 from fspo_engine.engine.distributed import (
     all_gather_cat,
+    all_gather_objects,
     all_reduce_sum,
     apply_ac_and_compile,
     barrier,
+    die_with_launcher,
     init_distributed,
     parallelize,
     pick_device,
@@ -117,6 +119,33 @@ def discard_if_unstarted(out: Path) -> bool:
     return True
 
 
+def _by_name(optim_state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state keyed by parameter name, as checkpoints hold it. Single-process checkpoints of
+    fspo-engine before 2026-11-28 hold `optimizer.state_dict()` (integer ids in optimizer order): re-keyed."""
+    groups = optim_state.get("param_groups", [])
+    if not groups or not all(isinstance(i, int) for g in groups for i in g["params"]):
+        return optim_state
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
+
+
+def _remove_leftovers(out: Path):
+    """Temporary files and folders of a killed run (a model copy can be GBs). Called while holding the run
+    directory's lock, so no live writer owns them. eval's temporaries are left alone (eval takes no lock)."""
+    names = [f".{n}.tmp-*" for n in ("tokenizer", *STAGE_SEED, "run.json", "config.toml", "metrics.jsonl",
+                                     "loss_curve.png")]  # fmt: skip
+    found = [p for pattern in names for p in out.glob(pattern)]
+    found += [p for pattern in ("*/.tmp-step-*", "*/.old-step-*") for p in (out / "checkpoints").glob(pattern)]
+    found += list((out / "reference").glob(".*.tmp-*"))
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _try_lock(directory: Path) -> int | None:
     """An exclusive flock on `directory`: the open fd, or None when another process holds it. The kernel
     drops the lock when the fd closes or the process dies (kill -9 included). Without fcntl (Windows) the
@@ -131,6 +160,8 @@ def _try_lock(directory: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # a filesystem without flock (some FUSE/NFS mounts): run unlocked, as without fcntl
+        return fd
     return fd
 
 
@@ -221,6 +252,8 @@ class Trainer:
         self.log = log if self.is_main else (lambda _msg: None)
         picked = pick_device(device)
         self.device = init_distributed(picked.type) if self.world > 1 else picked
+        if self.world == 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node=1
+            die_with_launcher()
         if cfg.batch.episodes < self.world:
             raise FspoError(f"batch.episodes ({cfg.batch.episodes}) must be at least the number of ranks ({self.world})")
         self.dataset = load_dataset(data_dir)
@@ -293,6 +326,7 @@ class Trainer:
             raise FspoError(f"{self.out}: another training run is using this directory (still running, or "
                             "orphaned workers of a killed torchrun: stop them first)")  # fmt: skip
         if self.is_main:
+            _remove_leftovers(self.out)
             if not started:  # leftovers of an attempt that died before its first checkpoint: start clean
                 shutil.rmtree(self.out / "tokenizer", ignore_errors=True)
             ckpt.atomic_write_text(cfg_path, text)
@@ -474,10 +508,21 @@ class Trainer:
                 else str(ref_dir.resolve())
             self._write_run_info()
         start_step = 0
-        resume_from = ckpt.latest_valid(stage_dir, log=self.log)
+        # Rank 0 verifies the checkpoints (hashing every file) and reads the training state; the other ranks
+        # take its choice, step and RNG state, and their optimizer shards by broadcast (an 8B model's Adam
+        # moments are 64 GB: not loaded into host memory once per rank).
+        resume_from, state = None, {}
+        if self.is_main:
+            resume_from = ckpt.latest_valid(stage_dir, log=self.log)
+            if resume_from is not None:
+                state = ckpt.load_train_state(resume_from / "train_state.pt")
+        if self.world > 1:
+            picked = all_gather_objects((str(resume_from) if resume_from else None, state.get("step"),
+                                         state.get("rng")) if self.is_main else None)[0]  # fmt: skip
+            resume_from = Path(picked[0]) if picked[0] else None
+            state = {**state, "step": picked[1], "rng": picked[2]}
         if resume_from is not None:
             model = self._load(resume_from / "model")
-            state = ckpt.load_train_state(resume_from / "train_state.pt")
             start_step = state["step"]
             self.log(f"[{stage}] resuming from {resume_from} (step {start_step})")
         elif init_dir is not None:
@@ -491,7 +536,9 @@ class Trainer:
         if resume_from is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            optim_state = _by_name(state["optimizer"], model, optimizer) if self.is_main else {}
+            set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=self.world > 1))
             ckpt.set_rng_state(state["rng"])
         else:
             torch.manual_seed(cfg.run.seed)

@@ -93,3 +93,54 @@ def test_bad_input_under_torchrun_is_reported_once(tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: {tmp_path / 'missing'}: not a dataset directory"], res.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_one_worker_dies_with_a_killed_torchrun(tmp_path):
+    """torchrun --nproc_per_node=1 sets WORLD_SIZE=1, but a kill -9 of the launcher must still end the worker:
+    an orphan would train on and hold the run directory against the user's --resume."""
+    import signal
+    import time
+
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=1", "-m", "fspo_engine.cli.main",
+                                 "train", "--data", str(data), "--out", str(run), *SMALL, "--save-every", "1",
+                                 "--stage", "pref-ft", "--set", "pref_ft.steps=100000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not list((run / "checkpoints" / "pref-ft").glob("step-*")):  # training for real
+            assert time.time() < deadline and launcher.poll() is None, "the run never reached its first checkpoint"
+            time.sleep(0.1)
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+        assert workers
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        time.sleep(3)
+        alive = [w for w in workers if _alive(w)]
+        for w in alive:
+            os.kill(w, signal.SIGKILL)
+        assert not alive, "the worker outlived its launcher"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -296,6 +296,36 @@ def test_resume_in_a_later_stage_keeps_its_history_after_republishing_an_earlier
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(a, b))
 
 
+def test_resume_from_an_older_single_process_checkpoint(tmp_path):
+    """Single-process checkpoints of earlier fspo-engine versions hold optimizer.state_dict() (integer
+    parameter ids): they still resume, exactly."""
+    import shutil
+
+    data = write_fixture(tmp_path / "data")
+    args = [*SMALL, "--stage", "pref-ft", "--set", "pref_ft.steps=4", "--save-every", "2", "--set", "run.keep_last=3"]
+    whole = tmp_path / "whole"
+    assert cli("train", "--data", str(data), "--out", str(whole), *args).returncode == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "pref-ft" / "step-000000004")
+    shutil.rmtree(cut / "pref-ft")
+    (cut / "run.json").unlink()
+    step2 = cut / "checkpoints" / "pref-ft" / "step-000000002"
+    state = torch.load(step2 / "train_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    state["optimizer"] = {"state": {index[n]: v for n, v in state["optimizer"]["state"].items()},
+                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
+    torch.save(state, step2 / "train_state.pt")
+    (step2 / "COMPLETE").unlink()
+    ckpt.seal(step2)
+    res = cli("train", "--data", str(data), "--out", str(cut), *args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(a, b))
+
+
 def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path):
     data = write_fixture(tmp_path / "data")
     run = tmp_path / "run"
@@ -372,7 +402,13 @@ def test_run_directory_ownership(tmp_path):
     with pytest.raises(FspoError, match="unreadable"):
         Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None)
     (run / "run.json").unlink()
+    # Leftovers of a killed run: a half-copied final, a checkpoint being replaced. Removed under the lock.
+    (run / ".pref-ft.tmp-999").mkdir()
+    (run / ".pref-ft.tmp-999" / "model.safetensors").write_bytes(b"x" * 100)
+    (run / "checkpoints" / "pref-ft" / ".old-step-000000002-999").mkdir(parents=True)
     Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None).close()  # not "another training run"
+    assert not (run / ".pref-ft.tmp-999").exists()
+    assert not (run / "checkpoints" / "pref-ft" / ".old-step-000000002-999").exists()
 
 
 def test_write_checkpoint_drops_an_abandoned_future(tmp_path):
