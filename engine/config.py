@@ -100,6 +100,8 @@ class RunSection:
     log_every: int = 1  # metrics.jsonl line every N steps
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard extra)
     progress: bool = True  # progress bar
+    eval_every: int = 0  # held-out metrics (test users) every N optimiser steps and at each stage's end (0 = never)
+    eval_episodes: int = 64  # held-out episodes per evaluation: a fixed sample at the training shot counts
 
 
 @dataclass
@@ -154,6 +156,8 @@ class TrainConfig:
             ("run.save_every", self.run.save_every, non_negative, "must be >= 0 (0 = stage ends only)"),
             ("run.keep_last", self.run.keep_last, positive, "must be >= 1"),
             ("run.log_every", self.run.log_every, positive, "must be >= 1"),
+            ("run.eval_every", self.run.eval_every, non_negative, "must be >= 0 (0 = never)"),
+            ("run.eval_episodes", self.run.eval_episodes, positive, "must be >= 1"),
             ("model.vocab_size", self.model.vocab_size, lambda v: v >= 300, "must be >= 300 (256 byte pieces + 3)"),
             ("model.hidden_size", self.model.hidden_size, non_negative, "must be >= 0 (0 = the named size's)"),
             ("model.num_hidden_layers", self.model.num_hidden_layers, non_negative,

@@ -68,7 +68,7 @@ from fspo_engine.engine.model import (
 )
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
-from fspo_engine.engine.scoring import episode_logprobs, segment_logprobs
+from fspo_engine.engine.scoring import EpisodeLogprobs, episode_logprobs, score_episodes, segment_logprobs
 from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer, train_tokenizer
 
 STAGE_SEED = {"pref-ft": 0, "ipo": 1, "dpo": 1}  # each stage draws its own episodes
@@ -283,6 +283,7 @@ class Trainer:
             raise
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
         self.metrics_path = self.out / "metrics.jsonl"
+        self._eval_set = None
 
     def _check_vocab(self, tokenizer, vocab_size: int):
         """Every id the training texts and the episode format encode to fits the model's embedding."""
@@ -545,6 +546,9 @@ class Trainer:
 
         # Reference log-probs for every planned epoch, computed once, before any training step.
         ref_tables = {}
+        evaluating = cfg.run.eval_every > 0 and start_step < total
+        eval_eps = self._eval_episodes(model) if evaluating else []
+        eval_ref = None  # the reference's log-probs of the held-out episodes (IPO/DPO)
         if ref_dir is not None and start_step < total:
             cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
             n_epochs = plan.epochs_for(total)
@@ -559,6 +563,9 @@ class Trainer:
                                                 ref_model, cfg.data.max_tokens, cfg.model.logprob_impl, self.device,
                                                 log=self.log, on_row=bar.update, rank=self.rank, world=self.world)
             bar.close()
+            if evaluating:  # unsharded on every rank, like the reference log-probs: a small fixed set
+                eval_ref = score_episodes(ref_model, eval_eps, cfg.data.max_tokens, impl=cfg.model.logprob_impl,
+                                          device=self.device)
             del ref_model
             barrier()
         ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}
@@ -593,7 +600,10 @@ class Trainer:
                        episodes_per_s=len(episodes) / dt, tokens_per_s=rec.pop("_tokens") / dt, step_time_s=dt)
             if self.device.type == "cuda":
                 rec["mfu"] = self._mfu(model, rec["tokens_per_s"])
-            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
+            evaluated = evaluating and ((step + 1) % cfg.run.eval_every == 0 or step + 1 == total)
+            if evaluated:
+                rec.update(self._evaluate(stage, model, eval_eps, eval_ref))
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total or evaluated:
                 self._emit(rec)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{rec[k]:.4g}" for k in ("loss", "rewards/accuracy", "tokens_per_s")
@@ -654,6 +664,59 @@ class Trainer:
         flops = 3 * c.flops_per_token(self.cfg.data.max_tokens // 2)["forward"]
         peak = 989e12  # H100/H200 dense bf16 TFLOP/s
         return flops * tokens_per_s / peak
+
+    def _eval_episodes(self, model) -> list:
+        """The held-out episodes of run.eval_every: test users at the training shot counts, a fixed sample
+        (its own seed: the training draws do not move), the same for every stage."""
+        if self._eval_set is None:
+            d = self.cfg.data
+            eps = sample_episodes(self.dataset, "test", parse_shots(d.shots), seed=d.seed * 7919 + 104729,
+                                  shuffle=True)  # fmt: skip
+            if not eps:
+                raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
+            self._eval_set = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
+                                               max_tokens=d.max_tokens, user_description=d.user_description)
+        check_ids_fit(self.tokenizer, model.config.vocab_size, self.cfg.model.name,
+                      (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in self._eval_set))  # fmt: skip
+        return self._eval_set
+
+    def _evaluate(self, stage: str, model, episodes: list, ref: EpisodeLogprobs | None) -> dict:
+        """Held-out metrics of the policy now: `eval/loss` (the stage's loss: the chosen responses' token-mean
+        NLL for Pref-FT, IPO/DPO against the reference), `eval/nll_per_token` and, for IPO/DPO, the implicit
+        rewards (`eval/rewards/accuracy`: FSPO's held-out preference accuracy). Every rank scores its share
+        (padded like a training step: FSDP2's collectives must line up); no RNG is drawn."""
+        cfg, dev = self.cfg, self.device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
+        share, rows = self._rank_rows(episodes, lambda eps: pack_batches(eps, cfg.data.max_tokens))
+        parts = []
+        model.eval()
+        with torch.no_grad():
+            for row, real in rows:
+                with autocast:
+                    out = episode_logprobs(model, row.to(dev), impl=cfg.model.logprob_impl)
+                if real:  # share[i] is episodes[i * world + rank]
+                    idx = torch.tensor(row.episodes, dtype=torch.long) * self.world + self.rank
+                    parts.append((idx, out.chosen.float().cpu(), out.rejected.float().cpu(),
+                                  out.chosen_tokens.cpu(), out.rejected_tokens.cpu()))  # fmt: skip
+        model.train()
+        E = len(episodes)
+        pc, pr = torch.zeros(E), torch.zeros(E)
+        ct, rt = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+        for rank_parts in all_gather_objects(parts):
+            for idx, c, r, cn, rn in rank_parts:
+                pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
+        nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
+        if stage == "pref-ft":
+            return {"eval/loss": nll, "eval/nll_per_token": nll}
+        rc, rr = ref.chosen.float(), ref.rejected.float()
+        if cfg.pref.length_normalize:
+            pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
+            rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
+        beta = cfg.pref.beta
+        loss = ipo_loss(pc, pr, rc, rr, beta) if stage == "ipo" else \
+            dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)  # fmt: skip
+        return {"eval/loss": loss.item(), "eval/nll_per_token": nll,
+                **{f"eval/{k}": v for k, v in reward_metrics(pc, pr, rc, rr, beta).items()}}
 
     def _train_step(self, stage: str, model, episodes: list, ref_table: dict) -> dict:
         """Forward/backward over micro-batches (packed rows) summing exactly to the global-batch loss."""
@@ -769,7 +832,8 @@ def _bar(total, desc, unit, enabled, initial=0):
 
 
 def plot_metrics(metrics_path: Path, out_png: Path):
-    """Loss per stage and IPO/DPO reward accuracy against step, as a PNG."""
+    """Loss per stage and IPO/DPO reward accuracy against step (held-out points where run.eval_every), as a
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -783,6 +847,11 @@ def plot_metrics(metrics_path: Path, out_png: Path):
     for ax, s in zip(axes[0], stages):
         rs = [r for r in recs if r["stage"] == s]
         ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], label="loss", color="tab:blue")
+        ev = [r for r in rs if "eval/loss" in r]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval/loss"] for r in ev], "o--", color="tab:blue", alpha=0.6,
+                    label="held-out loss")
+            ax.legend(loc="upper left", fontsize=8)
         ax.set_title(s)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -790,8 +859,13 @@ def plot_metrics(metrics_path: Path, out_png: Path):
             ax2 = ax.twinx()
             ax2.plot([r["step"] for r in rs], [r.get("rewards/accuracy", float("nan")) for r in rs],
                      color="tab:orange", alpha=0.7, label="reward accuracy")
+            ev = [r for r in rs if "eval/rewards/accuracy" in r]
+            if ev:
+                ax2.plot([r["step"] for r in ev], [r["eval/rewards/accuracy"] for r in ev], "o--",
+                         color="tab:red", alpha=0.8, label="held-out accuracy")
             ax2.set_ylabel("reward accuracy")
             ax2.set_ylim(0, 1)
+            ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)

@@ -28,9 +28,10 @@ def _train(cmd_prefix, data, out, extra=()):
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_two_rank_fsdp2_matches_single_process(tmp_path):
     data = write_fixture(tmp_path / "data")
-    single = _train([sys.executable], data, tmp_path / "single")
+    held_out = ("--set", "run.eval_every=2", "--set", "run.eval_episodes=7")  # 7: the ranks' shares differ
+    single = _train([sys.executable], data, tmp_path / "single", held_out)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    dist = _train([torchrun, "--standalone", "--nproc_per_node=2"], data, tmp_path / "dist")
+    dist = _train([torchrun, "--standalone", "--nproc_per_node=2"], data, tmp_path / "dist", held_out)
     assert [(r["stage"], r["step"]) for r in single] == [(r["stage"], r["step"]) for r in dist]
     assert {r["stage"] for r in dist} == {"pref-ft", "ipo"}
     for a, b in zip(single, dist):
@@ -39,6 +40,10 @@ def test_two_rank_fsdp2_matches_single_process(tmp_path):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
         if "rewards/accuracy" in a:
             assert a["rewards/accuracy"] == b["rewards/accuracy"]
+        assert ("eval/loss" in a) == ("eval/loss" in b) == (a["step"] in (2, 3)), (a, b)
+        for key in ("eval/loss", "eval/nll_per_token", "eval/rewards/accuracy"):
+            if key in a:  # held-out scoring split over ranks (padded rows), gathered back in order
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
     # Rank 0 wrote one run directory; the checkpoint it gathered from the shards loads as a plain model.
     from fspo_engine.engine.model import load_model
 

@@ -326,6 +326,44 @@ def test_resume_from_an_older_single_process_checkpoint(tmp_path):
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])) for x, y in zip(a, b))
 
 
+def test_held_out_eval_during_training(tmp_path):
+    """run.eval_every logs held-out metrics (test users) without moving training; the last ones equal an
+    independent scoring of the stage finals."""
+    from fspo_engine.engine.model import load_model
+    from fspo_engine.engine.scoring import score_episodes
+    from fspo_engine.engine.train import Trainer
+
+    data = write_fixture(tmp_path / "data")
+    args = [*SMALL, "--set", "pref_ft.steps=4", "--set", "pref.steps=4", "--set", "pref.beta=0.5",
+            "--set", "optim.lr=2e-3"]
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    assert cli("train", "--data", str(data), "--out", str(plain), *args).returncode == 0
+    res = cli("train", "--data", str(data), "--out", str(run), *args, "--set", "run.eval_every=3",
+              "--set", "run.eval_episodes=10")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_metrics(plain), read_metrics(run)
+    assert [(r["stage"], r["step"], r["loss"]) for r in a] == [(r["stage"], r["step"], r["loss"]) for r in b]
+    ev = [r for r in b if "eval/loss" in r]
+    assert [(r["stage"], r["step"]) for r in ev] == [("pref-ft", 3), ("pref-ft", 4), ("ipo", 3), ("ipo", 4)]
+    assert 0.0 <= ev[-1]["eval/rewards/accuracy"] <= 1.0 and "eval/rewards/accuracy" not in ev[0]
+    assert (run / "loss_curve.png").stat().st_size > 0
+
+    cfg = load_config(run / "config.toml")
+    trainer = Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None)
+    pref_ft, ipo = load_model(run / "pref-ft").eval(), load_model(run / "ipo").eval()
+    eps = trainer._eval_episodes(pref_ft)
+    trainer.close()
+    assert len(eps) == 10
+    ref = score_episodes(pref_ft, eps, cfg.data.max_tokens)
+    pol = score_episodes(ipo, eps, cfg.data.max_tokens)
+    nll = -(ref.chosen.double().sum() / ref.chosen_tokens.sum()).item()
+    assert abs(nll - ev[1]["eval/loss"]) <= 1e-5 * abs(nll), (nll, ev[1])
+    want = ipo_loss(pol.chosen, pol.rejected, ref.chosen, ref.rejected, 0.5).item()
+    assert abs(want - ev[3]["eval/loss"]) <= 1e-5 * max(1.0, abs(want)), (want, ev[3])
+    want = reward_metrics(pol.chosen, pol.rejected, ref.chosen, ref.rejected, 0.5)["rewards/accuracy"]
+    assert want == ev[3]["eval/rewards/accuracy"]
+
+
 def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path):
     data = write_fixture(tmp_path / "data")
     run = tmp_path / "run"
