@@ -38,7 +38,7 @@ MODELS = {  # (query heads, kv heads, head dim) of the Llama sizes the engine tr
     "8B": (32, 8, 128),
     "tiny": (4, 1, 64),
 }
-VARIANTS = ("ours", "flex", "official", "plain")
+VARIANTS = ("ours", "official", "plain", "flex")  # flex compiles for a minute: last, so a timeout cuts only it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,13 +356,20 @@ def main(argv: list[str] | None = None):
                 rec.update(ms=None, peak_mib=None, tflops=None, error=f"{type(exc).__name__}: {exc}"[:160])
             results.append(rec)
             print(json.dumps(rec), flush=True)
+            _write_all(results, _meta(cuda, dtype, model, hq, hkv, d, ctx, resp, warmup, reps, lists_ms),
+                       Path(args.out), quiet=True)  # after every record: a run cut short keeps what it measured
         if cuda and lists_ms is None:
             from fspo_engine.kernels.attention import block_lists
 
             doc, br = (t.cuda() for t in row_ids(episodes))
             lists_ms = time_gpu(lambda doc=doc, br=br: block_lists(doc, br, 128, 64), 3, 20)
 
-    meta = {
+    _write_all(results, _meta(cuda, dtype, model, hq, hkv, d, ctx, resp, warmup, reps, lists_ms), Path(args.out))
+    return results
+
+
+def _meta(cuda, dtype, model, hq, hkv, d, ctx, resp, warmup, reps, lists_ms) -> dict:
+    return {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
         "model": model,
@@ -377,14 +384,16 @@ def main(argv: list[str] | None = None):
         "torch": torch.__version__,
         "flops_convention": "fwd+bwd = 3.5 * 4 * useful_pairs * D * Hq",
     }
-    out = Path(args.out)
+
+
+def _write_all(results: list, meta: dict, out: Path, quiet: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(results, meta)
-    print(md)
+    if not quiet:
+        print(md)
     _write_atomic(out / "attention.json", json.dumps({"meta": meta, "results": results}, indent=2))
     _write_atomic(out / "attention.md", md)
     plot(results, out / "attention.png")
-    return results
 
 
 def _write_atomic(path: Path, text: str):

@@ -371,21 +371,24 @@ def main(argv: list[str] | None = None):
                 done = f"{r['time_ms']:.1f} ms, peak +{r.get('peak_mb', float('nan')):.0f} MB" if "time_ms" in r else ""
                 print(f"T={t} H={h} {var}: " + (r["skipped"] if "skipped" in r else done),
                       file=sys.stderr, flush=True)  # fmt: skip
-            # Ratios side by side, within this shape.
-            shape = [r for r in results if r["T"] == t and r["H"] == h and "skipped" not in r]
-            naive = next((r for r in shape if r["variant"] == "naive"), None)
-            floor = next((r for r in shape if r["variant"] == "floor"), None)
-            for r in shape:
-                if naive:
-                    r["x_naive_time"] = r["time_ms"] / naive["time_ms"]
-                    if r.get("peak_mb") is not None and naive.get("peak_mb"):
-                        r["x_naive_mem"] = r["peak_mb"] / naive["peak_mb"]
-                if floor:
-                    r["x_floor_time"] = r["time_ms"] / floor["time_ms"]
-            write(results, gpu, Path(args.out))  # after every shape: a run cut short keeps what it measured
+                _ratios([r for r in results if r["T"] == t and r["H"] == h and "skipped" not in r])
+                write(results, gpu, Path(args.out))  # after every variant: a run cut short keeps what it measured
 
     print(table(results, gpu))
     return results
+
+
+def _ratios(shape: list[dict]):
+    """Each variant against naive (time, memory) and the floor (time), side by side within one shape."""
+    naive = next((r for r in shape if r["variant"] == "naive"), None)
+    floor = next((r for r in shape if r["variant"] == "floor"), None)
+    for r in shape:
+        if naive:
+            r["x_naive_time"] = r["time_ms"] / naive["time_ms"]
+            if r.get("peak_mb") is not None and naive.get("peak_mb"):
+                r["x_naive_mem"] = r["peak_mb"] / naive["peak_mb"]
+        if floor:
+            r["x_floor_time"] = r["time_ms"] / floor["time_ms"]
 
 
 def write(results, gpu, out: Path):

@@ -4,14 +4,19 @@ Both variants train the same random Llama on the same episodes (IPO loss, fwd + 
 
 * official: the FSPO reference code's path (a general DPO codebase on Hugging Face transformers):
   chosen and rejected are two sequences that each carry the whole few-shot context, padded to the longest
-  of the batch; full [B, L, V] logits go through log_softmax and gather; the reference model runs a
-  forward every step. Run here with `transformers.LlamaForCausalLM` (SDPA attention).
+  of its micro-batch; full [B, L, V] logits go through log_softmax and gather; the reference model runs a
+  forward every step. Run here with `transformers.LlamaForCausalLM` (SDPA attention), one episode (two
+  sequences) per micro-batch by default with gradient accumulation, as a per-device batch of 1-2 must be at
+  8k-token contexts (a whole 8-episode batch of 1B activations would not fit in 141 GB).
 * fspo-engine: `[context | chosen | rejected]` packed rows with prefix-shared attention, only response
   rows reach the fused lm_head log-prob op, reference log-probs precomputed (a table lookup).
 
 Each variant runs in its own subprocess so that peak memory (CUDA max allocated, or CPU max RSS) is its own.
 
-    fspo-engine bench train [--episodes 8] [--shots 8] [--size small|1B] [--steps 3] [--out DIR]
+    fspo-engine bench train [--episodes 8] [--shots 8] [--size small|1B] [--steps 3] [--official-micro-batch 1]
+                            [--out DIR]
+
+A variant that fails (e.g. out of memory) is reported as failed; the other still runs.
 """
 
 from __future__ import annotations
@@ -48,6 +53,21 @@ def make_episodes(n, shots, ctx_per_shot, resp, vocab, seed):
     return eps
 
 
+def _padded(eps, dev):
+    """The official layout of some episodes: chosen and rejected as two sequences, each carrying the whole
+    context, right-padded to the longest; labels only on the responses."""
+    seqs = [p + r for p, rs in eps for r in rs]  # chosen, rejected, chosen, ... each with its context
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100)
+    for i, ((p, _), s) in enumerate(zip([e for e in eps for _ in range(2)], seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, len(p):len(s)] = torch.tensor(s[len(p):])
+    return ids.to(dev), mask.to(dev), labels.to(dev)
+
+
 def run_variant(variant, args) -> dict:
     import transformers
 
@@ -63,33 +83,27 @@ def run_variant(variant, args) -> dict:
     torch.manual_seed(0)
     if variant == "official":
         cfg = transformers.LlamaConfig(**spec, tie_word_embeddings=False, attn_implementation="sdpa")
-        policy = transformers.LlamaForCausalLM(cfg).to(dev, dtype).train()
-        ref = transformers.LlamaForCausalLM(cfg).to(dev, dtype).eval()
-        seqs = [p + r for p, rs in eps for r in rs]  # chosen, rejected, chosen, ... each with its context
-        L = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)
-        mask = torch.zeros(len(seqs), L, dtype=torch.long)
-        labels = torch.full((len(seqs), L), -100)
-        for i, ((p, _), s) in enumerate(zip([e for e in eps for _ in range(2)], seqs)):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-            labels[i, len(p):len(s)] = torch.tensor(s[len(p):])
-        ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+        with torch.device(dev):  # initialised on the device: two 1B models on a CPU take minutes
+            policy = transformers.LlamaForCausalLM(cfg).to(dtype).train()
+            ref = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+        micro = args.official_micro_batch or len(eps)
+        batches = [_padded(eps[i:i + micro], dev) for i in range(0, len(eps), micro)]
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-        tokens = ids.numel()
+        tokens = sum(ids.numel() for ids, _, _ in batches)
 
-        def seq_logps(model):
+        def seq_logps(model, ids, mask, labels):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, L-1, V] fp32
             tgt = labels[:, 1:]
             lp = torch.gather(logits.log_softmax(-1), 2, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             return (lp * (tgt != -100)).sum(-1)
 
         def step():
-            with torch.no_grad():
-                r = seq_logps(ref)
-            p = seq_logps(policy)
-            loss = ipo_loss(p[0::2], p[1::2], r[0::2], r[1::2], 0.1)
-            loss.backward()
+            for ids, mask, labels in batches:  # gradient accumulation over micro-batches
+                with torch.no_grad():
+                    r = seq_logps(ref, ids, mask, labels)
+                p = seq_logps(policy, ids, mask, labels)
+                loss = ipo_loss(p[0::2], p[1::2], r[0::2], r[1::2], 0.1) * (ids.shape[0] // 2) / len(eps)
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
@@ -138,8 +152,11 @@ def main(argv=None):
     ap.add_argument("--response", type=int, default=None, help="mean response tokens")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--official-micro-batch", type=int, default=1,
+                    help="episodes per micro-batch of the official layout (0 = the whole batch at once)")
     ap.add_argument("--out", default="bench_out/train")
     ap.add_argument("--variant", choices=["official", "fspo-engine"], help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)  # the variant subprocesses get the same options
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     args.ctx_per_shot = args.ctx_per_shot or (500 if gpu else 60)
@@ -148,20 +165,28 @@ def main(argv=None):
         print(json.dumps(run_variant(args.variant, args)))
         return
     results = []
-    for variant in ("official", "fspo-engine"):
-        cmd = [sys.executable, "-m", "fspo_engine.benchmarks.bench_train", *(argv or []), "--variant", variant]
+    for variant in ("fspo-engine", "official"):  # ours first: a step timeout cuts the baseline, not ours
+        cmd = [sys.executable, "-m", "fspo_engine.benchmarks.bench_train", *argv, "--variant", variant]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         if res.returncode != 0:
-            raise SystemExit(f"variant {variant} failed:\n{res.stderr[-2000:]}")
+            why = (res.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            print(f"variant {variant} failed: {why}", file=sys.stderr)
+            results.append({"variant": variant, "failed": why})
+            continue
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    base = results[0]
+    base = next((r for r in results if r["variant"] == "official" and "failed" not in r), None)
     lines = [f"# bench train ({'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU'}, size {args.size}, "
-             f"{args.episodes} episodes x {args.shots} shots)", "",
+             f"{args.episodes} episodes x {args.shots} shots, official micro-batch "
+             f"{args.official_micro_batch or args.episodes} episodes)", "",
              "| variant | step (s) | episodes/s | tokens through the body | peak memory (MiB) | speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['variant']} | failed: {r['failed']} | | | | |")
+            continue
+        speedup = f"{base['step_s'] / r['step_s']:.2f}x" if base else "n/a"
         lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['episodes_per_s']:.2f} | {r['tokens_processed']} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} ({r['peak_kind']}) | {base['step_s'] / r['step_s']:.2f}x |")
+                     f"{r['peak_bytes'] / 2**20:.0f} ({r['peak_kind']}) | {speedup} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
@@ -174,11 +199,15 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if "failed" not in r]
+    if not results:
+        raise SystemExit("bench train: every variant failed")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     names = [r["variant"] for r in results]
-    axes[0].bar(names, [r["episodes_per_s"] for r in results], color=["grey", "tab:blue"])
+    colors = ["grey" if n == "official" else "tab:blue" for n in names]
+    axes[0].bar(names, [r["episodes_per_s"] for r in results], color=colors)
     axes[0].set_ylabel("episodes / s")
-    axes[1].bar(names, [r["peak_bytes"] / 2**20 for r in results], color=["grey", "tab:blue"])
+    axes[1].bar(names, [r["peak_bytes"] / 2**20 for r in results], color=colors)
     axes[1].set_ylabel(f"peak MiB ({results[0]['peak_kind']})")
     fig.suptitle("one IPO training step")
     fig.tight_layout()

@@ -558,14 +558,19 @@ class Trainer:
             used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size) for e in range(n_epochs)]
             bar = _bar(total=sum(-(-u // self.world) for u in used), desc=f"[{stage}] reference log-probs",
                        unit="ep", enabled=cfg.run.progress and self.is_main)
-            for e in range(n_epochs):
-                ref_tables[e] = cache.get_epoch({**plan.plan_key(e), "episodes": used[e]}, plan.epoch(e)[:used[e]],
-                                                ref_model, cfg.data.max_tokens, cfg.model.logprob_impl, self.device,
-                                                log=self.log, on_row=bar.update, rank=self.rank, world=self.world)
-            bar.close()
-            if evaluating:  # unsharded on every rank, like the reference log-probs: a small fixed set
-                eval_ref = score_episodes(ref_model, eval_eps, cfg.data.max_tokens, impl=cfg.model.logprob_impl,
-                                          device=self.device)
+            # The reference runs at the policy's precision (bf16 autocast over fp32 weights on CUDA): at step 0
+            # policy and reference then agree exactly, and IPO/DPO margins start at 0, not at rounding noise.
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
+            with autocast:
+                for e in range(n_epochs):
+                    key = {**plan.plan_key(e), "episodes": used[e], "autocast": self.autocast}
+                    ref_tables[e] = cache.get_epoch(key, plan.epoch(e)[:used[e]], ref_model, cfg.data.max_tokens,
+                                                    cfg.model.logprob_impl, self.device, log=self.log,
+                                                    on_row=bar.update, rank=self.rank, world=self.world)
+                bar.close()
+                if evaluating:  # unsharded on every rank, like the reference log-probs: a small fixed set
+                    eval_ref = score_episodes(ref_model, eval_eps, cfg.data.max_tokens,
+                                              impl=cfg.model.logprob_impl, device=self.device)
             del ref_model
             barrier()
         ref_table = {k: v for t in ref_tables.values() for k, v in t.items()}

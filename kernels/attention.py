@@ -387,7 +387,7 @@ if triton is not None:
                 )  # fmt: skip
         return acc, l_i, m_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _fwd_kernel(
         Q, K, V, O, LSE, DOC, BR,
         FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,
@@ -431,7 +431,7 @@ if triton is not None:
         )
         tl.store(LSE + h * T + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)  # log2-sum-exp2, fp32
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dt, stride_dh,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
         # delta[h, t] = sum_d o[t, h, d] * do[t, h, d], the softmax-backward row term, fp32.
@@ -513,7 +513,7 @@ if triton is not None:
                 )  # fmt: skip
         return dk, dv
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, DOC, BR,
         FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,
@@ -617,7 +617,7 @@ if triton is not None:
                 )  # fmt: skip
         return dq
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DOC, BR,
         FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,

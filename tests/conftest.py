@@ -10,6 +10,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_attention_timing(monkeypatch):
+    # On GPU, attention tile sizes are timed on first use per shape: 18 candidates compiled per head dim
+    # and dtype, minutes over the suite. Tests take the first candidate that launches instead;
+    # tests/kernels/test_attention.py::test_gpu_autotuned covers the timed choice.
+    monkeypatch.setenv("FSPO_ATTN_AUTOTUNE", "0")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

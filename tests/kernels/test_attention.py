@@ -14,13 +14,6 @@ from fspo_engine.kernels import prefix_shared_attention  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _no_timing(monkeypatch):
-    # On GPU, tile sizes are timed on first use per shape: slow to compile for every test shape, so tests
-    # take the first candidate that launches; test_gpu_autotuned covers the timed choice.
-    monkeypatch.setenv("FSPO_ATTN_AUTOTUNE", "0")
-
-
 # fp32 inputs: DESIGN.md asks < 1e-4 relative; measured max abs error ~1e-6 on O(1) values.
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -492,7 +485,7 @@ def test_gpu_16bit(dtype, hq, hkv, d):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64])  # fp32 at D=128 compiles ~40 s of candidates: 16-bit D=128 is above
 def test_gpu_fp32_default_configs(d):
     # GPU tile sizes (not the test ones), T not a multiple of any block, fp32 at the 1e-4 bar.
     rng = torch.Generator().manual_seed(d)
