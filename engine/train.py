@@ -600,6 +600,8 @@ class Trainer:
                                 f"last good checkpoint is {last_ckpt or 'none'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":  # the step's kernels, optimizer included, counted in this step
+                torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             rec.update(stage=stage, step=step + 1, lr=lr, grad_norm=grad_norm.item(),
                        episodes_per_s=len(episodes) / dt, tokens_per_s=rec.pop("_tokens") / dt, step_time_s=dt)
