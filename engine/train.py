@@ -812,7 +812,8 @@ class Trainer:
         if self.world == 1:
             return share, [(r, True) for r in mine]
         most = max(len(pack(items[r::self.world])) for r in range(self.world))  # same on every rank
-        return share, [(r, True) for r in mine] + [(mine[0], False)] * (most - len(mine))
+        pad = mine[0] if mine else pack(items[:1])[0]  # a rank with no share (fewer items than ranks) pads too
+        return share, [(r, True) for r in mine] + [(pad, False)] * (most - len(mine))
 
     def _plot(self):
         if not self.metrics_path.is_file():  # --max-steps 0: nothing was logged, nothing to plot
