@@ -14,11 +14,14 @@ BENCHMARKS = {
 }
 
 
-@click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(sorted(BENCHMARKS)))
+# No click help option: `bench NAME --help` must reach the script's own argparse help.
+@click.command("bench", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(name, args):
-    """Run a benchmark; ARGS go to the script (try `fspo-engine bench NAME --help`).
+@click.pass_context
+def bench(ctx, name, args):
+    """Run a benchmark; ARGS go to the script (`fspo-engine bench NAME --help` lists them).
 
     \b
     kernels    fused linear log-prob sums vs plain torch / torch.compile / peers
@@ -26,5 +29,10 @@ def bench(name, args):
     packing    tokens and attention FLOPs per episode vs the official padded layout
     train      a whole training step, packed vs the official padded path
     """
+    if name in (None, "-h", "--help"):
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+    if name not in BENCHMARKS:
+        raise click.BadParameter(f"{name!r} is not one of {', '.join(sorted(BENCHMARKS))}", param_hint="NAME")
     module = importlib.import_module(f"fspo_engine.benchmarks.bench_{name}")
     module.main(list(args))

@@ -29,7 +29,8 @@ def parse_shot_list(text: str) -> list[int]:
               help="JSON report (default: MODEL/eval.json); a PNG plot is written beside it.")
 @click.option("--max-tokens", default=8192, show_default=True, help="Token budget of one packed row.")
 @click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Episode sampling seed.")
-@click.option("--user-description", is_flag=True, help="Targets start with the user description.")
+@click.option("--user-description/--no-user-description", default=None,
+              help="Targets start with the user description (default: as the run trained; off for a model dir).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, user_description, device):
     """Preference accuracy on unseen users for each shot count, as JSON and a PNG plot."""
@@ -46,7 +47,7 @@ def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, user_des
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, out, out.with_suffix(".png"))
     click.echo(f"method: {report['method']} ({'policy vs reference' if report['reference'] else 'no reference'})")
-    click.echo("| shots | accuracy | mean margin | episodes |")
+    click.echo("| shots | accuracy | mean margin (log-ratio h) | episodes |")
     click.echo("|---:|---:|---:|---:|")
     for r in report["results"]:
         click.echo(f"| {r['shots']} | {r['accuracy']:.3f} | {r['mean_margin']:.3f} | {r['episodes']} |")

@@ -28,7 +28,18 @@ def model_info(model_dir: str, context: int, check_weights: bool):
     n_params = cfg.num_params
     flops = cfg.flops_per_token(context)
     click.echo(json.dumps({k: v for k, v in asdict(cfg).items() if k != "attention_impl"}, indent=2))
-    click.echo(f"parameters: {n_params:,} ({n_params / 1e9:.3f} B)")
-    click.echo(f"forward FLOPs/token: {flops['forward'] / 1e9:.3f} GFLOP "
-               f"(matmuls {flops['matmul'] / 1e9:.3f}, attention at context {context}: {flops['attention'] / 1e9:.3f}); "
-               f"training ~3x forward")
+    click.echo(f"parameters: {n_params:,} ({_si(n_params)})")
+    if check_weights:
+        from fspo_engine.engine.model import stored_dtype
+
+        click.echo(f"weights stored as: {str(stored_dtype(model_dir)).removeprefix('torch.')}")
+    click.echo(f"forward FLOPs/token: {_si(flops['forward'])}FLOP (matmuls {_si(flops['matmul'])}FLOP, "
+               f"attention at context {context}: {_si(flops['attention'])}FLOP); training ~3x forward")
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M' (k, M, G, T): readable for a tiny test model and for an 8B one alike."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} "

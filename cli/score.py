@@ -36,7 +36,8 @@ import click
     show_default=True,
     help="Token budget of one packed row (one forward); also the per-episode truncation budget.",
 )
-@click.option("--user-description", is_flag=True, help="Targets start with the user description.")
+@click.option("--user-description/--no-user-description", default=None,
+              help="Targets start with the user description (default: as the run trained; off for a model dir).")
 @click.option("--with-tokens", is_flag=True, help="Also write prompt_ids, chosen_ids and rejected_ids.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
@@ -74,7 +75,7 @@ def score(
         tokenize_episodes,
     )
     from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.evaluate import resolve_models
+    from fspo_engine.engine.evaluate import resolve_models, run_setting
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.packing import pack_batches, packing_stats
     from fspo_engine.engine.scoring import score_episodes, write_jsonl_atomic
@@ -86,6 +87,8 @@ def score(
     if max_tokens < 16:
         raise FspoError(f"--max-tokens: must be >= 16, got {max_tokens}")
     dataset = load_dataset(data_dir)
+    if user_description is None:
+        user_description = run_setting(model_dir, "data", "user_description")
     model_dir, _ = resolve_models(model_dir)  # a run directory scores its final policy
     tokenizer = load_tokenizer(model_dir)
     episodes = sample_episodes(dataset, None if split == "all" else split, shots_spec, seed=seed, epoch=0)

@@ -10,7 +10,9 @@ import click
 @click.command("train")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Run directory.")
-@click.option("--model", "model_name", default=None, help="A named size (tiny, 1B, 3B, 8B) or an HF Llama directory.")
+@click.option("--model", "model_name", default=None,
+              help="A named size (tiny, 1B, 3B, 8B), an HF Llama directory or a run directory (its final policy); "
+                   "overrides [model] name.")
 @click.option("--config", "config_file", default=None, type=click.Path(path_type=str), help="TOML config file.")
 @click.option("--stage", default="all", show_default=True, type=click.Choice(["pref-ft", "ipo", "dpo", "all"]))
 @click.option("--shots", default=None, help="Shots per episode: N or LO-HI (overrides data.shots).")

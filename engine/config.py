@@ -38,7 +38,7 @@ else:  # pragma: no cover
 @dataclass
 class ModelSection:
     name: str = "tiny"  # a named size (tiny, 1B, 3B, 8B) trained from scratch, or an HF Llama directory
-    dtype: str = "auto"  # parameter dtype: auto (fp32 on CPU, bf16 autocast with fp32 master weights on GPU), float32
+    dtype: str = "auto"  # parameter dtype: auto (fp32 on CPU, bf16 autocast with fp32 master weights on GPU), float32, bfloat16
     save_dtype: str = "auto"  # stage finals' weights: auto (as the checkpoints: what a later stage starts from), source (the source checkpoint's dtype), float32, bfloat16, float16
     attention_impl: str = "auto"  # auto (Triton on CUDA), triton, torch
     logprob_impl: str = "auto"  # fused log-prob op: auto (Triton on CUDA), triton, torch

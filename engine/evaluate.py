@@ -51,15 +51,21 @@ def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_tokens: int = 8192, seed: int = 0,
-             device: str | None = None, impl: str = "auto", user_description: bool = False,
+             device: str | None = None, impl: str = "auto", user_description: bool | None = None,
              episodes_per_user: int | None = None, progress: bool = True,
              length_normalize: bool | None = None) -> dict:
     """Preference accuracy per shot count. length_normalize: compare mean per-token log-probs instead of
-    sums; None = what the run trained with (its config.toml's pref.length_normalize), sums otherwise."""
+    sums; user_description: targets start with the user description. None = what the run trained with (its
+    config.toml), off for a plain model directory.
+
+    mean_margin is the mean log-ratio margin h = (π_c − π_r) − (ref_c − ref_r), or π_c − π_r without a
+    reference; not scaled by β (training's rewards/margin is β·h)."""
     from tqdm.auto import tqdm
 
     if length_normalize is None:
-        length_normalize = _run_length_normalize(Path(model))
+        length_normalize = run_setting(model, "pref", "length_normalize")
+    if user_description is None:
+        user_description = run_setting(model, "data", "user_description")
 
     device = pick_device(device)
     policy_dir, ref_dir = resolve_models(model)
@@ -79,7 +85,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
                 check_ids_fit(tokenizer, m.config.vocab_size, where,
                               (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tok))  # fmt: skip
         bar = tqdm(total=len(tok) * (2 if ref is not None else 1), desc=f"eval {n}-shot", unit="ep",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)  # None: off when stderr is not a terminal
         margin = _margin(score_episodes(policy, tok, max_tokens, impl=impl, device=device, on_row=bar.update),
                          length_normalize)  # fmt: skip
         if ref is not None:
@@ -98,6 +104,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         "reference": None if ref_dir is None else str(ref_dir),
         "method": "implicit_reward" if ref is not None else "logprob",
         "length_normalized": length_normalize,
+        "user_description": user_description,
         "split": split,
         "data": str(dataset.root),
         "results": results,
@@ -111,15 +118,17 @@ def _margin(lp, length_normalize: bool) -> torch.Tensor:
     return lp.chosen - lp.rejected
 
 
-def _run_length_normalize(model: Path) -> bool:
-    """pref.length_normalize of the run that `model` is (False for a plain model directory)."""
+def run_setting(model: str | os.PathLike, section: str, key: str) -> bool:
+    """A boolean setting of the run that `model` is (its config.toml), e.g. ("data", "user_description"):
+    scoring a run the way it trained. False for a plain model directory."""
+    model = Path(model)
     cfg = model / "config.toml"
     if not (model / "run.json").is_file() or not cfg.is_file():
         return False
     from fspo_engine.engine.config import tomllib
 
     try:
-        return bool(tomllib.loads(cfg.read_text(encoding="utf-8")).get("pref", {}).get("length_normalize", False))
+        return bool(tomllib.loads(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, False))
     except (ValueError, UnicodeDecodeError) as exc:
         raise FspoError(f"{cfg}: unreadable ({exc})") from None
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,18 @@ def discard_if_unstarted(out: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+# Keys a resumed run may change: they decide what is logged, shown or kept, not what is trained.
+_FREE_ON_RESUME = ("progress", "tensorboard", "keep_last", "log_every", "eval_every", "eval_episodes")
+
+
+def _training_part(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the run keys of _FREE_ON_RESUME at their defaults, for comparing a resume's config."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **{k: getattr(type(cfg.run)(), k)
+                                                                       for k in _FREE_ON_RESUME}))
 
 
 def _by_name(optim_state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -269,6 +282,9 @@ class Trainer:
                                 "pip install 'fspo-engine[tensorboard]'") from None
         self.source_dtype = self._param_dtype()  # the weights' dtype in the source checkpoint
         if cfg.model.name not in NAMED_SIZES:  # a bad model directory fails before the run directory exists
+            if not Path(cfg.model.name).is_dir():
+                raise FspoError(f"{cfg.model.name}: neither a named size ({', '.join(NAMED_SIZES)}) nor a model "
+                                "directory")  # fmt: skip
             check_weights(cfg.model.name)
             self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
             self.source_dtype = stored_dtype(cfg.model.name)
@@ -306,7 +322,7 @@ class Trainer:
             # Compared as configs, not as text: a key a newer fspo-engine added reads as its default.
             from fspo_engine.engine.config import load_config
 
-            if load_config(cfg_path) != self.cfg:
+            if _training_part(load_config(cfg_path)) != _training_part(self.cfg):
                 old = cfg_path.read_text(encoding="utf-8", errors="replace")
                 raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
@@ -434,7 +450,6 @@ class Trainer:
         if not self.is_main or not self.metrics_path.is_file():
             return
         keep = []
-        order = self.run_info.get("stage_order", [])
         for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
@@ -443,8 +458,12 @@ class Trainer:
             if not isinstance(rec, dict) or rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
             keep.append((rec.get("stage"), rec.get("step", 0), line))
-        rank = {s: i for i, s in enumerate(order)}
-        keep.sort(key=lambda r: (rank.get(r[0], len(order)), r[1] if isinstance(r[1], int) else 0))
+        # Pref-FT first, then the other stages in the order they first appear (a run's stage_order names only
+        # its latest command's stages: `--stage ipo` after `--stage pref-ft` must not move Pref-FT's lines).
+        first = {}
+        for s, _, _ in keep:
+            first.setdefault(s, len(first))
+        keep.sort(key=lambda r: (r[0] != "pref-ft", first[r[0]], r[1] if isinstance(r[1], int) else 0))
         ckpt.atomic_write_text(self.metrics_path, "".join(f"{ln}\n" for _, _, ln in keep))
 
     def _emit(self, record: dict):
@@ -472,20 +491,38 @@ class Trainer:
         policy_dir = None
         earlier = self.run_info["stages"].get("pref-ft")
         if stages[0] != "pref-ft" and earlier and ckpt.verify(self.out / earlier["final"]) is None:
-            policy_dir = self.out / earlier["final"]  # `--stage ipo` after `--stage pref-ft` in the same run
+            policy_dir = self._weights_of(earlier)  # `--stage ipo` after `--stage pref-ft` in the same run
         for s in stages:
             done = self.run_info["stages"].get(s)
             if done and (self.out / done["final"]).is_dir() and ckpt.verify(self.out / done["final"]) is None:
                 self.log(f"[{s}] already complete: {self.out / done['final']}")
-                policy_dir = self.out / done["final"]
+                policy_dir = self._weights_of(done)
                 result[s] = done
                 continue
             result[s] = self._run_stage(s, policy_dir, max_steps)
-            policy_dir = self.out / result[s]["final"]
+            policy_dir = self._weights_of(result[s])
         if self.is_main:
             self._plot()
         barrier()  # no rank tears the process group down while another still works (gloo aborts then)
         return result
+
+    def _say(self, bar, msg: str):
+        """A console line that does not tear the progress bar."""
+        if not bar.disable:
+            bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+
+    def _weights_of(self, info: dict) -> Path:
+        """Where a later stage reads a finished stage's weights (its initial policy and its reference): the
+        final, or, when finals are cast (model.save_dtype), the master weights of the stage's last checkpoint
+        that the final was cast from, so that the cast never rounds away what the stage learned."""
+        if self._final_dtype() != self._param_dtype():
+            sealed = self.out / info.get("checkpoint", "")
+            if info.get("checkpoint") and ckpt.verify(sealed) is None:
+                return sealed / "model"
+            self.log(f"{sealed}: not a whole checkpoint; the next stage starts from the cast final")
+        return self.out / info["final"]
 
     def _stage_steps(self, stage: str, max_steps: int | None) -> tuple[int, float]:
         sec = self.cfg.pref_ft if stage == "pref-ft" else self.cfg.pref
@@ -577,6 +614,9 @@ class Trainer:
 
         bar = _bar(total=total, initial=start_step, desc=f"[{stage}]", unit="step",
                    enabled=cfg.run.progress and self.is_main)
+        # A batch job's log (stderr not a terminal) gets a plain line every ~5% of the stage, not a bar.
+        plain_every = max(1, total // 20) if cfg.run.progress and bar.disable else 0
+        t_stage = time.perf_counter()
         last_ckpt = resume_from
         for step in range(start_step, total):
             t0 = time.perf_counter()
@@ -615,6 +655,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{rec[k]:.4g}" for k in ("loss", "rewards/accuracy", "tokens_per_s")
                              if k in rec})
+            if evaluated:
+                held = ", ".join(f"{k.removeprefix('eval/')} {rec[k]:.4g}" for k in
+                                 ("eval/loss", "eval/rewards/accuracy", "eval/episodes") if k in rec)  # fmt: skip
+                self._say(bar, f"[{stage}] step {step + 1} held-out: {held}")
+            if plain_every and ((step + 1) % plain_every == 0 or step + 1 == total):
+                done, left = step + 1 - start_step, total - step - 1
+                rate = done / (time.perf_counter() - t_stage)
+                shown = ", ".join(f"{k.split('/')[-1]} {rec[k]:.4g}" for k in ("loss", "rewards/accuracy") if k in rec)
+                self.log(f"[{stage}] step {step + 1}/{total}: {shown}, {rate:.3g} steps/s, ETA {left / rate:.0f} s")
             if step + 1 < total and cfg.run.save_every and (step + 1) % cfg.run.save_every == 0:
                 last_ckpt = self._save(stage_dir, step + 1, model, optimizer)
         bar.close()
@@ -683,6 +732,9 @@ class Trainer:
                 raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
             self._eval_set = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
                                                max_tokens=d.max_tokens, user_description=d.user_description)
+            users = len({t.user_id for t in self._eval_set})
+            self.log(f"held-out: {len(self._eval_set)} episodes of {users} test users (run.eval_episodes = "
+                     f"{self.cfg.run.eval_episodes}, {len(eps)} available)")
         check_ids_fit(self.tokenizer, model.config.vocab_size, self.cfg.model.name,
                       (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in self._eval_set))  # fmt: skip
         return self._eval_set
@@ -714,7 +766,7 @@ class Trainer:
                 pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
         nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
         if stage == "pref-ft":
-            return {"eval/loss": nll, "eval/nll_per_token": nll}
+            return {"eval/loss": nll, "eval/nll_per_token": nll, "eval/episodes": E}
         rc, rr = ref.chosen.float(), ref.rejected.float()
         if cfg.pref.length_normalize:
             pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
@@ -722,7 +774,7 @@ class Trainer:
         beta = cfg.pref.beta
         loss = ipo_loss(pc, pr, rc, rr, beta) if stage == "ipo" else \
             dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)  # fmt: skip
-        return {"eval/loss": loss.item(), "eval/nll_per_token": nll,
+        return {"eval/loss": loss.item(), "eval/nll_per_token": nll, "eval/episodes": E,
                 **{f"eval/{k}": v for k, v in reward_metrics(pc, pr, rc, rr, beta).items()}}
 
     def _train_step(self, stage: str, model, episodes: list, ref_table: dict) -> dict:
@@ -835,8 +887,9 @@ class _nullcontext:
 def _bar(total, desc, unit, enabled, initial=0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
-                leave=True)
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with carriage returns).
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=None if enabled else True,
+                dynamic_ncols=True, leave=True, file=sys.stderr)
 
 
 def plot_metrics(metrics_path: Path, out_png: Path):

@@ -335,7 +335,7 @@ def test_held_out_eval_during_training(tmp_path):
 
     data = write_fixture(tmp_path / "data")
     args = [*SMALL, "--set", "pref_ft.steps=4", "--set", "pref.steps=4", "--set", "pref.beta=0.5",
-            "--set", "optim.lr=2e-3"]
+            "--set", "optim.lr=2e-3", "--set", "data.user_description=true"]
     plain, run = tmp_path / "plain", tmp_path / "run"
     assert cli("train", "--data", str(data), "--out", str(plain), *args).returncode == 0
     res = cli("train", "--data", str(data), "--out", str(run), *args, "--set", "run.eval_every=3",
@@ -362,6 +362,30 @@ def test_held_out_eval_during_training(tmp_path):
     assert abs(want - ev[3]["eval/loss"]) <= 1e-5 * max(1.0, abs(want)), (want, ev[3])
     want = reward_metrics(pol.chosen, pol.rejected, ref.chosen, ref.rejected, 0.5)["rewards/accuracy"]
     assert want == ev[3]["eval/rewards/accuracy"]
+    assert ev[3]["eval/episodes"] == 10
+    # eval scores the run the way it trained (user descriptions first) unless told otherwise.
+    res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1")
+    assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["user_description"] is True
+    res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1", "--no-user-description")
+    assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["user_description"] is False
+
+
+def test_metrics_stay_ordered_when_a_later_command_runs_one_stage(tmp_path):
+    """`--stage pref-ft`, then `--stage ipo` (its run.json stage_order is ["ipo"]) resumed after a kill:
+    metrics.jsonl keeps Pref-FT's lines first, each stage's in step order."""
+    from types import SimpleNamespace
+
+    from fspo_engine.engine.train import Trainer
+
+    lines = [{"stage": "pref-ft", "step": i} for i in (1, 2, 3)] + [{"stage": "ipo", "step": i} for i in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    # As a resumed `--stage ipo` finds it: IPO's first lines, Pref-FT's (rewritten by an earlier truncation),
+    # IPO's lines past its checkpoint (step 2), and a torn line.
+    order = [lines[3], lines[4], lines[0], lines[1], lines[2], lines[5]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in order) + '{"stage": "ip')
+    me = SimpleNamespace(is_main=True, metrics_path=path, run_info={"stage_order": ["ipo"]})
+    Trainer._truncate_metrics(me, "ipo", 2)
+    assert read_metrics(tmp_path) == lines[:5]
 
 
 def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path):
@@ -378,12 +402,14 @@ def test_resume_requires_same_config_and_fresh_run_refuses_existing_dir(tmp_path
     cfg_text = (run / "config.toml").read_text()
     (run / "config.toml").write_text("\n".join(ln for ln in cfg_text.splitlines() if not ln.startswith("save_dtype")))
     res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--stage", "pref-ft", "--max-steps", "1",
-              "--resume")
+              "--resume", "--set", "run.log_every=5", "--set", "run.keep_last=4")  # logging keys may change
     assert res.returncode == 0 and "already complete" in res.stderr, res.stderr
     # --resume on a directory with no run yet (a job script that always passes it) starts one, and says so.
+    # (Its stderr is not a terminal: plain progress lines, no bar of carriage returns.)
     res = cli("train", "--data", str(data), "--out", str(tmp_path / "new"), *SMALL, "--stage", "pref-ft",
-              "--max-steps", "1", "--resume")
+              "--max-steps", "1", "--resume", "--set", "run.progress=true")
     assert res.returncode == 0 and "holds no run yet" in res.stderr, res.stderr
+    assert "[pref-ft] step 1/1: loss" in res.stderr and "\r" not in res.stderr, res.stderr
     # A second job on a run directory that a live process holds (e.g. orphaned torchrun workers) is refused.
     import fcntl
 
@@ -496,7 +522,10 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "0,2")
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((run / "eval.json").read_text())
-    assert report["method"] == "implicit_reward" and report["reference"].endswith("pref-ft")
+    # Finals are cast (save_dtype=source): DPO started from, and scored its reference with, Pref-FT's master
+    # weights (its last checkpoint), not the bf16 final; at DPO's first step policy and reference agree.
+    assert report["method"] == "implicit_reward" and report["reference"].endswith("checkpoints/pref-ft/step-000000002/model")
+    assert abs(recs[2]["rewards/margin"]) < 1e-5 and recs[2]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
     assert report["length_normalized"] is False  # as the run trained (pref.length_normalize = false)
     res = cli("eval", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "report.png"))
     assert res.returncode == 1 and "PNG" in res.stderr and not (tmp_path / "report.png").exists(), res.stderr
