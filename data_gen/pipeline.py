@@ -630,11 +630,13 @@ async def _generate(cfg, state, state_dir, units, domains, heldout, tests, produ
         total=len(units),
         initial=state["done"],
         unit="user",
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: no bar when stderr is not a terminal (a log file)
         file=sys.stderr,
         dynamic_ncols=True,
         desc=f"gen-data {cfg.backend}",
     )
+    plain = cfg.progress and bar.disable  # a log file gets a plain line at most every 30 s instead
+    t_start = last_line = time.monotonic()
     with open(users_path, "ab") as fu, open(prefs_path, "ab") as fp:
         while state["done"] < len(units):
             batch = units[state["done"] : state["done"] + chunk]
@@ -660,8 +662,12 @@ async def _generate(cfg, state, state_dir, units, domains, heldout, tests, produ
                 state["first_error"] = state.get("first_error") or producer.first_error
             write_json_atomic(state_dir / "state.json", state)
             bar.update(len(batch))
-            rate = written / bar.format_dict["elapsed"] if bar.format_dict["elapsed"] else 0.0
+            rate = written / max(time.monotonic() - t_start, 1e-9)
             bar.set_postfix(prefs=written, prefs_per_s=f"{rate:.0f}")
+            if plain and (time.monotonic() - last_line >= 30 or state["done"] == len(units)):
+                last_line = time.monotonic()
+                print(f"gen-data {cfg.backend}: {state['done']}/{len(units)} users, {written} prefs, "
+                      f"{rate:.0f} prefs/s", file=sys.stderr, flush=True)
     bar.close()
     return written
 
