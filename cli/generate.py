@@ -12,7 +12,8 @@ import click
 @click.option("--user", "user_id", required=True, help="The user to personalise for (a user_id of users.jsonl).")
 @click.option("--question", default=None, help="The question to answer (default: one of the user's own).")
 @click.option("--shots", default=8, type=click.IntRange(min=0), show_default=True, help="How many of the user's preferences go in context.")
-@click.option("--user-description", is_flag=True, help="Generate the user description first (the paper's CoT).")
+@click.option("--user-description/--no-user-description", default=None,
+              help="Generate the user description first (the paper's CoT); default: as the run trained.")
 @click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), show_default=True)
 @click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), show_default=True)
@@ -28,7 +29,7 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
     from fspo_engine.engine.distributed import pick_device
     from fspo_engine.engine.episodes import load_dataset, render_prompt, sample_episodes
     from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.evaluate import resolve_models
+    from fspo_engine.engine.evaluate import resolve_models, run_setting
     from fspo_engine.engine.generate import generate as run_generate
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
@@ -36,6 +37,8 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
     dataset = load_dataset(data_dir)
     if user_id not in dataset.users:
         raise FspoError(f"--user {user_id!r}: no such user in {dataset.root / 'users.jsonl'}")
+    if user_description is None:
+        user_description = run_setting(model, "data", "user_description")
     policy_dir, _ = resolve_models(model)
     tokenizer = load_tokenizer(policy_dir)
     dev = pick_device(device)
@@ -45,6 +48,8 @@ def generate(model, data_dir, user_id, question, shots, user_description, max_ne
         raise FspoError(f"--user {user_id!r}: has no preferences in {dataset.root / 'prefs.jsonl'}")
     episode = episodes[0]
     shot_list = list(episode.shots)
+    if question is not None and len(shot_list) < episode.shots_requested:
+        shot_list.append(episode.target)  # the user's own question is not asked: all their prefs can be shots
     question = question if question is not None else episode.target.question
     while True:
         prompt = render_prompt(shot_list, question, user_description)

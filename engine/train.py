@@ -327,7 +327,8 @@ class Trainer:
                 raise FspoError(f"{cfg_path}: --resume with a different config: {_config_diff(old, text)}")
         if self.out.exists() and not self.out.is_dir():
             raise FspoError(f"{self.out}: exists and is not a directory")
-        if self.out.is_dir() and not cfg_path.is_file() and not started and any(self.out.iterdir()):
+        if self.out.is_dir() and not cfg_path.is_file() and not started and \
+                any(not p.name.startswith(".") for p in self.out.iterdir()):  # .DS_Store, .gitkeep: empty
             # Not a run: the trainer would write into it and replace folders it happens to name (tokenizer/,
             # pref-ft/, ipo/). Nothing was changed.
             raise FspoError(f"{self.out}: exists, is not empty and holds no run; pick a new --out (or an empty "
@@ -534,6 +535,7 @@ class Trainer:
         total, peak_lr = self._stage_steps(stage, max_steps)
         stage_dir = self.out / "checkpoints" / stage
         plan = EpisodePlan(self.dataset, self.tokenizer, cfg, stage)
+        self.log(f"[{stage}] {total} steps of {cfg.batch.episodes} episodes; sampling and tokenizing episodes")
 
         # Policy initialisation and reference.
         ref_dir = None

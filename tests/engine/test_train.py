@@ -531,6 +531,10 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     assert res.returncode == 1 and "PNG" in res.stderr and not (tmp_path / "report.png").exists(), res.stderr
     res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1_0")
     assert res.returncode == 1 and "--shots" in res.stderr, res.stderr
+    # A question of the user's own choosing: every one of their 8 preferences can be a shot.
+    res = cli("generate", "--model", str(run), "--data", str(data), "--user", "u00", "--question", "how was it?",
+              "--shots", "8", "--max-new-tokens", "2", "--show-prompt")
+    assert res.returncode == 0 and res.stdout.count("# Example") == 8, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
