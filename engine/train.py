@@ -535,7 +535,6 @@ class Trainer:
         total, peak_lr = self._stage_steps(stage, max_steps)
         stage_dir = self.out / "checkpoints" / stage
         plan = EpisodePlan(self.dataset, self.tokenizer, cfg, stage)
-        self.log(f"[{stage}] {total} steps of {cfg.batch.episodes} episodes; sampling and tokenizing episodes")
 
         # Policy initialisation and reference.
         ref_dir = None
