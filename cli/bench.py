@@ -11,6 +11,7 @@ BENCHMARKS = {
     "attention": "prefix-shared attention vs the official duplicated-context layout and flex_attention",
     "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
+    "load": "per-rank memory of loading a checkpoint into FSDP2: sharded read vs whole-then-shard",
 }
 
 
@@ -28,6 +29,7 @@ def bench(ctx, name, args):
     attention  prefix-shared attention vs the official layout and flex_attention
     packing    tokens and attention FLOPs per episode vs the official padded layout
     train      a whole training step, packed vs the official padded path
+    load       per-rank memory of loading a checkpoint into FSDP2, sharded vs whole
     """
     if name in (None, "-h", "--help"):
         click.echo(ctx.get_help())

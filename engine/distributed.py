@@ -97,8 +97,11 @@ def init_distributed(device_type: str) -> torch.device:
 
 
 def parallelize(model: nn.Module, activation_checkpointing: bool = False, compile: bool = False,
-                mixed_precision: bool = False) -> nn.Module:
+                mixed_precision: bool = False, device_type: str | None = None) -> nn.Module:
     """FSDP2 (`fully_shard`) over a 1-D mesh of all ranks: each block is a unit, then the root.
+
+    `device_type` is where the shards will live (default: where the parameters are); a model on the meta
+    device is sharded without storage and materialised afterwards with `to_empty`.
 
     Gradients are reduce-scattered as averages over ranks; callers scale their loss so that the average
     equals the global-batch gradient (see `Trainer._train_step`).
@@ -112,13 +115,66 @@ def parallelize(model: nn.Module, activation_checkpointing: bool = False, compil
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     apply_ac_and_compile(model, activation_checkpointing, compile)
-    device_type = next(model.parameters()).device.type
+    device_type = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_impl: str = "auto",
+                 activation_checkpointing: bool = False, compile: bool = False,
+                 mixed_precision: bool = False) -> nn.Module:
+    """`load_model` + `parallelize` for a torchrun job, without any rank ever holding the whole model.
+
+    The model is built and sharded on the meta device, each rank allocates only its FSDP2 shards, and then
+    reads just its rows of every tensor from the safetensors files (a sliced read of a memory map). Loading
+    the full model first would put a whole copy on every GPU: 32 GB for an 8B model in fp32, all at once,
+    before the first shard is cut. The result equals `parallelize(load_model(...))` bit for bit.
+    """
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    from fspo_engine.engine.errors import FspoError
+    from fspo_engine.engine.model import meta_model
+
+    model, by_file = meta_model(model_dir, attention_impl)
+    model = parallelize(model.to(dtype), activation_checkpointing, compile, mixed_precision, device.type)
+    model.to_empty(device=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # The files' names: activation checkpointing's wrapper adds a level to each block's parameter names.
+    # A tied lm_head shares embed_tokens' entry.
+    params = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in names:
+                        p = params[name]
+                        local = p.to_local() if isinstance(p, DTensor) else p
+                        if isinstance(p, DTensor):
+                            if tuple(p.placements) != (Shard(0),):
+                                raise RuntimeError(f"{name}: expected FSDP2's Shard(0), got {p.placements}")
+                            # FSDP2 cuts dim 0 as torch.chunk does: ceil(n / world) rows per rank, the
+                            # last ranks shorter or empty.
+                            n = p.shape[0]
+                            start = min(rank * -(-n // world), n)
+                            stop = min(start + -(-n // world), n)
+                            if local.shape[0] != stop - start:
+                                raise RuntimeError(f"{name}: local shard {tuple(local.shape)} is not rank "
+                                                   f"{rank}'s torch.chunk of {tuple(p.shape)}")
+                            if stop > start:
+                                local.copy_(f.get_slice(name)[start:stop].to(dtype))
+                        else:
+                            local.copy_(f.get_tensor(name).to(dtype))
+            except (FspoError, RuntimeError, KeyError):  # ours, not the file's
+                raise
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                raise FspoError(f"{path}: could not read tensors ({exc})") from None
     return model
 
 

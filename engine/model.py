@@ -478,11 +478,9 @@ def _untie(model_dir) -> bool:
     return True
 
 
-def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", attention_impl: str = "auto") -> Llama:
-    """Load an HF Llama directory. Built on the meta device and materialised straight from the files,
-    so weights are allocated once (an 8B model never exists twice in memory)."""
-    from safetensors import safe_open
-
+def meta_model(model_dir: str | os.PathLike, attention_impl: str = "auto") -> tuple[Llama, dict[Path, list[str]]]:
+    """An HF Llama directory's model on the meta device (no storage), and file -> tensor names to fill it
+    with; every name and shape already checked against the safetensors headers."""
     cfg = read_config(model_dir)
     cfg.attention_impl = attention_impl
     if cfg.tie_word_embeddings and _untie(model_dir):
@@ -490,6 +488,15 @@ def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", 
     by_file = check_weights(model_dir, cfg)
     with torch.device("meta"):
         model = Llama(cfg)
+    return model, by_file
+
+
+def load_model(model_dir: str | os.PathLike, dtype=torch.float32, device="cpu", attention_impl: str = "auto") -> Llama:
+    """Load an HF Llama directory. Built on the meta device and materialised straight from the files,
+    so weights are allocated once (an 8B model never exists twice in memory)."""
+    from safetensors import safe_open
+
+    model, by_file = meta_model(model_dir, attention_impl)
     state = {}
     for path, names in by_file.items():
         try:
@@ -592,5 +599,5 @@ def save_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig, out_dir
                 os.replace(tmp, out / fname)
 
 
-__all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "load_model", "save_model", "save_state_dict", "read_config", "check_weights",
+__all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "meta_model", "load_model", "save_model", "save_state_dict", "read_config", "check_weights",
            "rope_inv_freq", "stored_dtype", "read_weights"]

@@ -42,6 +42,7 @@ from fspo_engine.engine.distributed import (
     barrier,
     die_with_launcher,
     init_distributed,
+    load_sharded,
     parallelize,
     pick_device,
     world,
@@ -415,20 +416,33 @@ class Trainer:
             return self._param_dtype()
         return self.source_dtype if choice == "source" else getattr(torch, choice)
 
-    def _initial_model(self):
+    def _policy(self, model_dir: Path | None):
+        """The model to train, in train mode, wrapped: from `model_dir`, else from --model. Under torchrun,
+        weights from a directory go straight into each rank's FSDP2 shards (`load_sharded`): no rank holds
+        the whole model. A named size is built whole on every rank (same seed) and then sharded."""
         m = self.cfg.model
-        if m.name in NAMED_SIZES:
-            overrides = {"vocab_size": max(self.tokenizer.vocab_size, m.vocab_size),
-                         "bos_token_id": self.tokenizer.bos_id, "eos_token_id": self.tokenizer.eos_id,
-                         "attention_impl": m.attention_impl}
-            if m.hidden_size:
-                overrides["hidden_size"] = m.hidden_size
-                overrides["head_dim"] = 0
-            if m.num_hidden_layers:
-                overrides["num_hidden_layers"] = m.num_hidden_layers
-            cfg = LlamaConfig.from_name(m.name, **overrides)
-            return build_model(cfg, dtype=self._param_dtype(), device=self.device, seed=self.cfg.run.seed)
-        return load_model(m.name, dtype=self._param_dtype(), device=self.device, attention_impl=m.attention_impl)
+        if model_dir is None and m.name in NAMED_SIZES:
+            model = self._initial_model()
+        elif self.world > 1:
+            return load_sharded(model_dir or m.name, self._param_dtype(), self.device, m.attention_impl,
+                                m.activation_checkpointing, m.compile, mixed_precision=self.autocast).train()
+        else:
+            model = self._load(Path(model_dir or m.name))
+        return self._wrap(model.train())
+
+    def _initial_model(self):
+        """A fresh model of a named size."""
+        m = self.cfg.model
+        overrides = {"vocab_size": max(self.tokenizer.vocab_size, m.vocab_size),
+                     "bos_token_id": self.tokenizer.bos_id, "eos_token_id": self.tokenizer.eos_id,
+                     "attention_impl": m.attention_impl}
+        if m.hidden_size:
+            overrides["hidden_size"] = m.hidden_size
+            overrides["head_dim"] = 0
+        if m.num_hidden_layers:
+            overrides["num_hidden_layers"] = m.num_hidden_layers
+        cfg = LlamaConfig.from_name(m.name, **overrides)
+        return build_model(cfg, dtype=self._param_dtype(), device=self.device, seed=self.cfg.run.seed)
 
     def _load(self, model_dir: Path):
         return load_model(model_dir, dtype=self._param_dtype(), device=self.device,
@@ -561,16 +575,12 @@ class Trainer:
             resume_from = Path(picked[0]) if picked[0] else None
             state = {**state, "step": picked[1], "rng": picked[2]}
         if resume_from is not None:
-            model = self._load(resume_from / "model")
+            model = self._policy(resume_from / "model")
             start_step = state["step"]
             self.log(f"[{stage}] resuming from {resume_from} (step {start_step})")
-        elif init_dir is not None:
-            model = self._load(init_dir)
         else:
-            model = self._initial_model()
+            model = self._policy(init_dir)
         self._truncate_metrics(stage, start_step)
-        model.train()
-        model = self._wrap(model)
         optimizer = make_optimizer(model, cfg)
         if resume_from is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
