@@ -18,7 +18,7 @@ import torch
 
 from fspo_engine.engine.checkpoint import sha256_file
 from fspo_engine.engine.distributed import all_gather_objects
-from fspo_engine.engine.scoring import score_episodes
+from fspo_engine.engine.scoring import score_share
 
 
 def fingerprint_files(paths: list[Path]) -> str:
@@ -56,8 +56,8 @@ class ReferenceCache:
                   on_row=None, rank: int = 0, world: int = 1) -> dict[str, tuple[float, float]]:
         """Reference log-probs of one planned epoch's tokenized episodes (computed and saved on a miss).
 
-        Under torchrun every rank calls this: each scores every world-th episode, the parts are gathered,
-        and rank 0 writes the cache file.
+        Under torchrun every rank calls this with the model sharded over the ranks: each scores every
+        world-th episode (`score_share`), the parts are gathered, and rank 0 writes the cache file.
         """
         path = self.path(plan)
         key = path.name
@@ -74,8 +74,7 @@ class ReferenceCache:
         if table is None:
             was_training = model.training
             model.eval()
-            out = score_episodes(model, episodes[rank::world], max_tokens, impl=impl, device=device,
-                                 on_row=on_row)
+            out = score_share(model, episodes, max_tokens, rank, world, impl=impl, device=device, on_row=on_row)
             model.train(was_training)
             chosen, rejected = out.chosen, out.rejected
             if world > 1:

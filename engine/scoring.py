@@ -70,12 +70,42 @@ def score_episodes(
     Returns tensors on the CPU in the input order of `episodes`. `on_row(n)` is called after each row
     with the number of episodes it held (a progress bar hook).
     """
-    E = len(episodes)
+    return _score_rows(model, pack_batches(episodes, max_tokens), len(episodes), impl, device, on_row)
+
+
+@torch.no_grad()
+def score_share(
+    model,
+    episodes: Sequence,
+    max_tokens: int,
+    rank: int,
+    world: int,
+    impl: str = "auto",
+    device: str | torch.device = "cpu",
+    on_row: Callable[[int], None] | None = None,
+) -> EpisodeLogprobs:
+    """`score_episodes` of this rank's share, `episodes[rank::world]`, with a model sharded over the ranks
+    (FSDP2). Every forward is a collective, so every rank runs as many as the busiest rank: the extra ones
+    repeat a row and are discarded. Called by every rank."""
+    from fspo_engine.engine.distributed import all_gather_objects
+
+    share = episodes[rank::world]
+    rows = pack_batches(share, max_tokens)
+    most = max(all_gather_objects(len(rows)))
+    out = _score_rows(model, rows, len(share), impl, device, on_row)
+    if len(rows) < most:
+        pad = (rows or pack_batches(episodes[:1], max_tokens))[0].to(device)  # a rank may have no share
+        for _ in range(most - len(rows)):
+            episode_logprobs(model, pad, impl)
+    return out
+
+
+def _score_rows(model, rows: list[PackedBatch], E: int, impl: str, device, on_row) -> EpisodeLogprobs:
     chosen = torch.zeros(E, dtype=torch.float32)
     rejected = torch.zeros(E, dtype=torch.float32)
     chosen_n = torch.zeros(E, dtype=torch.long)
     rejected_n = torch.zeros(E, dtype=torch.long)
-    for row in pack_batches(episodes, max_tokens):
+    for row in rows:
         out = episode_logprobs(model, row.to(device), impl)
         idx = torch.tensor(out.episodes, dtype=torch.long)
         chosen[idx] = out.chosen.float().cpu()
@@ -104,4 +134,4 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]):
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["EpisodeLogprobs", "episode_logprobs", "score_episodes", "segment_logprobs", "write_jsonl_atomic"]
+__all__ = ["EpisodeLogprobs", "episode_logprobs", "score_episodes", "score_share", "segment_logprobs", "write_jsonl_atomic"]

@@ -444,6 +444,16 @@ class Trainer:
         cfg = LlamaConfig.from_name(m.name, **overrides)
         return build_model(cfg, dtype=self._param_dtype(), device=self.device, seed=self.cfg.run.seed)
 
+    def _reference(self, model_dir: Path):
+        """The reference model, in eval mode. Under torchrun it is sharded like the policy (the same FSDP2
+        wrapping and mixed precision, so that both compute alike): every rank holding a whole reference
+        beside its policy shards would cost a whole model per GPU."""
+        m = self.cfg.model
+        if self.world > 1:
+            return load_sharded(model_dir, self._param_dtype(), self.device, m.attention_impl,
+                                mixed_precision=self.autocast).eval()
+        return self._load(model_dir).eval()
+
     def _load(self, model_dir: Path):
         return load_model(model_dir, dtype=self._param_dtype(), device=self.device,
                           attention_impl=self.cfg.model.attention_impl)
@@ -601,7 +611,7 @@ class Trainer:
             cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
             n_epochs = plan.epochs_for(total)
             # Every rank scores its share of each planned epoch; rank 0 writes the gathered cache.
-            ref_model = self._load(ref_dir).eval()
+            ref_model = self._reference(ref_dir)
             # Only the episodes the stage will reach: the last planned epoch is usually partial.
             used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size) for e in range(n_epochs)]
             bar = _bar(total=sum(-(-u // self.world) for u in used), desc=f"[{stage}] reference log-probs",
@@ -616,7 +626,7 @@ class Trainer:
                                                     cfg.model.logprob_impl, self.device, log=self.log,
                                                     on_row=bar.update, rank=self.rank, world=self.world)
                 bar.close()
-                if evaluating:  # unsharded on every rank, like the reference log-probs: a small fixed set
+                if evaluating:  # all of them on every rank (the same forwards, as FSDP2 needs): a small set
                     eval_ref = score_episodes(ref_model, eval_eps, cfg.data.max_tokens,
                                               impl=cfg.model.logprob_impl, device=self.device)
             del ref_model

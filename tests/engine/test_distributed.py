@@ -237,3 +237,63 @@ def test_bench_load_smoke(tmp_path):
         assert sum(x["shard_bytes"] for x in r["ranks"]) == r["model_bytes"]
         assert r["peak_bytes"] > 0
     assert (tmp_path / "load.png").stat().st_size > 0 and "sharded read" in (tmp_path / "results.md").read_text()
+
+
+_SCORE_SHARE_WORKER = r'''
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fspo_engine.engine.distributed import init_distributed, load_sharded
+from fspo_engine.engine.model import load_model
+from fspo_engine.engine.packing import PackItem
+from fspo_engine.engine.scoring import score_episodes, score_share
+
+init_distributed("cpu")
+rank, world = dist.get_rank(), dist.get_world_size()
+model_dir = sys.argv[1]
+g = torch.Generator().manual_seed(5)
+
+
+def item(i, ctx):
+    ids = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()
+    return PackItem(ids(ctx), [ids(1 + i % 5), ids(2 + i % 3)], f"e{i}")
+
+
+# Rank 0's share packs into more rows than rank 1's (long episodes at even indices), and the last case
+# has fewer episodes than ranks: the rank without a share still joins every forward.
+cases = {"uneven": [item(i, 70 if i % 2 == 0 else 5) for i in range(7)], "one episode": [item(0, 9)]}
+sharded = load_sharded(model_dir, torch.float32, torch.device("cpu")).eval()
+whole = load_model(model_dir).eval()
+for name, episodes in cases.items():
+    mine = score_share(sharded, episodes, 80, rank, world, impl="torch")
+    ref = score_episodes(whole, episodes[rank::world], 80, impl="torch")
+    for a, b in ((mine.chosen, ref.chosen), (mine.rejected, ref.rejected)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert mine.chosen_tokens.tolist() == ref.chosen_tokens.tolist(), name
+dist.barrier()
+print(f"rank {rank}: ok")
+'''
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_score_share_keeps_sharded_ranks_in_step(tmp_path):
+    """Reference log-probs under torchrun come from a sharded model, whose every forward is a collective:
+    ranks whose shares pack into fewer rows (or none) run padding forwards. Without them the job hangs;
+    with them each rank's numbers equal an unsharded model's on its share."""
+    from helpers import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", vocab_size=300, tokenizer=False)
+    worker = tmp_path / "worker.py"
+    worker.write_text(_SCORE_SHARE_WORKER)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    try:
+        res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(model_dir)],
+                             capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks fell out of step (a collective never completed)")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert all(f"rank {r}: ok" in res.stdout for r in range(2)), res.stdout
