@@ -178,6 +178,20 @@ def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_
     return model
 
 
+def rank_rows(items: list, pack, rank: int, world: int) -> tuple[list, list]:
+    """This rank's share of `items` (every world-th) and its packed rows `pack(share)`, each flagged real;
+    padded with repeats flagged not real so that every rank runs the same number of forward (and backward)
+    passes: a sharded model's collectives must line up. Every rank packs every share (host work, no
+    communication) to find the busiest."""
+    share = items[rank::world]
+    mine = pack(share)
+    if world == 1:
+        return share, [(r, True) for r in mine]
+    most = max(len(pack(items[r::world])) for r in range(world))  # the same on every rank
+    pad = mine[0] if mine else pack(items[:1])[0]  # a rank with no share (fewer items than ranks) pads too
+    return share, [(r, True) for r in mine] + [(pad, False)] * (most - len(mine))
+
+
 def _active() -> bool:
     import torch.distributed as dist
 

@@ -85,18 +85,15 @@ def score_share(
     on_row: Callable[[int], None] | None = None,
 ) -> EpisodeLogprobs:
     """`score_episodes` of this rank's share, `episodes[rank::world]`, with a model sharded over the ranks
-    (FSDP2). Every forward is a collective, so every rank runs as many as the busiest rank: the extra ones
-    repeat a row and are discarded. Called by every rank."""
-    from fspo_engine.engine.distributed import all_gather_objects
+    (FSDP2). Every forward is a collective, so every rank runs as many as the busiest rank (`rank_rows`):
+    the extra ones repeat a row and are discarded. Called by every rank."""
+    from fspo_engine.engine.distributed import rank_rows
 
-    share = episodes[rank::world]
-    rows = pack_batches(share, max_tokens)
-    most = max(all_gather_objects(len(rows)))
-    out = _score_rows(model, rows, len(share), impl, device, on_row)
-    if len(rows) < most:
-        pad = (rows or pack_batches(episodes[:1], max_tokens))[0].to(device)  # a rank may have no share
-        for _ in range(most - len(rows)):
-            episode_logprobs(model, pad, impl)
+    share, rows = rank_rows(episodes, lambda eps: pack_batches(eps, max_tokens), rank, world)
+    out = _score_rows(model, [r for r, real in rows if real], len(share), impl, device, on_row)
+    for row, real in rows:
+        if not real:
+            episode_logprobs(model, row.to(device), impl)
     return out
 
 

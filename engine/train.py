@@ -45,6 +45,7 @@ from fspo_engine.engine.distributed import (
     load_sharded,
     parallelize,
     pick_device,
+    rank_rows,
     world,
 )
 from fspo_engine.engine.episodes import (
@@ -877,16 +878,7 @@ class Trainer:
             dist.destroy_process_group()
 
     def _rank_rows(self, items: list, pack) -> tuple[list, list]:
-        """This rank's share of `items` and its packed rows (`row.episodes` index the share), each flagged
-        real; padded with repeats flagged not real so that every rank runs the same number of
-        forward/backward passes (FSDP2's collectives must line up)."""
-        share = items[self.rank::self.world]
-        mine = pack(share)
-        if self.world == 1:
-            return share, [(r, True) for r in mine]
-        most = max(len(pack(items[r::self.world])) for r in range(self.world))  # same on every rank
-        pad = mine[0] if mine else pack(items[:1])[0]  # a rank with no share (fewer items than ranks) pads too
-        return share, [(r, True) for r in mine] + [(pad, False)] * (most - len(mine))
+        return rank_rows(items, pack, self.rank, self.world)
 
     def _plot(self):
         if not self.metrics_path.is_file():  # --max-steps 0: nothing was logged, nothing to plot
