@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 
 import click
 
@@ -44,10 +45,29 @@ def _is_user_error(exc: BaseException) -> bool:
                             IsADirectoryError, NotADirectoryError))
 
 
+# The package's own folders (in a source checkout their parent also holds tests and a virtualenv).
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
+                  for d in ("engine", "kernels", "data_gen", "cli", "benchmarks"))
+_shown: set[str] = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our own warnings (about the user's files and options) as one `warning: ...` line, once per process
+    and, under torchrun, from rank 0 only; other libraries' warnings as Python shows them."""
+    if not os.path.abspath(filename).startswith(_OWN_DIRS):
+        return _default(message, category, filename, lineno, file, line)
+    text = str(message)
+    if text in _shown or int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    _shown.add(text)
+    click.echo(f"warning: {text}", err=True)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fspo-engine")
 def cli():
     """fspo-engine: Few-Shot Preference Optimization of Llama models, with fused Triton kernels."""
+    warnings.showwarning = _show_warning
 
 
 def _register():

@@ -71,6 +71,8 @@ class ReferenceCache:
                     table = dict(zip(blob["episode_ids"], zip(blob["chosen"].tolist(), blob["rejected"].tolist())))
             except Exception as exc:  # a corrupt cache file is recomputed, never trusted
                 log(f"{path}: ignoring unreadable reference cache ({exc})")
+        if world > 1 and not all(all_gather_objects(table is not None)):
+            table = None  # scoring is collective (sharded model): all ranks score unless every rank has the file
         if table is None:
             was_training = model.training
             model.eval()

@@ -537,6 +537,24 @@ def test_finetune_a_transformers_checkpoint_and_dpo_stage(tmp_path):
     assert res.returncode == 0 and res.stdout.count("# Example") == 8, res.stdout[-2000:] + res.stderr[-2000:]
 
 
+def test_a_warning_about_the_users_checkpoint_is_one_line_once(tmp_path):
+    """A tied config whose files hold a different lm_head loads untied, with a warning. The DPO stage reads
+    that directory twice (policy and reference): the user sees one `warning:` line, not a Python warning
+    per load pointing into our code."""
+    from helpers import make_tiny_model_dir
+
+    data = write_fixture(tmp_path / "data")
+    hf_dir = make_tiny_model_dir(tmp_path / "hf", tie=False, init_std=0.02)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    res = cli("train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", str(hf_dir), "--stage", "dpo",
+              "--shots", "2", "--set", "batch.episodes=2", "--set", "pref.steps=1", "--set", "run.progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    warned = [ln for ln in res.stderr.splitlines() if "untied" in ln]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {hf_dir}: config.json ties"), res.stderr[-3000:]
+    assert "UserWarning" not in res.stderr
+
+
 def test_divergence_stops_with_a_clear_message_and_keeps_checkpoints(tmp_path):
     data = write_fixture(tmp_path / "data")
     run = tmp_path / "run"
