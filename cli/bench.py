@@ -11,7 +11,7 @@ BENCHMARKS = {
     "attention": "prefix-shared attention vs the official duplicated-context layout and flex_attention",
     "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
-    "load": "per-rank memory of loading a checkpoint into FSDP2: sharded read vs whole-then-shard",
+    "checkpoint": "per-rank cost of a checkpoint into FSDP2 (sharded read) and its optimizer out (per-rank shards)",
 }
 
 
@@ -29,7 +29,7 @@ def bench(ctx, name, args):
     attention  prefix-shared attention vs the official layout and flex_attention
     packing    tokens and attention FLOPs per episode vs the official padded layout
     train      a whole training step, packed vs the official padded path
-    load       per-rank memory of loading a checkpoint into FSDP2, sharded vs whole
+    checkpoint per-rank cost of loading into FSDP2 and saving the optimizer, sharded vs whole
     """
     if name in (None, "-h", "--help"):
         click.echo(ctx.get_help())

@@ -1,17 +1,22 @@
 """Atomic, verifiable training checkpoints.
 
 A checkpoint is a directory `RUN/checkpoints/<stage>/step-<N>/` holding
-    model/            an HF Llama directory (config.json, safetensors, tokenizer files)
-    train_state.pt    optimiser state, RNG states, data position (loaded with weights_only=True)
-    COMPLETE          JSON: every other file's size and sha256, written last
+    model/                    an HF Llama directory (config.json, safetensors, tokenizer files)
+    train_state.pt            optimiser state, RNG states, data position (loaded with weights_only=True)
+    optimizer/rank-R-of-W.pt  under torchrun (W > 1 ranks): rank R's optimizer shard, in place of the
+                              optimizer state in train_state.pt (loaded with weights_only=True)
+    COMPLETE                  JSON: every other file's size and sha256, written last
 It is built under a temporary name and renamed into place, so a kill at any moment leaves either no
 checkpoint or a whole one; `COMPLETE` catches a directory that was truncated or edited afterwards.
 
-States are full (unsharded, keyed by parameter name), gathered on rank 0 under torchrun, so a run resumes
-on any number of ranks. Not torch.distributed.checkpoint shards: DCP reads its `.metadata` with pickle,
-and fspo-engine loads no state through pickle (weights via safetensors, the rest via
-`torch.load(weights_only=True)`). The price is one writer and a gather into rank 0's host memory (for an 8B
-model with AdamW: 32 GB of fp32 weights and 64 GB of moments), paid once per checkpoint.
+The model is full (an HF directory, gathered on rank 0). Optimizer states are keyed by parameter name:
+in one process the whole state sits in train_state.pt; under torchrun every rank writes its own FSDP2
+shard (plain local tensors), in parallel, with no gather of the moments (64 GB for an 8B model with AdamW)
+into one host. A run resumes on any number of ranks: on as many as wrote the checkpoint, each rank reads its
+own shard; on another number, rank 0 joins the shards (FSDP2 cuts dim 0 in rank order) and the full state
+is re-sharded by broadcast. Not torch.distributed.checkpoint: DCP reads its `.metadata` with pickle, and
+fspo-engine loads no state through pickle (weights via safetensors, the rest via
+`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -123,12 +128,23 @@ def verify(directory: Path) -> str | None:
 
 def write_checkpoint(stage_dir: Path, step: int, write_fn, keep_last: int) -> Path:
     """Build a checkpoint with `write_fn(tmp_dir)`, seal it, rename it into place, prune old ones."""
+    tmp = begin_checkpoint(stage_dir, step)
+    write_fn(tmp)
+    return finish_checkpoint(stage_dir, step, tmp, keep_last)
+
+
+def begin_checkpoint(stage_dir: Path, step: int) -> Path:
+    """The empty temporary directory a checkpoint is built in (by one process, or by every rank)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    final = stage_dir / f"step-{step:09d}"
     tmp = stage_dir / f".tmp-step-{step:09d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_fn(tmp)
+    return tmp
+
+
+def finish_checkpoint(stage_dir: Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """Seal the built `tmp`, rename it into place as step-N, prune old checkpoints; -> the checkpoint."""
+    final = stage_dir / f"step-{step:09d}"
     seal(tmp)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (after a resume): replace the old copy
@@ -171,7 +187,13 @@ def step_of(ckpt: Path) -> int:
     return int(_STEP_RE.match(ckpt.name).group(1))
 
 
+def optimizer_shard_path(ckpt: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of a `world`-rank run keeps its optimizer shard in a checkpoint."""
+    return ckpt / "optimizer" / f"rank-{rank:05d}-of-{world:05d}.pt"
+
+
 def save_train_state(path: Path, state: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)

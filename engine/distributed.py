@@ -178,6 +178,49 @@ def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_
     return model
 
 
+def local_optimizer_state(osd: dict) -> dict:
+    """A sharded optimizer state (`get_optimizer_state_dict`'s, DTensor moments) as this rank's plain CPU
+    tensors, plus which entries were sharded: a checkpoint file that loads with weights_only=True."""
+    from torch.distributed.tensor import DTensor
+
+    state, sharded = {}, {}
+    for fqn, entries in osd["state"].items():
+        state[fqn] = {}
+        for key, value in entries.items():
+            if isinstance(value, DTensor):
+                sharded.setdefault(fqn, []).append(key)
+                value = value.to_local()
+            state[fqn][key] = value.detach().cpu() if torch.is_tensor(value) else value
+    return {"state": state, "param_groups": osd["param_groups"], "sharded": sharded}
+
+
+def sharded_optimizer_state(local: dict, model: nn.Module) -> dict:
+    """`local_optimizer_state`'s inverse on the rank that wrote it (same number of ranks): its entries
+    as DTensors laid out like the model's parameters, for `set_optimizer_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    params = get_model_state_dict(model)  # sharded: DTensors under the optimizer state's names
+    state = {fqn: dict(entries) for fqn, entries in local["state"].items()}
+    for fqn, keys in local["sharded"].items():
+        p = params[fqn]
+        for key in keys:
+            state[fqn][key] = DTensor.from_local(state[fqn][key].to(p.to_local().device), p.device_mesh,
+                                                 p.placements, shape=p.shape, stride=p.stride())
+    return {"state": state, "param_groups": local["param_groups"]}
+
+
+def full_optimizer_state(parts: list[dict]) -> dict:
+    """Every rank's `local_optimizer_state`, in rank order, joined into the full (unsharded) state: FSDP2
+    shards dim 0 in rank order, so a sharded entry is the concatenation of its parts."""
+    first = parts[0]
+    state = {fqn: dict(entries) for fqn, entries in first["state"].items()}
+    for fqn, keys in first["sharded"].items():
+        for key in keys:
+            state[fqn][key] = torch.cat([part["state"][fqn][key] for part in parts])
+    return {"state": state, "param_groups": first["param_groups"]}
+
+
 def rank_rows(items: list, pack, rank: int, world: int) -> tuple[list, list]:
     """This rank's share of `items` (every world-th) and its packed rows `pack(share)`, each flagged real;
     padded with repeats flagged not real so that every rank runs the same number of forward (and backward)

@@ -41,11 +41,14 @@ from fspo_engine.engine.distributed import (
     apply_ac_and_compile,
     barrier,
     die_with_launcher,
+    full_optimizer_state,
     init_distributed,
     load_sharded,
+    local_optimizer_state,
     parallelize,
     pick_device,
     rank_rows,
+    sharded_optimizer_state,
     world,
 )
 from fspo_engine.engine.episodes import (
@@ -573,8 +576,9 @@ class Trainer:
             self._write_run_info()
         start_step = 0
         # Rank 0 verifies the checkpoints (hashing every file) and reads the training state; the other ranks
-        # take its choice, step and RNG state, and their optimizer shards by broadcast (an 8B model's Adam
-        # moments are 64 GB: not loaded into host memory once per rank).
+        # take its choice, step and RNG state. Each rank then reads its own optimizer shard, or, when the
+        # checkpoint was written by another number of ranks, gets it from rank 0 by broadcast (an 8B model's
+        # Adam moments are 64 GB: never loaded into host memory once per rank).
         resume_from, state = None, {}
         if self.is_main:
             resume_from = ckpt.latest_valid(stage_dir, log=self.log)
@@ -582,9 +586,10 @@ class Trainer:
                 state = ckpt.load_train_state(resume_from / "train_state.pt")
         if self.world > 1:
             picked = all_gather_objects((str(resume_from) if resume_from else None, state.get("step"),
-                                         state.get("rng")) if self.is_main else None)[0]  # fmt: skip
+                                         state.get("rng"), state.get("optimizer_shards"))
+                                        if self.is_main else None)[0]  # fmt: skip
             resume_from = Path(picked[0]) if picked[0] else None
-            state = {**state, "step": picked[1], "rng": picked[2]}
+            state = {**state, "step": picked[1], "rng": picked[2], "optimizer_shards": picked[3]}
         if resume_from is not None:
             model = self._policy(resume_from / "model")
             start_step = state["step"]
@@ -596,9 +601,20 @@ class Trainer:
         if resume_from is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            optim_state = _by_name(state["optimizer"], model, optimizer) if self.is_main else {}
-            set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=self.world > 1))
+            shards = state.get("optimizer_shards")
+            if shards is not None and shards == self.world:  # as many ranks as wrote it: each reads its own
+                local = ckpt.load_train_state(ckpt.optimizer_shard_path(resume_from, self.rank, shards))
+                set_optimizer_state_dict(model, optimizer, sharded_optimizer_state(local, model),
+                                         options=StateDictOptions(full_state_dict=False))
+            else:  # rank 0 holds the full state (joined from another number of ranks' shards) and shares it
+                optim_state = {}
+                if self.is_main:
+                    optim_state = state["optimizer"] if shards is None else full_optimizer_state(
+                        [ckpt.load_train_state(ckpt.optimizer_shard_path(resume_from, r, shards))
+                         for r in range(shards)])
+                    optim_state = _by_name(optim_state, model, optimizer)
+                set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(
+                    full_state_dict=True, broadcast_from_rank0=self.world > 1))
             ckpt.set_rng_state(state["rng"])
         else:
             torch.manual_seed(cfg.run.seed)
@@ -712,28 +728,34 @@ class Trainer:
         return self.run_info["stages"][stage]
 
     def _save(self, stage_dir: Path, step: int, model, optimizer) -> Path:
-        # Full (unsharded) states on rank 0, keyed by parameter name: a collective under torchrun (every rank
-        # calls it), and one format for every world size, so a run resumes on more or fewer ranks.
+        # The model as a full HF directory from rank 0 (a collective under torchrun: every rank calls this).
+        # The optimizer state keyed by parameter name: whole in train_state.pt in one process; under
+        # torchrun each rank writes its own shard into the checkpoint rank 0 builds (no gather of the Adam
+        # moments into one host), and a resume on any number of ranks can read them (see checkpoint.py).
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=opts)
-        optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=full)
+        train_state = {"step": step, "rng": ckpt.rng_state()}
+        tmp = ckpt.begin_checkpoint(stage_dir, step) if self.is_main else None
+        if self.world > 1:
+            tmp = Path(all_gather_objects(str(tmp) if self.is_main else None)[0])
+            ckpt.save_train_state(ckpt.optimizer_shard_path(tmp, self.rank, self.world),
+                                  local_optimizer_state(get_optimizer_state_dict(model, optimizer)))
+            train_state["optimizer_shards"] = self.world
+            barrier()  # every shard is written before rank 0 seals the checkpoint
+        else:
+            train_state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=full)
         final = stage_dir / f"step-{step:09d}"
         if self.is_main:
             dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
-
-            def write(tmp: Path):
-                save_state_dict(model_state, model.config, tmp / "model", tokenizer_dir=self.tokenizer_dir,
-                                dtype=dtype)
-                ckpt.save_train_state(tmp / "train_state.pt", {"step": step, "optimizer": optim_state,
-                                                                "rng": ckpt.rng_state()})
-
-            final = ckpt.write_checkpoint(stage_dir, step, write, self.cfg.run.keep_last)
+            save_state_dict(model_state, model.config, tmp / "model", tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+            ckpt.save_train_state(tmp / "train_state.pt", train_state)
+            final = ckpt.finish_checkpoint(stage_dir, step, tmp, self.cfg.run.keep_last)
         barrier()
         return final
 

@@ -57,8 +57,9 @@ def test_two_rank_fsdp2_matches_single_process(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
 def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
-    """A 2-rank run resumed from a mid-stage checkpoint (full state gathered on rank 0, re-sharded on load)
-    logs the same losses as the uninterrupted 2-rank run; so does one process resuming it."""
+    """A 2-rank run resumed from a mid-stage checkpoint (each rank's optimizer shard, read back by the rank
+    that wrote it) logs the same losses as the uninterrupted 2-rank run; so do one process and three ranks
+    resuming it (the shards joined on rank 0, re-sharded by broadcast)."""
     data = write_fixture(tmp_path / "data")
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"]
     # 5 steps, checkpoints at 2, 4 and 5; steps 4 and 5 depend on the Adam moments saved at step 2.
@@ -72,8 +73,15 @@ def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
         shutil.rmtree(cut / "checkpoints" / "pref-ft" / f"step-{step:09d}")
     shutil.rmtree(cut / "pref-ft")
     (cut / "run.json").unlink()
-    cut_single = tmp_path / "cut_single"
+    step2 = cut / "checkpoints" / "pref-ft" / "step-000000002"
+    # Each rank wrote its own optimizer shard; the training state holds no optimizer (nothing was gathered).
+    assert sorted(p.name for p in (step2 / "optimizer").iterdir()) == ["rank-00000-of-00002.pt",
+                                                                       "rank-00001-of-00002.pt"]
+    state = torch.load(step2 / "train_state.pt", weights_only=True)
+    assert "optimizer" not in state and state["optimizer_shards"] == 2
+    cut_single, cut_three = tmp_path / "cut_single", tmp_path / "cut_three"
     shutil.copytree(cut, cut_single)
+    shutil.copytree(cut, cut_three)
     resumed = _train(torchrun, data, cut, (*extra, "--resume"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(whole, resumed):
@@ -86,6 +94,13 @@ def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
     for a, b in zip(whole, single):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+    three = _train([*torchrun[:-1], "--nproc_per_node=3"], data, cut_three, (*extra, "--resume"))
+    assert [r["step"] for r in three] == [1, 2, 3, 4, 5]
+    for a, b in zip(whole, three):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+    # The 3-rank resume wrote 3 shards at steps 4 and 5.
+    assert len(list((cut_three / "checkpoints" / "pref-ft" / "step-000000004" / "optimizer").iterdir())) == 3
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
@@ -222,21 +237,23 @@ def test_sharded_load_equals_loading_whole_then_sharding(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
-def test_bench_load_smoke(tmp_path):
-    """`bench load` runs both variants on 2 ranks and writes its table, JSON and plot; each rank's own shards
-    are half the model (the floor it reports next to the peaks)."""
-    res = subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", "bench", "load", "--size", "small",
+def test_bench_checkpoint_smoke(tmp_path):
+    """`bench checkpoint` runs its four variants on 2 ranks and writes its table, JSON and plot; each rank's
+    own shards are half the model (the floor it reports next to the peaks)."""
+    res = subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", "bench", "checkpoint", "--size", "small",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["sharded read", "whole-then-shard"]
+    assert [r["variant"] for r in results] == ["load: sharded read", "load: whole-then-shard",
+                                               "save optimizer: per-rank shards", "save optimizer: gathered on rank 0"]
     for r in results:
         assert "failed" not in r, r
         assert [x["rank"] for x in r["ranks"]] == [0, 1]
         assert sum(x["shard_bytes"] for x in r["ranks"]) == r["model_bytes"]
-        assert r["peak_bytes"] > 0
-    assert (tmp_path / "load.png").stat().st_size > 0 and "sharded read" in (tmp_path / "results.md").read_text()
+        assert r["seconds"] > 0
+    assert (tmp_path / "checkpoint.png").stat().st_size > 0
+    assert "per-rank shards" in (tmp_path / "results.md").read_text()
 
 
 _SCORE_SHARE_WORKER = r'''
