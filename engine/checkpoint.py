@@ -34,6 +34,7 @@ from fspo_engine.engine.errors import FspoError
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{9})$")
+_SHARD_RE = re.compile(r"^rank-\d{5}-of-(\d{5})\.pt$")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -173,10 +174,25 @@ def list_checkpoints(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
 
 
+def missing_shards(ckpt: Path) -> str | None:
+    """None if `optimizer/` (when there is one) holds the shards of every rank of one world size."""
+    folder = ckpt / "optimizer"
+    if not folder.is_dir():
+        return None
+    names = sorted(p.name for p in folder.iterdir())
+    sizes = {m.group(1) for m in (_SHARD_RE.match(n) for n in names) if m}
+    if len(sizes) != 1:
+        return f"optimizer/ holds no single set of rank shards ({', '.join(names[:4]) or 'empty'})"
+    world = int(sizes.pop())
+    if names != [optimizer_shard_path(ckpt, r, world).name for r in range(world)]:
+        return f"optimizer/ holds {len(names)} of its {world} rank shards"
+    return None
+
+
 def latest_valid(stage_dir: Path, log=print) -> Path | None:
     """The newest whole checkpoint of a stage; broken ones are reported and skipped."""
     for ckpt in reversed(list_checkpoints(stage_dir)):
-        why = verify(ckpt)
+        why = verify(ckpt) or missing_shards(ckpt)
         if why is None:
             return ckpt
         log(f"{ckpt}: skipping broken checkpoint: {why}")
@@ -202,8 +218,9 @@ def save_train_state(path: Path, state: dict):
 def load_train_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of a corrupt file
-        raise FspoError(f"{path}: unreadable training state ({exc})") from None
+    except Exception as exc:  # pickle/zip errors of a corrupt file; torch's own text runs to many lines
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise FspoError(f"{path}: unreadable training state ({first})") from None
 
 
 def rng_state() -> dict:

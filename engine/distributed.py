@@ -125,6 +125,12 @@ def parallelize(model: nn.Module, activation_checkpointing: bool = False, compil
     return model
 
 
+def state_dict_name(name: str) -> str:
+    """A parameter's name from `named_parameters()` as state dicts and checkpoint files have it: activation
+    checkpointing's wrapper adds a level to each block's names."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
 def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_impl: str = "auto",
                  activation_checkpointing: bool = False, compile: bool = False,
                  mixed_precision: bool = False) -> nn.Module:
@@ -146,9 +152,7 @@ def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_
     model = parallelize(model.to(dtype), activation_checkpointing, compile, mixed_precision, device.type)
     model.to_empty(device=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    # The files' names: activation checkpointing's wrapper adds a level to each block's parameter names.
-    # A tied lm_head shares embed_tokens' entry.
-    params = {name.replace("_checkpoint_wrapped_module.", ""): p for name, p in model.named_parameters()}
+    params = {state_dict_name(name): p for name, p in model.named_parameters()}  # a tied lm_head: one entry
     with torch.no_grad():
         for path, names in by_file.items():
             try:

@@ -49,6 +49,7 @@ from fspo_engine.engine.distributed import (
     pick_device,
     rank_rows,
     sharded_optimizer_state,
+    state_dict_name,
     world,
 )
 from fspo_engine.engine.episodes import (
@@ -143,7 +144,7 @@ def _by_name(optim_state: dict, model: torch.nn.Module, optimizer: torch.optim.O
     groups = optim_state.get("param_groups", [])
     if not groups or not all(isinstance(i, int) for g in groups for i in g["params"]):
         return optim_state
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): state_dict_name(n) for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     return {"state": {order[i]: v for i, v in optim_state["state"].items()},
             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
@@ -603,7 +604,13 @@ class Trainer:
 
             shards = state.get("optimizer_shards")
             if shards is not None and shards == self.world:  # as many ranks as wrote it: each reads its own
-                local = ckpt.load_train_state(ckpt.optimizer_shard_path(resume_from, self.rank, shards))
+                try:
+                    local, why = ckpt.load_train_state(ckpt.optimizer_shard_path(resume_from, self.rank, shards)), None
+                except FspoError as exc:
+                    local, why = None, str(exc)
+                why = next((w for w in all_gather_objects(why) if w), None)
+                if why:  # every rank stops here, together: none is left waiting in a collective
+                    raise FspoError(why)
                 set_optimizer_state_dict(model, optimizer, sharded_optimizer_state(local, model),
                                          options=StateDictOptions(full_state_dict=False))
             else:  # rank 0 holds the full state (joined from another number of ranks' shards) and shares it
@@ -748,6 +755,11 @@ class Trainer:
                                   local_optimizer_state(get_optimizer_state_dict(model, optimizer)))
             train_state["optimizer_shards"] = self.world
             barrier()  # every shard is written before rank 0 seals the checkpoint
+            missing = [r for r in range(self.world) if self.is_main and
+                       not ckpt.optimizer_shard_path(tmp, r, self.world).is_file()]  # fmt: skip
+            if missing:
+                raise FspoError(f"{tmp}: rank(s) {missing} saved their optimizer shards out of rank 0's sight: under "
+                                "torchrun, --out must be a directory that every rank sees (a shared filesystem)")
         else:
             train_state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=full)
         final = stage_dir / f"step-{step:09d}"

@@ -298,11 +298,13 @@ def test_resume_in_a_later_stage_keeps_its_history_after_republishing_an_earlier
 
 def test_resume_from_an_older_single_process_checkpoint(tmp_path):
     """Single-process checkpoints of earlier fspo-engine versions hold optimizer.state_dict() (integer
-    parameter ids): they still resume, exactly."""
+    parameter ids): they still resume, exactly, also with activation checkpointing (whose wrapper renames
+    the blocks' parameters in named_parameters())."""
     import shutil
 
     data = write_fixture(tmp_path / "data")
-    args = [*SMALL, "--stage", "pref-ft", "--set", "pref_ft.steps=4", "--save-every", "2", "--set", "run.keep_last=3"]
+    args = [*SMALL, "--stage", "pref-ft", "--set", "pref_ft.steps=4", "--save-every", "2", "--set", "run.keep_last=3",
+            "--set", "model.activation_checkpointing=true"]
     whole = tmp_path / "whole"
     assert cli("train", "--data", str(data), "--out", str(whole), *args).returncode == 0
     cut = tmp_path / "cut"
@@ -473,6 +475,28 @@ def test_run_directory_ownership(tmp_path):
     Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None).close()  # not "another training run"
     assert not (run / ".pref-ft.tmp-999").exists()
     assert not (run / "checkpoints" / "pref-ft" / ".old-step-000000002-999").exists()
+
+
+def test_a_checkpoint_without_every_ranks_optimizer_shard_is_skipped(tmp_path):
+    """A torchrun checkpoint is whole only with one optimizer shard per rank. One sealed without a rank's
+    shard (a rank that wrote elsewhere) is skipped for the one before, as a damaged checkpoint is."""
+    stage = tmp_path / "pref-ft"
+
+    def write(step, shards):
+        def fill(tmp):
+            ckpt.save_train_state(tmp / "train_state.pt", {"step": step})
+            for rank, world in shards:
+                ckpt.save_train_state(ckpt.optimizer_shard_path(tmp, rank, world), {"rank": rank})
+        return ckpt.write_checkpoint(stage, step, fill, keep_last=10)
+
+    write(2, [(0, 2), (1, 2)])
+    write(4, [(0, 3), (1, 3), (2, 3)])  # resumed on 3 ranks: whole
+    write(6, [(0, 3), (2, 3)])
+    write(8, [(0, 2), (1, 3), (2, 3)])
+    logs = []
+    assert ckpt.latest_valid(stage, log=logs.append) == stage / "step-000000004"
+    assert "2 of its 3 rank shards" in logs[1] and "no single set" in logs[0], logs
+    assert ckpt.missing_shards(stage / "step-000000002") is None
 
 
 def test_write_checkpoint_drops_an_abandoned_future(tmp_path):
