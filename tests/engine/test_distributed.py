@@ -12,13 +12,18 @@ import pytest
 import torch
 from test_train import SMALL, write_fixture
 
+from fspo_engine.engine import checkpoint as ckpt
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+_TRAIN_SETS = ("--set", "pref_ft.steps=3", "--set", "pref.steps=3", "--set", "optim.lr=2e-3", "--set", "pref.beta=0.5",
+               "--set", "batch.episodes=6")
 
 
 def _train(cmd_prefix, data, out, extra=()):
     args = [*cmd_prefix, "-m", "fspo_engine.cli.main", "train", "--data", str(data), "--out", str(out), *SMALL,
-            "--set", "pref_ft.steps=3", "--set", "pref.steps=3", "--set", "optim.lr=2e-3", "--set", "pref.beta=0.5",
-            "--set", "batch.episodes=6", *extra]
+            *_TRAIN_SETS, *extra]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -101,6 +106,20 @@ def test_two_rank_resume_restores_sharded_optimizer_state(tmp_path):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a, b)
     # The 3-rank resume wrote 3 shards at steps 4 and 5.
     assert len(list((cut_three / "checkpoints" / "pref-ft" / "step-000000004" / "optimizer").iterdir())) == 3
+    # A shard that passes its checksum (re-sealed) but is not a tensor file: rank 1 fails to read it, and every
+    # rank stops together with one error line (none is left in a collective, no gloo traceback).
+    bad = cut_three / "checkpoints" / "pref-ft" / "step-000000005"
+    (bad / "optimizer" / "rank-00001-of-00003.pt").write_bytes(b"not a checkpoint")
+    (bad / "COMPLETE").unlink()
+    ckpt.seal(bad)
+    shutil.rmtree(cut_three / "pref-ft")
+    (cut_three / "run.json").unlink()
+    res = subprocess.run([*torchrun[:-1], "--nproc_per_node=3", "-m", "fspo_engine.cli.main", "train", "--data",
+                          str(data), "--out", str(cut_three), *SMALL, *_TRAIN_SETS, *extra, "--resume"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode != 0 and len(errors) == 1 and "rank-00001-of-00003.pt" in errors[0], res.stderr[-3000:]
+    assert "unreadable training state" in errors[0] and "Connection closed" not in res.stderr, res.stderr[-3000:]
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
