@@ -306,7 +306,8 @@ for name, episodes in cases.items():
     mine = score_share(sharded, episodes, 80, rank, world, impl="torch")
     ref = score_episodes(whole, episodes[rank::world], 80, impl="torch")
     for a, b in ((mine.chosen, ref.chosen), (mine.rejected, ref.rejected)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        # The sharded model gathers the very same weights and runs the same ops: the numbers are bitwise equal.
+        assert torch.equal(a, b), (name, (a - b).abs().max())
     assert mine.chosen_tokens.tolist() == ref.chosen_tokens.tolist(), name
 dist.barrier()
 print(f"rank {rank}: ok")
