@@ -12,6 +12,8 @@ BENCHMARKS = {
     "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
     "checkpoint": "per-rank cost of a checkpoint into FSDP2 (sharded read) and its optimizer out (per-rank shards)",
+    "compile-report": "no GPU: every Triton kernel compiled for sm_90 at its shipped configs (registers, spills, "
+    "shared memory, pipeline depth, blocks/SM)",
 }
 
 
@@ -30,11 +32,12 @@ def bench(ctx, name, args):
     packing    tokens and attention FLOPs per episode vs the official padded layout
     train      a whole training step, packed vs the official padded path
     checkpoint per-rank cost of loading into FSDP2 and saving the optimizer, sharded vs whole
+    compile-report  no GPU: the Triton kernels compiled for sm_90 (registers, spills, shared, pipelining)
     """
     if name in (None, "-h", "--help"):
         click.echo(ctx.get_help())
         ctx.exit(0)
     if name not in BENCHMARKS:
         raise click.BadParameter(f"{name!r} is not one of {', '.join(sorted(BENCHMARKS))}", param_hint="NAME")
-    module = importlib.import_module(f"fspo_engine.benchmarks.bench_{name}")
+    module = importlib.import_module(f"fspo_engine.benchmarks.bench_{name.replace('-', '_')}")
     module.main(list(args))
