@@ -1,11 +1,21 @@
 """Importers for the released FSPO datasets (JSONL or Parquet) into the fspo-prefs/1 directory.
 
-Official schemas:
-- roleplay: `x` (question), `yw` (preferred), `yl` (dispreferred), `level`, `score_persona` (the
-  persona text the labels were scored with: that is the user).
+The files are read as the released loader (`preference_datasets.py`) reads them; the user downloads them
+(fspo-engine never downloads). Official schemas:
+- roleplay: `x` (question), `yw` (preferred), `yl` (dispreferred), `level`, `score_persona` (the persona
+  the labels were scored with: a string, or an object with a `description` string). The released loader
+  groups records by `level`: one level is one user, described by its `score_persona` (the first one; a
+  record whose own persona differs keeps it as `score_persona` in prefs.jsonl).
 - review, elix: `prompt`, `response_x`, `response_y`, `label` (0 = response_x preferred, 1 =
   response_y), `level_x`, `level_y` (the level each response was written for), `scorer_level` (the
-  level of the user who scored the pair: that is the user).
+  level of the user who scored the pair: that is the user). Descriptions are the released strings: elix
+  "The user is {level}.", review "This user prefers {...} reviews." for its eight levels (others: the elix
+  form); each preference's `rejected_description` is "The user is {rejected level}.", the released
+  `persona_rejected` (data.rejected_description = rejected_persona renders it on the rejected branch).
+
+Users are written in the released loader's `groupby` order (sorted levels: numbers first, then strings),
+each user's preferences in file order: `official_windows` in engine/episodes.py then draws the released
+loader's episodes from them.
 
 Every record is checked; the import stops before writing anything if any record is malformed and
 reports each as `path:line: reason` (Parquet: `path:row N: reason`).
@@ -34,7 +44,7 @@ from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
 FIELDS = {
-    "roleplay": {"x": str, "yw": str, "yl": str, "level": (str, int), "score_persona": str},
+    "roleplay": {"x": str, "yw": str, "yl": str, "level": (str, int), "score_persona": (str, dict)},
     "review": {
         "prompt": str,
         "response_x": str,
@@ -47,6 +57,37 @@ FIELDS = {
 }
 FIELDS["elix"] = FIELDS["review"]
 MAX_REPORTED = 20
+# The released `get_review`'s user descriptions (`mapped_level`), by scorer_level.
+REVIEW_DESCRIPTIONS = {
+    "negative": "This user prefers negative reviews.",
+    "positive": "This user prefers positive reviews.",
+    "concise": "This user prefers concise reviews.",
+    "verbose": "This user prefers verbose reviews.",
+    "positive+concise": "This user prefers positive and concise reviews.",
+    "negative+concise": "This user prefers negative and concise reviews.",
+    "positive+verbose": "This user prefers positive and verbose reviews.",
+    "negative+verbose": "This user prefers negative and verbose reviews.",
+}
+
+
+def _persona_text(score_persona) -> str | None:
+    """A roleplay record's persona description: the string, or the object's `description` string."""
+    if isinstance(score_persona, str):
+        return score_persona
+    text = score_persona.get("description")
+    return text if isinstance(text, str) else None
+
+
+def _level_description(kind: str, level) -> str:
+    """The released loader's user description for a scorer level (`persona_scorer`)."""
+    if kind == "review" and str(level) in REVIEW_DESCRIPTIONS:
+        return REVIEW_DESCRIPTIONS[str(level)]
+    return f"The user is {level}."
+
+
+def _level_order(level) -> tuple:
+    """pandas' groupby order of a level column: numbers sorted, then strings sorted."""
+    return (1, level, 0) if isinstance(level, str) else (0, "", level)
 
 
 class _Unreadable:
@@ -115,7 +156,12 @@ def _check(kind: str, rec) -> str | None:
     if kind == "roleplay":
         if not rec["x"].strip() or not rec["yw"].strip() or not rec["yl"].strip():
             return "empty question or response"
-        if not rec["score_persona"].strip():
+        persona = _persona_text(rec["score_persona"])
+        if persona is None:
+            return "field 'score_persona' is an object without a 'description' string"
+        if not _is_unicode(persona):
+            return "field 'score_persona' is not valid Unicode (lone surrogate)"
+        if not persona.strip():
             return "empty score_persona"
     else:
         if str(rec["label"]) not in ("0", "1"):
@@ -206,14 +252,13 @@ def run_import(
                 errors.append(f"{where}: {reason}")
                 continue
             if kind == "roleplay":
-                key, description = rec["score_persona"].strip(), rec["score_persona"].strip()
+                level = rec["level"]
+                description = _persona_text(rec["score_persona"]).strip()
                 question, chosen, rejected = rec["x"], rec["yw"], rec["yl"]
-                traits = {"level": str(rec["level"])}
                 extra = {}
             else:
-                level = str(rec["scorer_level"]).strip()
-                key = level
-                description = level if " " in level else f"The user's level is {level}."
+                level = rec["scorer_level"]
+                description = _level_description(kind, level)
                 x_wins = str(rec["label"]) == "0"
                 question = rec["prompt"]
                 chosen, rejected = (
@@ -225,8 +270,11 @@ def run_import(
                 extra = {
                     "chosen_level": levels[0 if x_wins else 1],
                     "rejected_level": levels[1 if x_wins else 0],
+                    # The released `persona_rejected` ("The user is {level}." for review too).
+                    "rejected_description": f"The user is {levels[1 if x_wins else 0]}.",
                 }
-                traits = {"level": level}
+            key = str(level)  # one level is one user, as the released loader's groupby makes it
+            traits = {"level": key}
             user_split = file_split or _hash_split(key, seed, test_fraction)
             # A user seen in both a train and a test file becomes two users: test users stay unseen.
             ukey = (key, user_split)
@@ -240,8 +288,11 @@ def run_import(
                     "description": description,
                     "traits": traits,
                     "_n": 0,
+                    "_order": _level_order(level),
                 }
             user = users[ukey]
+            if kind == "roleplay" and description != user["description"]:
+                extra = {"score_persona": description}  # this record's own persona, where it is not the user's
             prefs.append(
                 {
                     "pref_id": f"{user['user_id']}-{user['_n']:05d}",
@@ -263,7 +314,9 @@ def run_import(
     ids = [u["user_id"] for u in users.values()]
     if len(set(ids)) != len(ids):
         raise DataGenError(f"{kind}: a user appears in two splits of one file set; pass --import-split")
-    user_records = [{k: v for k, v in u.items() if k != "_n"} for u in users.values()]
+    # The released loader's order: its groupby sorts the levels (a stable sort keeps split order within one).
+    ordered = sorted(users.values(), key=lambda u: u["_order"])
+    user_records = [{k: v for k, v in u.items() if not k.startswith("_")} for u in ordered]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")

@@ -99,6 +99,59 @@ def test_roleplay_import(tmp_path):
     assert len({p["pref_id"] for p in prefs}) == 3
 
 
+def test_roleplay_users_are_levels_in_the_released_loaders_groupby_order(tmp_path):
+    """The released loader groups roleplay records by `level` (not by persona), in sorted order (numbers,
+    then strings); `score_persona` may be an object with a description; a record whose persona is not its
+    level's first keeps its own as `score_persona`."""
+    records = [
+        {"x": "q0", "yw": "a0", "yl": "b0", "level": "beta", "score_persona": {"description": "Likes B.", "id": 7}},
+        {"x": "q1", "yw": "a1", "yl": "b1", "level": 10, "score_persona": "Likes ten."},
+        {"x": "q2", "yw": "a2", "yl": "b2", "level": 2, "score_persona": "Likes two."},
+        {"x": "q3", "yw": "a3", "yl": "b3", "level": "alpha", "score_persona": "Likes A."},
+        {"x": "q4", "yw": "a4", "yl": "b4", "level": 10, "score_persona": "Likes ten, again."},
+    ]
+    src = write_jsonl(tmp_path / "roleplay_train.jsonl", records)
+    import_dataset("roleplay", [src], tmp_path / "out")
+    users = read_jsonl(tmp_path / "out" / "users.jsonl")
+    prefs = read_jsonl(tmp_path / "out" / "prefs.jsonl")
+    assert [u["traits"]["level"] for u in users] == ["2", "10", "alpha", "beta"]
+    assert [u["description"] for u in users] == ["Likes two.", "Likes ten.", "Likes A.", "Likes B."]
+    by_user = {}
+    for p in prefs:
+        by_user.setdefault(p["user_id"], []).append(p)
+    ten = by_user[users[1]["user_id"]]
+    assert [p["question"] for p in ten] == ["q1", "q4"]
+    assert "score_persona" not in ten[0] and ten[1]["score_persona"] == "Likes ten, again."
+    assert all("rejected_description" not in p for p in prefs)  # the released roleplay loader has none
+
+
+@pytest.mark.parametrize(
+    "persona, message",
+    [({"name": "x"}, "field 'score_persona' is an object without a 'description' string"), ({"description": "  "}, "empty score_persona"),
+     (["a list"], "field 'score_persona' has type list")],
+)
+def test_a_bad_score_persona_is_reported(tmp_path, persona, message):
+    src = write_jsonl(tmp_path / "roleplay.jsonl", [{**ROLEPLAY[0], "score_persona": persona}])
+    with pytest.raises(DataGenError, match=rf"{src}:1: {message}"):
+        import_dataset("roleplay", [src], tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["review", "elix"])
+def test_review_and_elix_descriptions_are_the_released_strings(tmp_path, kind):
+    records = [
+        {**REVIEW[0], "scorer_level": "positive+concise", "level_x": "negative", "level_y": "positive", "label": 1},
+        {**REVIEW[0], "scorer_level": 3, "level_x": 3, "level_y": 5, "label": 0},
+    ]
+    src = write_jsonl(tmp_path / f"{kind}_train.jsonl", records)
+    import_dataset(kind, [src], tmp_path / "out")
+    users = read_jsonl(tmp_path / "out" / "users.jsonl")
+    prefs = read_jsonl(tmp_path / "out" / "prefs.jsonl")
+    assert [u["traits"]["level"] for u in users] == ["3", "positive+concise"]  # numbers first
+    word = "This user prefers positive and concise reviews." if kind == "review" else "The user is positive+concise."
+    assert [u["description"] for u in users] == ["The user is 3.", word]
+    assert [p["rejected_description"] for p in prefs] == ["The user is negative.", "The user is 5."]
+
+
 @pytest.mark.parametrize("kind, domain", [("review", "reviews"), ("elix", "elix")])
 def test_review_and_elix_import_label_zero_means_x_preferred(tmp_path, kind, domain):
     src = write_jsonl(tmp_path / f"{kind}_test.jsonl", REVIEW)
@@ -119,7 +172,7 @@ def test_review_and_elix_import_label_zero_means_x_preferred(tmp_path, kind, dom
 
 
 def test_hash_split_and_forced_split(tmp_path):
-    many = [{**ROLEPLAY[0], "score_persona": f"persona {i}"} for i in range(200)]
+    many = [{**ROLEPLAY[0], "level": i, "score_persona": f"persona {i}"} for i in range(200)]
     src = write_jsonl(tmp_path / "roleplay.jsonl", many)
     manifest = import_dataset("roleplay", [src], tmp_path / "a", test_fraction=0.3)
     assert 40 < manifest["counts"]["test_users"] < 80
