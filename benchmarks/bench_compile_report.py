@@ -1,7 +1,7 @@
 """What does every Triton kernel compile to on an H100/H200, at the tile configs we ship? (No GPU needed.)
 
 Each kernel of `fspo_engine.kernels` is compiled ahead of time for sm_90 at every config it can run with
-(attention: every entry of `_CANDIDATES` for head dims 64 and 128; log-probs: every `@triton.autotune`
+(attention: every candidate of `_CANDIDATES` for head dims 64 and 128; log-probs: every `@triton.autotune`
 config at H=4096), through Triton's own pipeline and the ptxas Triton ships. Per kernel and config:
 
 - registers  per thread, and spill bytes (stores + loads), from `ptxas -v` on the kernel's PTX;
@@ -57,7 +57,7 @@ GRID_ROWS = (1024, 4096, 16384)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _attention_specs(dtype):
+def _attention_specs(dtype, group=4):
     import fspo_engine.kernels.attention as A
 
     kernels = {"attn_fwd": A._fwd_kernel, "attn_dkdv": A._dkdv_kernel, "attn_dq": A._dq_kernel}
@@ -67,8 +67,8 @@ def _attention_specs(dtype):
         yield {"kernel": "attn_bwd_delta", "module": "attention", "shape": f"D={d}", "config": "BM64 w4 s3",
                "consts": {"HEAD_DIM": d, "BLOCK_M": 64}, "num_warps": 4, "num_stages": 3}  # fmt: skip
         for name, kernel in kernels.items():
-            for cfg in A._CANDIDATES[kinds[name]]:
-                consts = {"GROUP": 4, "HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+            for cfg in A._candidates(kinds[name], d):
+                consts = {"GROUP": group, "HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                           "PRECISION": A._precision(torch_dtype)}  # fmt: skip
                 if "INTERPRET" in kernel.arg_names:
                     consts["INTERPRET"] = False
@@ -92,10 +92,11 @@ def _logprob_specs(dtype):
                    "block_n": kw["BLOCK_N"]}  # fmt: skip
 
 
-def specs(dtype, only=None):
+def specs(dtype, only=None, group=4):
+    """Every (kernel, shape, config) to compile. group: the attention GQA group (4: Llama 3 8B)."""
     out = []
     if only in (None, "attention"):
-        out += list(_attention_specs(dtype))
+        out += list(_attention_specs(dtype, group))
     if only in (None, "logprobs"):
         out += list(_logprob_specs(dtype))
     return out
@@ -241,9 +242,9 @@ def occupancy(registers: int, num_warps: int, shared_bytes: int) -> tuple[int, s
     return limits[limiter], limiter
 
 
-def report_one(spec, dtype):
+def report_one(spec, dtype, ids_dtype="i64"):
     t0 = time.perf_counter()
-    c = compile_spec(spec, dtype)
+    c = compile_spec(spec, dtype, ids_dtype)
     usage = ptxas_usage(c.asm["ptx"])
     pipe = pipeline_depth(c.asm["ttgir"])
     shared = int(c.metadata.shared)

@@ -11,11 +11,15 @@ Two paths with one mask:
   sibling in tests.
 - The Triton path (flash-attention 2 style, forward + backward): online softmax with fp32 statistics,
   recompute in backward, grouped-query attention by mapping query head -> kv head inside the kernels.
-  Tiles are classified once per call from per-block doc/branch ranges (`block_lists`): tiles that are
+  Tiles are classified once per call from per-block doc/branch ranges (`block_runs`): tiles that are
   provably fully masked are never visited, tiles that are provably fully visible skip the mask arithmetic,
   the rest evaluate the mask pointwise. Correctness holds for ANY ids; the packed layout (documents
   contiguous, context first, then each branch contiguously) only makes the skipping effective, so the
   work grows with the number of allowed (q, k) pairs instead of with T^2.
+  The visited tiles of a block row are handed to the kernels as runs of consecutive blocks: on a packed
+  row a query block sees at most a few (its context, its own branch, the boundary tiles), and each run is
+  a dense inner loop whose addresses follow the loop counter, so the compiler's software pipeliner can
+  prefetch several tiles ahead (an index list loaded inside the loop defeats it).
 
 Layout: q [T, Hq, D], k/v [T, Hkv, D], one packed row per call (the model loops over rows).
 """
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+
+    from fspo_engine.kernels.interpret import loop_bound
 except ImportError:  # pragma: no cover - triton is a Linux dependency; the torch path still works
     triton = None
 
@@ -180,22 +186,31 @@ def reference_attention(q, k, v, doc_ids, branch_ids, scale=None):
 
 
 @dataclass
-class BlockLists:
-    """Tiles of one packed row for a (BLOCK_M queries x BLOCK_N keys) tiling, as index lists.
+class BlockRuns:
+    """Tiles of one packed row for a (BLOCK_M queries x BLOCK_N keys) tiling, as runs of consecutive blocks.
 
-    full_num[i] / full_idx[i, :full_num[i]]: the other-axis blocks whose every (q, k) pair is allowed.
-    part_num[i] / part_idx[i, :part_num[i]]: blocks with some allowed pairs, mask evaluated per pair.
-    Blocks in neither list are provably fully masked and never visited. Rows are q-blocks (`by="q"`,
-    forward and dq) or k-blocks (`by="k"`, dk/dv). Index arrays are int32, [n_rows, n_cols].
+    Row i's fully visible tiles (every (q, k) pair allowed) are the other-axis blocks
+    [full_lo[i, r], full_hi[i, r]) for r < full_num[i], in increasing order; its partly visible tiles (mask
+    evaluated per pair) likewise from part_*. Blocks in neither are provably fully masked and never
+    visited. Rows are q-blocks (`by="q"`, forward and dq) or k-blocks (`by="k"`, dk/dv). Arrays are int32,
+    [n_rows] and [n_rows, n_cols] (only the first `num` columns of a row are meaningful).
     Programs take rows in `order`, heaviest first, so the long tail of a packed row (the blocks at the end
     of long contexts do the most tiles) starts early instead of finishing last.
     """
 
     full_num: torch.Tensor
-    full_idx: torch.Tensor
+    full_lo: torch.Tensor
+    full_hi: torch.Tensor
     part_num: torch.Tensor
-    part_idx: torch.Tensor
+    part_lo: torch.Tensor
+    part_hi: torch.Tensor
     order: torch.Tensor  # [n_rows] int32: rows by decreasing tile count, the launch order
+
+    def blocks(self, row: int, which: str = "full") -> list[int]:
+        """The blocks of one row's runs, expanded (tests and debugging; one host sync per call)."""
+        num, lo, hi = (getattr(self, f"{which}_{f}") for f in ("num", "lo", "hi"))
+        n = int(num[row])
+        return [b for a, z in zip(lo[row, :n].tolist(), hi[row, :n].tolist()) for b in range(a, z)]
 
 
 def _block_stats(ids, block, fill_lo, fill_hi):
@@ -268,16 +283,26 @@ def _compact(sel):
     return num, idx.contiguous()
 
 
-def block_lists(doc_ids, branch_ids, block_m, block_n, by="q"):
-    """Tile lists for the kernels (see `BlockLists`); a few small torch ops, no host sync."""
+def _runs(sel):
+    """bool [R, C] -> (num [R], lo [R, C], hi [R, C]) int32: the maximal runs of consecutive selected
+    columns of each row, in order; run r covers columns [lo[:, r], hi[:, r])."""
+    off = torch.zeros_like(sel[:, :1])
+    starts = sel & ~torch.cat([off, sel[:, :-1]], dim=1)  # selected, previous column not
+    ends = sel & ~torch.cat([sel[:, 1:], off], dim=1)  # selected, next column not
+    num, lo = _compact(starts)
+    _, last = _compact(ends)
+    return num, lo, last + 1
+
+
+def block_runs(doc_ids, branch_ids, block_m, block_n, by="q"):
+    """Tile runs for the kernels (see `BlockRuns`); a few small torch ops, no host sync."""
     visit, full = block_tiles(doc_ids, branch_ids, block_m, block_n)
     part = visit & ~full
     if by == "k":
         full, part = full.T, part.T
-    full_num, full_idx = _compact(full)
-    part_num, part_idx = _compact(part)
-    order = torch.sort(full_num + part_num, descending=True, stable=True).indices.to(torch.int32)
-    return BlockLists(full_num, full_idx, part_num, part_idx, order)
+    tiles = full.sum(1, dtype=torch.int32) + part.sum(1, dtype=torch.int32)
+    order = torch.sort(tiles, descending=True, stable=True).indices.to(torch.int32)
+    return BlockRuns(*_runs(full), *_runs(part), order)
 
 
 # The model calls the op once per layer with the same id tensors. Per pair of id tensors we remember that
@@ -304,11 +329,11 @@ def _ids_entry(doc_ids, branch_ids) -> dict:
     return entry
 
 
-def _cached_block_lists(doc_ids, branch_ids, block_m, block_n, by):
+def _cached_block_runs(doc_ids, branch_ids, block_m, block_n, by):
     lists = _ids_entry(doc_ids, branch_ids)["lists"]
     key = (block_m, block_n, by)
     if key not in lists:
-        lists[key] = block_lists(doc_ids, branch_ids, block_m, block_n, by)
+        lists[key] = block_runs(doc_ids, branch_ids, block_m, block_n, by)
     return lists[key]
 
 
@@ -358,29 +383,20 @@ if triton is not None:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return acc, l_i, m_new
 
-    # The tile loops run over a count loaded from memory. Compiled, that is a `for` (software-pipelined by
-    # num_stages); the interpreter (numpy >= 2.3) cannot turn a loaded scalar into a range bound, so there
-    # it is the equivalent `while`.
+    # The tile loops: for each run of consecutive blocks [lo, hi) of this block row (BlockRuns), a dense
+    # `for` over the run. The run bounds are loaded once per run; inside a run every address follows the
+    # loop counter, which is what lets the software pipeliner keep num_stages - 1 tiles in flight. The
+    # interpreter runs the same statements (`loop_bound` gives it Python ints for the range()).
     @triton.jit
-    def _fwd_loop(
-        acc, l_i, m_i, q, q_doc, q_br, offs_m, NUM, IDX, row, stride_lists, K, V, DOC, BR, T,
+    def _fwd_runs(
+        acc, l_i, m_i, q, q_doc, q_br, offs_m, NUM, LO, HI, row, stride_lists, K, V, DOC, BR, T,
         stride_kt, stride_vt, qk_scale,
         MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        n = tl.load(NUM + row)
-        if INTERPRET:
-            i = 0
-            while i < n:
-                kb = tl.load(IDX + row * stride_lists + i)
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
-                    qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
-                )  # fmt: skip
-                i += 1
-        else:
-            for i in range(0, n):
-                kb = tl.load(IDX + row * stride_lists + i)
+        for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
+            run = row * stride_lists + r
+            for kb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
                     qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
@@ -390,7 +406,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _fwd_kernel(
         Q, K, V, O, LSE, DOC, BR,
-        FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,
+        FULL_NUM, FULL_LO, FULL_HI, PART_NUM, PART_LO, PART_HI, ORDER, stride_lists,
         T, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -413,13 +429,13 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # Fully visible tiles first (no mask arithmetic), then the boundary tiles (doc/branch/diagonal).
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, q_doc, q_br, offs_m, FULL_NUM, FULL_IDX, qb, stride_lists, K, V, DOC, BR, T,
-            stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+        acc, l_i, m_i = _fwd_runs(
+            acc, l_i, m_i, q, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists, K, V, DOC, BR,
+            T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
-        acc, l_i, m_i = _fwd_loop(
-            acc, l_i, m_i, q, q_doc, q_br, offs_m, PART_NUM, PART_IDX, qb, stride_lists, K, V, DOC, BR, T,
-            stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+        acc, l_i, m_i = _fwd_runs(
+            acc, l_i, m_i, q, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists, K, V, DOC, BR,
+            T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real query sees itself
@@ -488,25 +504,15 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _dkdv_loop(
-        dk, dv, k, v, k_doc, k_br, offs_n, NUM, IDX, row, stride_lists, h, Q, DO, LSE, DELTA, DOC, BR, T,
+    def _dkdv_runs(
+        dk, dv, k, v, k_doc, k_br, offs_n, NUM, LO, HI, row, stride_lists, h, Q, DO, LSE, DELTA, DOC, BR, T,
         stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
         MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        n = tl.load(NUM + row)
-        if INTERPRET:
-            i = 0
-            while i < n:
-                qb = tl.load(IDX + row * stride_lists + i)
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, k_doc, k_br, offs_n, qb, h, Q, DO, LSE, DELTA, DOC, BR, T,
-                    stride_qt, stride_qh, stride_dt, stride_dh, qk_scale, MASKED, PRECISION, BLOCK_M, HEAD_DIM,
-                )  # fmt: skip
-                i += 1
-        else:
-            for i in range(0, n):
-                qb = tl.load(IDX + row * stride_lists + i)
+        for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
+            run = row * stride_lists + r
+            for qb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, k_doc, k_br, offs_n, qb, h, Q, DO, LSE, DELTA, DOC, BR, T,
                     stride_qt, stride_qh, stride_dt, stride_dh, qk_scale, MASKED, PRECISION, BLOCK_M, HEAD_DIM,
@@ -516,7 +522,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, DOC, BR,
-        FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,
+        FULL_NUM, FULL_LO, FULL_HI, PART_NUM, PART_LO, PART_HI, ORDER, stride_lists,
         T, qk_scale, sm_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -542,14 +548,14 @@ if triton is not None:
         # deterministic gradients.
         for g in range(0, GROUP):
             h = hk * GROUP + g
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, k_doc, k_br, offs_n, FULL_NUM, FULL_IDX, kb, stride_lists, h, Q, DO, LSE, DELTA,
-                DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
+            dk, dv = _dkdv_runs(
+                dk, dv, k, v, k_doc, k_br, offs_n, FULL_NUM, FULL_LO, FULL_HI, kb, stride_lists, h, Q, DO, LSE,
+                DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
                 False, PRECISION, BLOCK_M, HEAD_DIM, INTERPRET,
             )  # fmt: skip
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, k_doc, k_br, offs_n, PART_NUM, PART_IDX, kb, stride_lists, h, Q, DO, LSE, DELTA,
-                DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
+            dk, dv = _dkdv_runs(
+                dk, dv, k, v, k_doc, k_br, offs_n, PART_NUM, PART_LO, PART_HI, kb, stride_lists, h, Q, DO, LSE,
+                DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
                 True, PRECISION, BLOCK_M, HEAD_DIM, INTERPRET,
             )  # fmt: skip
         dk *= sm_scale  # d(scale * q.k)/dk = scale * q
@@ -592,25 +598,15 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _dq_loop(
-        dq, q, do, lse, delta, q_doc, q_br, offs_m, NUM, IDX, row, stride_lists, K, V, DOC, BR, T,
+    def _dq_runs(
+        dq, q, do, lse, delta, q_doc, q_br, offs_m, NUM, LO, HI, row, stride_lists, K, V, DOC, BR, T,
         stride_kt, stride_vt, qk_scale,
         MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):  # fmt: skip
-        n = tl.load(NUM + row)
-        if INTERPRET:
-            i = 0
-            while i < n:
-                kb = tl.load(IDX + row * stride_lists + i)
-                dq = _dq_tile(
-                    dq, q, do, lse, delta, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
-                    qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
-                )  # fmt: skip
-                i += 1
-        else:
-            for i in range(0, n):
-                kb = tl.load(IDX + row * stride_lists + i)
+        for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
+            run = row * stride_lists + r
+            for kb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
                 dq = _dq_tile(
                     dq, q, do, lse, delta, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
                     qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
@@ -620,7 +616,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T", "stride_lists"])  # change with every packed row: no recompile each
     def _dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DOC, BR,
-        FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, ORDER, stride_lists,
+        FULL_NUM, FULL_LO, FULL_HI, PART_NUM, PART_LO, PART_HI, ORDER, stride_lists,
         T, qk_scale, sm_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
         stride_dqt, stride_dqh,
@@ -638,13 +634,13 @@ if triton is not None:
         q_doc = tl.load(DOC + offs_m, mask=m_ok, other=-1)
         q_br = tl.load(BR + offs_m, mask=m_ok, other=-1)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        dq = _dq_loop(
-            dq, q, do, lse, delta, q_doc, q_br, offs_m, FULL_NUM, FULL_IDX, qb, stride_lists, K, V, DOC, BR,
-            T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+        dq = _dq_runs(
+            dq, q, do, lse, delta, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists, K, V, DOC,
+            BR, T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
-        dq = _dq_loop(
-            dq, q, do, lse, delta, q_doc, q_br, offs_m, PART_NUM, PART_IDX, qb, stride_lists, K, V, DOC, BR,
-            T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+        dq = _dq_runs(
+            dq, q, do, lse, delta, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists, K, V, DOC,
+            BR, T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
         dq *= sm_scale
         tl.store(
@@ -669,38 +665,64 @@ class KernelConfig:
     num_stages: int = 3
 
 
-# Candidates per kernel, tried on the first CUDA call for each (head dim, dtype, group, row-length bucket).
-# Tile sizes decide the block lists, so they are tuned here rather than by @triton.autotune (whose configs
-# cannot change the metadata computed before the launch). The first entry is the untuned default
-# (FSPO_ATTN_AUTOTUNE=0): one that compiles for sm_90 without register spills at head dims 64 and 128
-# for bf16/fp16 (ptxas, Triton 3.6; tests/kernels/test_attention.py compiles every entry). At D=128,
-# fwd 128x64 w4, dkdv 32x128 w4 and dq 128x32 w4 use all 255 registers and spill 0.4-2.4 KB per thread.
+# Candidates per (kernel, head dim), tried on the first CUDA call for each (head dim, dtype, group,
+# row-length bucket). Tile sizes decide the block runs, so they are tuned here rather than by
+# @triton.autotune (whose configs cannot change the metadata computed before the launch). The first entry
+# is the untuned default (FSPO_ATTN_AUTOTUNE=0 / FSPO_AUTOTUNE=0). Every entry, at bf16 and fp16, compiles
+# for sm_90 without register spills, within the shared memory of one SM, with its main loops pipelined
+# >= 3 deep (ptxas and Triton 3.6; `fspo-engine bench compile-report` lists them, and
+# tests/kernels/test_attention.py checks every entry). Head dims below 64 take the 64 lists. The last
+# entry of each list also fits fp32 inputs at D=128 in shared memory (it spills there: fp32 is the test
+# dtype, not the training one). Left out, measured (compile report, D=128): fwd 128x128 (228 KiB of
+# shared memory at 3 stages, spills at 2), any 4-warp tile of 128 rows (spills), dk/dv 64x128 (spills).
 _CANDIDATES = {
-    "fwd": [
+    ("fwd", 64): [
         KernelConfig(128, 64, 8, 3),
-        KernelConfig(128, 64, 4, 3),
         KernelConfig(128, 128, 8, 3),
+        KernelConfig(128, 64, 8, 4),
         KernelConfig(64, 64, 4, 3),
-        KernelConfig(128, 32, 4, 4),
-        KernelConfig(64, 128, 4, 3),
-        KernelConfig(32, 32, 4, 2),  # fits any head dim / dtype (fp32 at D=128 needs it)
-    ],
-    "dkdv": [
-        KernelConfig(32, 128, 8, 2),
-        KernelConfig(32, 128, 4, 3),
-        KernelConfig(32, 64, 4, 3),
-        KernelConfig(64, 64, 4, 3),
-        KernelConfig(64, 128, 8, 3),
-        KernelConfig(32, 32, 4, 2),
-    ],
-    "dq": [
-        KernelConfig(128, 64, 8, 3),
-        KernelConfig(128, 32, 4, 3),
         KernelConfig(64, 32, 4, 3),
+    ],
+    ("fwd", 128): [
+        KernelConfig(128, 64, 8, 3),
+        KernelConfig(128, 64, 8, 4),
+        KernelConfig(128, 32, 8, 4),
+        KernelConfig(64, 32, 4, 3),
+    ],
+    ("dkdv", 64): [
+        KernelConfig(32, 128, 8, 3),
+        KernelConfig(64, 128, 8, 3),
+        KernelConfig(32, 64, 8, 3),
         KernelConfig(64, 64, 4, 3),
-        KernelConfig(32, 32, 4, 2),
+        KernelConfig(32, 32, 4, 4),
+    ],
+    ("dkdv", 128): [
+        KernelConfig(32, 128, 8, 3),
+        KernelConfig(16, 128, 8, 3),
+        KernelConfig(32, 64, 8, 3),
+        KernelConfig(64, 64, 8, 3),
+        KernelConfig(32, 32, 4, 4),
+    ],
+    ("dq", 64): [
+        KernelConfig(128, 64, 8, 3),
+        KernelConfig(128, 64, 8, 4),
+        KernelConfig(128, 32, 8, 3),
+        KernelConfig(64, 64, 4, 3),
+        KernelConfig(64, 32, 4, 3),
+    ],
+    ("dq", 128): [
+        KernelConfig(128, 64, 8, 3),
+        KernelConfig(128, 32, 8, 3),
+        KernelConfig(64, 64, 8, 3),
+        KernelConfig(64, 32, 4, 3),
     ],
 }
+
+
+def _candidates(kind: str, head_dim: int) -> list[KernelConfig]:
+    return _CANDIDATES[(kind, 64 if head_dim <= 64 else 128)]
+
+
 # Under TRITON_INTERPRET (tests on CPU) small tiles keep the interpreter fast.
 _INTERPRET_CONFIG = KernelConfig(32, 32, 4, 1)
 _TUNED: dict = {}
@@ -716,22 +738,23 @@ def _pick_config(kind, q, k, run):
     """The config for `kind`: forced, interpreter default, cached, or chosen now among the candidates.
 
     `run(cfg)` launches the kernel once with cfg (it rewrites the same outputs, so trying is harmless).
-    Timing picks the fastest candidate per (head dim, dtype, group, row-length bucket). With
-    FSPO_ATTN_AUTOTUNE=0 nothing is timed: the first candidate that launches is taken, the same on every
-    run and every rank (timing noise can pick differently, which changes rounding, not results).
+    Timing picks the fastest candidate per (head dim, dtype, group, row-length bucket), once per process:
+    timing noise can pick differently in another process or on another rank, which changes rounding (not
+    results). With FSPO_AUTOTUNE=0 (or FSPO_ATTN_AUTOTUNE=0) nothing is timed: the first candidate that
+    launches is taken, the same in every process, so outputs are bitwise repeatable across runs and ranks.
     """
     if kind in _FORCE:
         return _FORCE[kind]
     if _interpreting() or not q.is_cuda:
         return _INTERPRET_CONFIG
-    tune = os.environ.get("FSPO_ATTN_AUTOTUNE", "1") != "0"
+    tune = "0" not in (os.environ.get("FSPO_AUTOTUNE"), os.environ.get("FSPO_ATTN_AUTOTUNE"))
     T, hq, d = q.shape
     key = (kind, tune, d, q.dtype, hq // k.shape[1], 1 << max(0, T - 1).bit_length(), q.device.index)
     if key not in _TUNED:
         import triton.testing
 
         times, error = {}, None
-        for cfg in _CANDIDATES[kind]:
+        for cfg in _candidates(kind, d):
             try:  # e.g. OutOfResources: too much shared memory for this head dim / dtype
                 if not tune:
                     run(cfg)
@@ -751,13 +774,27 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _check_int32_offsets(**tensors):
+    """The kernels address q, k, v, o and their gradients with int32 element offsets (row * stride + ...):
+    every element must lie fewer than 2**31 - 1 elements past the tensor's start (for a contiguous q:
+    T * Hq * D < 2**31), or its offset would wrap."""
+    for name, t in tensors.items():
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+        if extent >= 2**31:
+            raise ValueError(
+                f"{name}: spans {extent} elements (shape {tuple(t.shape)}, strides {t.stride()}); the Triton "
+                "attention kernels use int32 offsets (< 2**31): pack shorter rows or use impl='torch'"
+            )
+
+
 def _launch_fwd(q, k, v, doc_ids, branch_ids, scale, o, lse, cfg):
     T, hq, d = q.shape
-    lists = _cached_block_lists(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
+    runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
     grid = (hq, triton.cdiv(T, cfg.block_m))  # axis 0 varies fastest: heavy rows of all heads first
     _fwd_kernel[grid](
         q, k, v, o, lse, doc_ids, branch_ids,
-        lists.full_num, lists.full_idx, lists.part_num, lists.part_idx, lists.order, lists.full_idx.stride(0),
+        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
+        runs.full_lo.stride(0),
         T, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -768,6 +805,7 @@ def _launch_fwd(q, k, v, doc_ids, branch_ids, scale, o, lse, cfg):
 
 def attention_forward(q, k, v, doc_ids, branch_ids, scale):
     """Triton forward. Returns o [T, Hq, D] (dtype of q) and lse [Hq, T] (fp32, log2 units)."""
+    _check_int32_offsets(q=q, k=k, v=v)
     T, hq, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((hq, T), device=q.device, dtype=torch.float32)
@@ -780,11 +818,12 @@ def attention_forward(q, k, v, doc_ids, branch_ids, scale):
 
 def _launch_dkdv(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dk, dv, cfg):
     T, hq, d = q.shape
-    lists = _cached_block_lists(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "k")
+    runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "k")
     grid = (k.shape[1], triton.cdiv(T, cfg.block_n))
     _dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, doc_ids, branch_ids,
-        lists.full_num, lists.full_idx, lists.part_num, lists.part_idx, lists.order, lists.full_idx.stride(0),
+        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
+        runs.full_lo.stride(0),
         T, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -796,11 +835,12 @@ def _launch_dkdv(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dk, dv, cf
 
 def _launch_dq(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dq, cfg):
     T, hq, d = q.shape
-    lists = _cached_block_lists(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
+    runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
     grid = (hq, triton.cdiv(T, cfg.block_m))  # axis 0 varies fastest: heavy rows of all heads first
     _dq_kernel[grid](
         q, k, v, do, lse, delta, dq, doc_ids, branch_ids,
-        lists.full_num, lists.full_idx, lists.part_num, lists.part_idx, lists.order, lists.full_idx.stride(0),
+        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
+        runs.full_lo.stride(0),
         T, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
@@ -812,6 +852,7 @@ def _launch_dq(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dq, cfg):
 
 def attention_backward(q, k, v, o, lse, do, doc_ids, branch_ids, scale):
     """Triton backward (recompute): returns dq, dk, dv shaped and typed like q, k, v."""
+    _check_int32_offsets(q=q, k=k, v=v, o=o, do=do)
     T, hq, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0:
@@ -867,9 +908,12 @@ def prefix_shared_attention(q, k, v, doc_ids, branch_ids, scale=None, impl="auto
     (per-document SDPA), or "auto" = Triton on CUDA when it supports the head dim and dtype, torch
     elsewhere. Differentiable in q, k, v. Bad arguments raise ValueError naming the argument.
 
-    Triton tile sizes are timed on the first call per (head dim, dtype, GQA group, row-length bucket);
-    FSPO_ATTN_AUTOTUNE=0 takes the first candidate that launches instead (reproducible across runs).
-    Pass the same doc_ids/branch_ids tensors to every layer: their range check and tile lists are
+    Triton tile sizes are timed on the first call per (head dim, dtype, GQA group, row-length bucket) in
+    each process, so outputs are bitwise repeatable within a process; FSPO_AUTOTUNE=0 (or
+    FSPO_ATTN_AUTOTUNE=0) takes the first candidate that launches instead: the same tiles, hence bitwise the
+    same outputs, in every process and on every rank. The Triton kernels use int32 offsets: a row whose
+    q (or k, v) spans 2**31 elements or more (T * Hq * D for a contiguous q) raises ValueError.
+    Pass the same doc_ids/branch_ids tensors to every layer: their range check and tile runs are
     computed once and reused.
     """
     if impl not in _IMPLS:

@@ -214,16 +214,18 @@ def test_block_tiles_effective_on_aligned_layout():
     # The work is the useful pairs, not T^2: 54 of the causal triangle's 153 tiles here.
     n = visit.shape[0]
     assert int(visit.sum()) == 54 and n * (n + 1) // 2 == 153
-    # The lists hand the kernels exactly these tiles, in increasing order.
-    lists = A.block_lists(doc, br, b, b, by="k")
+    # The runs hand the kernels exactly these tiles, in increasing order, as few maximal runs.
+    runs = A.block_runs(doc, br, b, b, by="k")
     for kb in range(n):
-        want = torch.nonzero(full[:, kb]).flatten().int()
-        assert torch.equal(lists.full_idx[kb, : int(lists.full_num[kb])], want)
-        want = torch.nonzero((visit & ~full)[:, kb]).flatten().int()
-        assert torch.equal(lists.part_idx[kb, : int(lists.part_num[kb])], want)
+        assert runs.blocks(kb, "full") == torch.nonzero(full[:, kb]).flatten().tolist()
+        assert runs.blocks(kb, "part") == torch.nonzero((visit & ~full)[:, kb]).flatten().tolist()
+        for which in ("full", "part"):
+            num, lo, hi = (getattr(runs, f"{which}_{f}") for f in ("num", "lo", "hi"))
+            m = int(num[kb])  # runs non-empty, increasing, and maximal (a gap between consecutive runs)
+            assert bool((lo[kb, :m] < hi[kb, :m]).all()) and bool((hi[kb, : max(m - 1, 0)] < lo[kb, 1:m]).all())
     # Launch order: every k-block once, heaviest first.
-    work = (lists.full_num + lists.part_num)[lists.order.long()]
-    assert sorted(lists.order.tolist()) == list(range(n)) and bool((work[:-1] >= work[1:]).all())
+    work = (full.sum(0) + (visit & ~full).sum(0))[runs.order.long()]
+    assert sorted(runs.order.tolist()) == list(range(n)) and bool((work[:-1] >= work[1:]).all())
 
 
 def test_branch_rule_skips_sibling_tiles():
@@ -234,6 +236,12 @@ def test_branch_rule_skips_sibling_tiles():
     visit, full = A.block_tiles(doc, br, b, b)
     assert not visit[4:, 2:4].any()  # rejected queries x chosen keys
     assert full[4:, :2].all() and full[2:4, :2].all()  # both branches see the whole context unmasked
+    # As runs: the second rejected block sees two dense runs (the context, its branch's first block) and
+    # one masked run (its diagonal block); the chosen branch's context and prefix are contiguous: one run.
+    runs = A.block_runs(doc, br, b, b)
+    assert int(runs.full_num[5]) == 2 and runs.blocks(5, "full") == [0, 1, 4]
+    assert int(runs.part_num[5]) == 1 and runs.blocks(5, "part") == [5]
+    assert int(runs.full_num[3]) == 1 and runs.blocks(3, "full") == [0, 1, 2]
 
 
 def test_ids_cache_sees_in_place_writes():
@@ -295,7 +303,7 @@ def test_untimed_config_is_first_that_launches(monkeypatch):
             raise RuntimeError("out of resources")
 
     cfg = A._pick_config("fwd", q, k, run)
-    assert cfg == A._CANDIDATES["fwd"][1] and tried == A._CANDIDATES["fwd"][:2]
+    assert cfg == A._candidates("fwd", 128)[1] and tried == A._candidates("fwd", 128)[:2]
     assert A._pick_config("fwd", q, k, run) == cfg and len(tried) == 2  # cached
 
 
@@ -327,6 +335,20 @@ def test_auto_matches_reference():
     doc, br = packed_layout(rng, 2)
     q, k, v, do = make_inputs(doc.numel(), 2, 1, 16, 4)
     check_against_reference(q, k, v, do, doc, br, "auto")
+
+
+def test_int32_offset_guard():
+    # T * Hq * D >= 2**31: the kernels' int32 offsets would wrap. Meta tensors: shapes, no memory.
+    q = torch.empty(2**20, 32, 64, device="meta", dtype=torch.bfloat16)  # 2**31 elements
+    k = torch.empty(2**20, 8, 64, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(2**20, device="meta", dtype=torch.long)
+    with pytest.raises(ValueError, match="^q: .*int32"):
+        A.attention_forward(q, k, k, ids, ids, 0.125)
+    with pytest.raises(ValueError, match="^do: .*int32"):  # a strided view: its span counts, not its size
+        small = q[: 2**10]
+        do = torch.empty(2**21, 32, 64, device="meta", dtype=torch.bfloat16)[:: 2**11]  # row stride 2**22
+        A.attention_backward(small, k[: 2**10], k[: 2**10], small, None, do, ids, ids, 0.125)
+    A._check_int32_offsets(q=q[: 2**20 - 1], do=do[:511])  # 2**31 - 2048 elements, a span < 2**31: fine
 
 
 def test_empty_row():
@@ -399,72 +421,39 @@ def test_triton_rejects_unsupported_head_dim():
 # compiler, so type errors, unsupported ops or shared-memory overflows in the kernels would first show here.
 # ---------------------------------------------------------------------------------------------------
 
-# argv: dtype, doc/branch id dtype, GQA group. Every candidate config of every kernel, head dims 64 and
-# 128, with the constexprs and 16-divisibility a real CUDA launch of 16-bit inputs specializes on.
+# argv: dtype, doc/branch id dtype, GQA group. Every candidate config of every kernel (the shipped set:
+# autotuning may pick any), head dims 64 and 128, with the constexprs and 16-divisibility a real CUDA launch
+# of 16-bit inputs specializes on; one JSON record per config (see benchmarks/bench_compile_report.py).
 _AOT = """
-import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-import torch
-import fspo_engine.kernels.attention as A
+import json, sys
+from fspo_engine.benchmarks import bench_compile_report as R
 
 dt, ids, group = sys.argv[1], sys.argv[2], int(sys.argv[3])
-SMEM_SM90 = 232448  # bytes of shared memory one block may opt into on H100/H200
-
-def source(kernel, consts):
-    names = kernel.arg_names
-    def ty(a):
-        if a in consts:
-            return "constexpr"
-        if a in ("qk_scale", "sm_scale"):
-            return "fp32"
-        if a in ("T",) or a.startswith("stride"):
-            return "i32"
-        if a in ("DOC", "BR"):
-            return "*" + ids
-        if a in ("FULL_NUM", "FULL_IDX", "PART_NUM", "PART_IDX", "ORDER"):
-            return "*i32"
-        return "*fp32" if a in ("LSE", "DELTA") else "*" + dt
-    sig = {a: ty(a) for a in names}
-    # torch allocations are 16-aligned and every q/k/v/o stride is a multiple of D; the row length T and
-    # the block-list row stride (the number of blocks) are arbitrary.
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names
-             if sig[a].startswith("*") or (sig[a] == "i32" and a not in ("T", "stride_lists"))}
-    return ASTSource(kernel, sig, constexprs={(names.index(a),): v for a, v in consts.items()}, attrs=attrs)
-
-def build(kernel, consts, num_warps=4, num_stages=3):
-    c = compile(source(kernel, consts), target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": num_warps, "num_stages": num_stages})
-    # Triton checks shared memory only when the kernel is loaded on a device: check it here.
-    assert c.metadata.shared <= SMEM_SM90, (kernel.fn.__name__, consts, c.metadata.shared)
-    return c
-
-done = 0
-kernels = {"fwd": A._fwd_kernel, "dkdv": A._dkdv_kernel, "dq": A._dq_kernel}
-for d in (64, 128):
-    build(A._bwd_delta_kernel, {"HEAD_DIM": d, "BLOCK_M": 64})
-    done += 1
-    for kind, kernel in kernels.items():
-        for cfg in A._CANDIDATES[kind]:
-            consts = {"GROUP": group, "HEAD_DIM": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                      "PRECISION": A._precision(torch.bfloat16 if dt == "bf16" else torch.float16),
-                      "INTERPRET": False}
-            c = build(kernel, consts, cfg.num_warps, cfg.num_stages)
-            print(kind, d, cfg, "shared", c.metadata.shared)
-            done += 1
-print("compiled", done)
+for spec in R.specs(dt, "attention", group=group):
+    print(json.dumps(R.report_one(spec, dt, ids_dtype=ids)))
 """
 
 
 @pytest.mark.slow
 def test_triton_attention_kernels_compile_for_sm90():
+    import json
+
     from helpers import compile_for_sm90
 
-    n_configs = sum(len(c) for c in A._CANDIDATES.values())
-    # Two processes, one per dtype (~25 s each cold, 2 cores); they also cover both id dtypes and a
+    n_configs = sum(len(c) for c in A._CANDIDATES.values()) + 2  # + the delta kernel at D=64 and 128
+    # Two processes, one per dtype (~40 s each cold, 2 cores); they also cover both id dtypes and a
     # GQA group of 4 (Llama-3 8B) and 1 (MHA, a one-trip head loop in dk/dv).
     for out in compile_for_sm90(_AOT, [("bf16", "i64", "4"), ("fp16", "i32", "1")]):
-        assert f"compiled {2 * (n_configs + 1)}" in out, out[-2000:]
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert len(records) == n_configs, out[-2000:]
+        for r in records:
+            what = f"{r['kernel']} {r['shape']} {r['config']} {r['dtype']}"
+            # Shipped configs: no register spills, within one SM's shared memory, and the attention
+            # tile loops software-pipelined at least 3 deep (the runs of BlockRuns make them dense).
+            assert r["spills"] == 0 and r["stack_bytes"] == 0, f"{what}: spills {r['spills']} B"
+            assert r["fits_shared"] and r["blocks_per_sm"] >= 1, f"{what}: {r['shared_bytes']} B shared"
+            if r["kernel"] != "attn_bwd_delta":
+                assert r["pipeline_stages"] >= 3, f"{what}: pipelined {r['loop_stages']} deep"
 
 
 # ---------------------------------------------------------------------------------------------------
