@@ -12,6 +12,10 @@ machine and in any process (numpy's SeedSequence, never Python's salted `hash`).
 user's preferences is the target once (or `episodes_per_user` of them, drawn without replacement), and its
 shots are drawn from that user's other preferences, so a target is never among its own shots.
 
+`official_windows` builds instead the episodes of the released FSPO loader (`data.episode_sampling =
+official_windows`): windows of N shots + 1 target over each user's shuffled preferences, with the released
+loader's random draws, so that a dataset imported from the released files gives its very episodes.
+
 Rendering follows the official FSPO code's text format (DESIGN.md "Episode rendering"); texts are stripped
 as the official code strips them.
 """
@@ -22,6 +26,7 @@ import codecs
 import hashlib
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +53,9 @@ class Preference:
     question: str
     chosen: str
     rejected: str
+    # prefs.jsonl's optional `rejected_description`: the description of the persona the rejected response
+    # was written for (the released code's `persona_rejected`); data.rejected_description = rejected_persona
+    rejected_description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,10 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
             if users_complete:
                 errors.add(where, f"unknown user_id {uid!r} (not in {users_path.name})")
             continue
-        prefs[uid].append(Preference(pid, uid, obj["question"], obj["chosen"], obj["rejected"]))
+        rejected_description = obj.get("rejected_description")
+        if rejected_description is not None and not _check_fields(obj, {"rejected_description": str}, where, errors):
+            continue
+        prefs[uid].append(Preference(pid, uid, obj["question"], obj["chosen"], obj["rejected"], rejected_description))
 
     # gen-data and the importer swap a dataset in by removing the manifest, renaming the two files and
     # renaming a new manifest (a new inode) into place; if that overlapped this read, the files read may
@@ -416,6 +427,75 @@ def sample_episodes(
     return episodes
 
 
+OFFICIAL_EPOCH_SEEDS = 1_000_000  # the released loader draws this many per-epoch shuffle seeds before anything
+
+
+def official_windows(
+    dataset: Dataset,
+    split: str | None,
+    shots: int,
+    seed: int = 0,
+    passes: int | None = None,
+) -> list[Episode]:
+    """The episode set of the released FSPO loader (`get_roleplay` / `get_review` / `get_elix`), in its order.
+
+    With numpy's legacy RandomState seeded as the released `get_batch_iterator` seeds it (`seed`, and its
+    1e6 per-epoch seeds drawn first), the loader makes `passes` passes (2(N+1) for training, its default;
+    the released roleplay test split makes 1). In each pass it takes the users in users.jsonl order (the
+    importer writes them in the loader's `groupby` order: sorted levels), shuffles each user's preferences
+    (a permutation, as pandas' `sample(frac=1)` draws it) and cuts windows of N + 2: the first N are the
+    shots, the next one the target, and the last one is left out (the released code's `end = start +
+    (num_shots + 2)`); a remainder shorter than a window is left out too. A user with fewer than N + 2
+    preferences gives no episode.
+
+    Unlike `sample_episodes`, the draws run through users in order: adding a user moves later users' draws,
+    as in the released loader. Every epoch trains on this same set; `official_epoch_order` orders it.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise FspoError(f"official windows take one shot count N >= 0, got {shots!r}")
+    passes = 2 * (shots + 1) if passes is None else passes
+    rng = np.random.RandomState(seed)
+    rng.randint(0, 2**32, size=OFFICIAL_EPOCH_SEEDS)  # the epoch seeds come first: the draws below follow them
+    width = shots + 2
+    episodes: list[Episode] = []
+    for p in range(passes):
+        for user in dataset.users_in(split):
+            prefs = dataset.prefs.get(user.user_id, [])
+            if not prefs:
+                continue  # no group in the released loader's groupby: no draw
+            order = rng.permutation(len(prefs))
+            for w in range(len(prefs) // width):
+                rows = [prefs[i] for i in order[w * width : (w + 1) * width]]
+                episodes.append(
+                    Episode(
+                        episode_id=f"{user.user_id}/w{p}.{w}",
+                        user_id=user.user_id,
+                        shots=tuple(rows[:shots]),
+                        target=rows[shots],
+                        shots_requested=shots,
+                        description=user.description,
+                    )
+                )
+    return episodes
+
+
+def official_epoch_order(episodes: Sequence[Episode], seed: int, epoch: int, user_description: bool = False):
+    """`official_windows`' episodes in the order the released `get_batch_iterator` trains them in `epoch`.
+
+    The released loader keys its data by prompt text: episodes whose rendered prompts are equal are one
+    entry, their pairs kept together in creation order. Each epoch shuffles the entries in place with
+    Python's `random` seeded by that epoch's seed, so epoch e's order is e + 1 shuffles of the creation order.
+    """
+    seeds = np.random.RandomState(seed).randint(0, 2**32, size=epoch + 1)  # the first epoch + 1 of its 1e6
+    entries: dict[str, list[Episode]] = {}
+    for ep in episodes:
+        entries.setdefault(render_prompt(ep.shots, ep.target.question, user_description), []).append(ep)
+    flat = list(entries.values())
+    for e in range(epoch + 1):
+        random.Random(int(seeds[e])).shuffle(flat)
+    return [ep for entry in flat for ep in entry]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rendering (DESIGN.md "Episode rendering": the official FSPO text format, spaces and all)
 
@@ -460,9 +540,14 @@ def render_response(text: str, description: str | None = None) -> str:
 # Tokenizing with the truncation policy
 
 
+TRUNCATE = ("drop_oldest_shots", "keep_start")
+REJECTED_DESCRIPTION = ("shared", "rejected_persona")
+
+
 @dataclass
 class TokenizedEpisode:
-    """Token ids of one episode: prompt = [bos] + tok(prompt); each response = tok(response) + [eos]."""
+    """Token ids of one episode: prompt = [bos] + tok(prompt) (tok(prompt) with bos=False); each response =
+    tok(response) + [eos]."""
 
     episode_id: str
     user_id: str
@@ -472,6 +557,7 @@ class TokenizedEpisode:
     n_shots: int  # shots kept after truncation
     shots_requested: int
     shots_available: int  # shots sampled before truncation (< requested when the user has too few prefs)
+    prompt_tokens_cut: int = 0  # tokens cut from the prompt's end (truncate = keep_start)
 
     @property
     def responses(self) -> list[list[int]]:
@@ -484,22 +570,71 @@ class TokenizedEpisode:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
+def target_texts(episode: Episode, user_description: bool = False,
+                 rejected_description: str = "shared") -> tuple[str, str]:
+    """The chosen and rejected target texts. With the user-description option both start with a description:
+    the user's on both branches ("shared": it cancels in an IPO/DPO margin), or on the rejected branch the
+    description of the persona the rejected response was written for ("rejected_persona", the released
+    code's `persona_rejected`: the margin then also scores the user's description against that one)."""
+    if rejected_description not in REJECTED_DESCRIPTION:
+        raise FspoError(f"rejected_description must be {' or '.join(REJECTED_DESCRIPTION)}, got {rejected_description!r}")
+    target = episode.target
+    if not user_description:
+        return render_response(target.chosen), render_response(target.rejected)
+    rejected_desc = episode.description
+    if rejected_description == "rejected_persona":
+        if target.rejected_description is None:
+            raise FspoError(f"preference {target.pref_id} (episode {episode.episode_id}) has no rejected_description: "
+                            "data.rejected_description = rejected_persona needs one on every preference "
+                            "(`fspo-engine gen-data --import` writes it for review and elix)")  # fmt: skip
+        rejected_desc = target.rejected_description
+    return render_response(target.chosen, episode.description), render_response(target.rejected, rejected_desc)
+
+
+def _keep_start(episode: Episode, prompt: list[int], chosen: list[int], rejected: list[int],
+                max_tokens: int) -> tuple[list[int], int]:
+    """keep_start: the prompt's first tokens that leave room for both responses, and how many were cut."""
+    keep = max_tokens - len(chosen) - len(rejected)
+    if keep < 1:
+        raise FspoError(f"episode {episode.episode_id}: its responses alone need {len(chosen) + len(rejected)} "
+                        f"tokens (chosen {len(chosen)}, rejected {len(rejected)}) with a prompt of at least 1, "
+                        f"more than the budget of {max_tokens}")  # fmt: skip
+    return prompt[:keep], len(prompt) - keep
+
+
 def tokenize_episode(
-    episode: Episode, tokenizer, max_tokens: int | None = None, user_description: bool = False
+    episode: Episode,
+    tokenizer,
+    max_tokens: int | None = None,
+    user_description: bool = False,
+    *,
+    bos: bool = True,
+    truncate: str = "drop_oldest_shots",
+    rejected_description: str = "shared",
 ) -> TokenizedEpisode:
-    """Render and tokenize one episode, dropping the oldest shots until the packed block
-    (prompt + chosen + rejected) fits in `max_tokens`. The target question and the responses are never
-    cut; an episode that does not fit even with zero shots is an FspoError naming it."""
-    desc = episode.description if user_description else None
-    chosen = tokenizer.encode(render_response(episode.target.chosen, desc)) + [tokenizer.eos_id]
-    rejected = tokenizer.encode(render_response(episode.target.rejected, desc)) + [tokenizer.eos_id]
+    """Render and tokenize one episode so that its packed block (prompt + chosen + rejected) fits in
+    `max_tokens`. The responses are never cut. `truncate`:
+    - "drop_oldest_shots" (DESIGN.md): drop whole shots, oldest first; the target question is never cut, and
+      an episode that does not fit even with zero shots is an FspoError naming it.
+    - "keep_start" (the released code's truncation mode): keep the prompt's first tokens, cutting its end
+      (the target question first, then the newest shots), as the released `keep_start` keeps a prompt's first
+      `max_prompt_length` tokens; here as many as leave room for both responses.
+    `bos`: the prompt starts with the tokenizer's bos (the released loader adds no special tokens)."""
+    if truncate not in TRUNCATE:
+        raise FspoError(f"truncate must be {' or '.join(TRUNCATE)}, got {truncate!r}")
+    chosen_text, rejected_text = target_texts(episode, user_description, rejected_description)
+    chosen = tokenizer.encode(chosen_text) + [tokenizer.eos_id]
+    rejected = tokenizer.encode(rejected_text) + [tokenizer.eos_id]
+    head = [tokenizer.bos_id] if bos else []
     shots = list(episode.shots)
+    cut = 0
     while True:
-        prompt = [tokenizer.bos_id] + tokenizer.encode(
-            render_prompt(shots, episode.target.question, user_description)
-        )
+        prompt = head + tokenizer.encode(render_prompt(shots, episode.target.question, user_description))
         total = len(prompt) + len(chosen) + len(rejected)
         if max_tokens is None or total <= max_tokens:
+            break
+        if truncate == "keep_start":
+            prompt, cut = _keep_start(episode, prompt, chosen, rejected, max_tokens)
             break
         if not shots:
             raise FspoError(
@@ -517,27 +652,38 @@ def tokenize_episode(
         n_shots=len(shots),
         shots_requested=episode.shots_requested,
         shots_available=episode.n_shots,
+        prompt_tokens_cut=cut,
     )
 
 
 def tokenize_episodes(
-    episodes: Sequence[Episode], tokenizer, max_tokens: int | None = None, user_description: bool = False
+    episodes: Sequence[Episode],
+    tokenizer,
+    max_tokens: int | None = None,
+    user_description: bool = False,
+    *,
+    bos: bool = True,
+    truncate: str = "drop_oldest_shots",
+    rejected_description: str = "shared",
 ) -> list[TokenizedEpisode]:
     """`tokenize_episode` for each episode; every episode that cannot fit is reported in one FspoError.
 
     All texts are first encoded in one batch (fast tokenizers run it in parallel); only episodes over the
-    budget go through the shot-dropping loop of `tokenize_episode`.
+    budget go through `tokenize_episode`.
     """
-    desc = [ep.description if user_description else None for ep in episodes]
+    options = {"bos": bos, "truncate": truncate, "rejected_description": rejected_description}
+    if truncate not in TRUNCATE:
+        raise FspoError(f"truncate must be {' or '.join(TRUNCATE)}, got {truncate!r}")
+    targets = [target_texts(ep, user_description, rejected_description) for ep in episodes]
     texts = [render_prompt(ep.shots, ep.target.question, user_description) for ep in episodes]
-    texts += [render_response(ep.target.chosen, d) for ep, d in zip(episodes, desc)]
-    texts += [render_response(ep.target.rejected, d) for ep, d in zip(episodes, desc)]
+    texts += [c for c, _ in targets] + [r for _, r in targets]
     encode_batch = getattr(tokenizer, "encode_batch", None)
     ids = encode_batch(texts) if encode_batch else [tokenizer.encode(t) for t in texts]
+    head = [tokenizer.bos_id] if bos else []
     n = len(episodes)
     out, errors = [], []
     for i, ep in enumerate(episodes):
-        prompt = [tokenizer.bos_id] + list(ids[i])
+        prompt = head + list(ids[i])
         chosen = list(ids[n + i]) + [tokenizer.eos_id]
         rejected = list(ids[2 * n + i]) + [tokenizer.eos_id]
         if max_tokens is None or len(prompt) + len(chosen) + len(rejected) <= max_tokens:
@@ -555,7 +701,7 @@ def tokenize_episodes(
             )
             continue
         try:
-            out.append(tokenize_episode(ep, tokenizer, max_tokens, user_description))
+            out.append(tokenize_episode(ep, tokenizer, max_tokens, user_description, **options))
         except FspoError as exc:
             errors.append(str(exc))
     if errors:  # one line: the episodes fail for one reason (the budget), the first names it
@@ -577,6 +723,7 @@ def episode_stats(episodes: Sequence[TokenizedEpisode]) -> dict:
         "episodes_short_of_prefs": short,  # the user had too few other preferences
         "episodes_truncated": truncated,  # shots dropped to fit the token budget
         "shots_dropped_by_truncation": sum(e.shots_available - e.n_shots for e in episodes),
+        "episodes_prompt_cut": sum(e.prompt_tokens_cut > 0 for e in episodes),  # truncate = keep_start
         "mean_tokens": float(np.mean(tokens)) if n else 0.0,
         "max_tokens": max(tokens) if n else 0,
     }
@@ -592,10 +739,13 @@ __all__ = [
     "User",
     "episode_stats",
     "load_dataset",
+    "official_epoch_order",
+    "official_windows",
     "parse_shots",
     "render_prompt",
     "render_response",
     "sample_episodes",
     "tokenize_episode",
+    "target_texts",
     "tokenize_episodes",
 ]

@@ -473,3 +473,84 @@ def test_real_tokenizer_end_to_end(dataset, tmp_path):
         assert t.num_tokens <= 300
         kept = e.shots[e.n_shots - t.n_shots :]
         assert tok.decode(t.prompt_ids[1:]) == render_prompt(kept, e.target.question)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The released code's choices (data.bos, data.truncate, data.rejected_description, official windows)
+
+
+def test_without_bos_and_with_keep_start_the_prompts_end_is_cut():
+    tok = CharTokenizer()
+    shots = [Preference(f"s{i}", "u", f"question {i}?", "yes " * 10, "no " * 10) for i in range(5)]
+    whole = tokenize_episode(_episode(shots), tok, bos=False)
+    assert whole.prompt_ids == tok.encode(render_prompt(shots, TARGET.question))  # no bos
+    budget = whole.num_tokens - 25
+    t = tokenize_episode(_episode(shots), tok, max_tokens=budget, bos=False, truncate="keep_start")
+    assert t.prompt_ids == whole.prompt_ids[:-25] and t.num_tokens == budget and t.prompt_tokens_cut == 25
+    assert (t.chosen_ids, t.rejected_ids, t.n_shots) == (whole.chosen_ids, whole.rejected_ids, 5)
+    with_bos = tokenize_episode(_episode(shots), tok, max_tokens=budget, truncate="keep_start")
+    assert with_bos.prompt_ids == [tok.bos_id] + whole.prompt_ids[:-26]
+    # The batch path agrees; the stats count the cut prompts.
+    batch = tokenize_episodes([_episode(shots), _episode(shots[:1])], tok, max_tokens=budget, bos=False,
+                              truncate="keep_start")
+    assert batch[0].prompt_ids == t.prompt_ids and batch[1].prompt_tokens_cut == 0
+    assert episode_stats(batch)["episodes_prompt_cut"] == 1 and episode_stats(batch)["episodes_truncated"] == 0
+    room = len(t.chosen_ids) + len(t.rejected_ids)
+    assert tokenize_episode(_episode(shots), tok, max_tokens=room + 1, truncate="keep_start").prompt_ids == [1]
+    with pytest.raises(FspoError, match=r"episode u/e0/0: its responses alone need \d+ tokens"):
+        tokenize_episode(_episode(shots), tok, max_tokens=room, truncate="keep_start")
+    with pytest.raises(FspoError, match="truncate must be"):
+        tokenize_episodes([_episode(shots)], tok, truncate="keep_end")
+
+
+def test_rejected_description_is_shared_or_the_rejected_personas():
+    tok = CharTokenizer()
+    target = Preference("t", "u", "Best city?", "Kyoto.", "Any.", rejected_description="Likes nothing.")
+    shared = tokenize_episode(_episode([P1], target), tok, user_description=True)
+    own = tokenize_episode(_episode([P1], target), tok, user_description=True, rejected_description="rejected_persona")
+    assert shared.rejected_ids == tok.encode(render_response("Any.", "Likes temples.")) + [2]
+    assert own.rejected_ids == tok.encode(render_response("Any.", "Likes nothing.")) + [2]
+    assert own.chosen_ids == shared.chosen_ids == tok.encode(render_response("Kyoto.", "Likes temples.")) + [2]
+    # Without the user-description option there is no description to choose.
+    plain = tokenize_episode(_episode([P1], target), tok, rejected_description="rejected_persona")
+    assert plain.rejected_ids == tok.encode(render_response("Any.")) + [2]
+    with pytest.raises(FspoError, match="preference t .* has no rejected_description"):
+        tokenize_episodes([_episode([P1])], tok, user_description=True, rejected_description="rejected_persona")
+
+
+def test_prefs_jsonl_may_carry_a_rejected_description(tmp_path):
+    users, prefs = synthetic_records(n_users=2, prefs_per_user=[2, 2], seed=0, test_users=0)
+    prefs[1]["rejected_description"] = "A gloomy user."
+    prefs[2]["rejected_description"] = None  # null: none
+    ds = load_dataset(write_dataset(tmp_path / "ok", users, prefs))
+    got = [p.rejected_description for u in ds.users for p in ds.prefs[u]]
+    assert got == [None, "A gloomy user.", None, None]
+    prefs[3]["rejected_description"] = 7
+    with pytest.raises(FspoError, match=r"prefs.jsonl:4: field 'rejected_description' must be a string"):
+        load_dataset(write_dataset(tmp_path / "bad", users, prefs))
+
+
+def test_official_windows_cut_each_users_shuffled_prefs_into_windows(dataset):
+    """Windows of N + 2 over one permutation of each user's prefs per pass: N shots, the target, one left
+    out; users with fewer than N + 2 prefs give none; 2(N + 1) passes by default."""
+    from fspo_engine.engine.episodes import official_epoch_order, official_windows
+
+    eps = official_windows(dataset, "train", 2, seed=0)
+    sizes = {u: len(dataset.prefs[u]) for u in ("u000", "u001", "u002", "u003")}  # 12, 9, 3, 1
+    per_pass = Counter(e.user_id for e in eps)
+    assert per_pass == {u: 6 * (n // 4) for u, n in sizes.items() if n >= 4}
+    for e in eps:
+        used = [p.pref_id for p in e.shots] + [e.target.pref_id]
+        assert len(set(used)) == 3 and e.n_shots == e.shots_requested == 2
+    # Within one pass a user's windows never share a preference.
+    first_pass = [e for e in eps if e.episode_id.split("/")[1].startswith("w0.") and e.user_id == "u000"]
+    used = [p.pref_id for e in first_pass for p in (*e.shots, e.target)]
+    assert len(first_pass) == 3 and len(set(used)) == 9
+    assert official_windows(dataset, "train", 2, seed=0) == eps  # deterministic
+    assert official_windows(dataset, "train", 2, seed=1) != eps
+    assert len(official_windows(dataset, "train", 2, seed=0, passes=1)) == len(eps) // 6
+    # Every epoch is the same set in another order.
+    e0, e1 = official_epoch_order(eps, 0, 0), official_epoch_order(eps, 0, 1)
+    assert sorted(e.episode_id for e in e0) == sorted(e.episode_id for e in e1) and e0 != e1
+    with pytest.raises(FspoError, match="one shot count"):
+        official_windows(dataset, "train", (1, 2))
