@@ -16,7 +16,8 @@ import click
 @click.option("--config", "config_file", default=None, type=click.Path(path_type=str), help="TOML config file.")
 @click.option("--stage", default="all", show_default=True, type=click.Choice(["pref-ft", "ipo", "dpo", "all"]))
 @click.option("--shots", default=None, help="Shots per episode: N or LO-HI (overrides data.shots).")
-@click.option("--max-steps", type=int, default=None, help="Optimiser steps per stage (overrides the config).")
+@click.option("--max-steps", type=int, default=None,
+              help="Optimiser steps per stage (overrides the config's steps and epochs).")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (overrides run.save_every).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest valid checkpoint.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -37,9 +38,8 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
         overrides["data.shots"] = shots
     if save_every is not None:
         overrides["run.save_every"] = save_every
-    if max_steps is not None:
-        overrides["pref_ft.steps"] = max_steps
-        overrides["pref.steps"] = max_steps
+    if max_steps is not None:  # steps, not epochs (a config's pref_ft.epochs would win over steps)
+        overrides.update({"pref_ft.steps": max_steps, "pref.steps": max_steps, "pref_ft.epochs": 0, "pref.epochs": 0})
     cfg = load_config(config_file, overrides)
     fresh = not Path(out_dir).exists()
     try:

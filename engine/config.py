@@ -54,18 +54,24 @@ class DataSection:
     shots: str = "8"  # shots per episode: "8" or a range "1-8" sampled per episode
     max_tokens: int = 8192  # token budget of one packed row (micro-batch)
     user_description: bool = False  # targets start with "## User Description" (the paper's user-description CoT)
-    episodes_per_user: int = 0  # episodes per user per epoch (0 = one per preference of the user)
+    episodes_per_user: int = 0  # episodes per user per epoch (0 = one per preference of the user); sampled only
     seed: int = 0  # episode sampling seed
+    episode_sampling: str = "sampled"  # sampled (shots drawn from the user's other prefs, each pref a target once per epoch) or official_windows (the released loader's windows of N shots + 1 target over each user's shuffled prefs)
+    truncate: str = "drop_oldest_shots"  # over max_tokens: drop_oldest_shots (whole shots, oldest first) or keep_start (cut the prompt's end, as the released keep_start)
+    bos: bool = True  # prompt starts with the tokenizer's bos (the released loader adds no special tokens)
+    rejected_description: str = "shared"  # with user_description, the rejected branch's description: shared (the user's; it cancels in the margin) or rejected_persona (the pref's rejected_description, as the released code)
 
 
 @dataclass
 class OptimSection:
+    name: str = "adamw"  # adamw, or rmsprop (the released recipe's: torch defaults, no momentum)
     lr: float = 1e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norms)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
+    eps: float = 1e-8  # AdamW / RMSprop epsilon
+    alpha: float = 0.99  # RMSprop smoothing constant of the squared-gradient average (torch's default)
     warmup_steps: int = 10  # linear warmup steps
     schedule: str = "cosine"  # cosine, linear or constant decay after warmup
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
@@ -79,7 +85,11 @@ class BatchSection:
 @dataclass
 class PrefFtSection:
     steps: int = 100  # optimiser steps of few-shot Pref-FT
+    epochs: int = 0  # when > 0, train this many epochs instead: epochs * (episodes // batch) steps (the released n_epochs)
     lr: float = 0.0  # stage learning rate (0 = optim.lr)
+    episodes: int = 0  # episodes per Pref-FT step (0 = batch.episodes)
+    targets: str = "chosen"  # responses trained on: chosen, or both (chosen and rejected, as the released code)
+    reduction: str = "mean"  # mean (NLL per target token) or sum (each response's summed NLL, averaged over responses: the released loss)
 
 
 @dataclass
@@ -89,6 +99,7 @@ class PrefSection:
     label_smoothing: float = 0.0  # DPO conservative label smoothing ε
     length_normalize: bool = False  # use mean per-token log-probs (TRL convention) instead of sums
     steps: int = 100  # optimiser steps of IPO/DPO
+    epochs: int = 0  # when > 0, train this many epochs instead: epochs * (episodes // batch) steps (the released n_epochs)
     lr: float = 0.0  # stage learning rate (0 = optim.lr)
 
 
@@ -129,8 +140,17 @@ class TrainConfig:
 
         if self.pref.loss not in ("ipo", "dpo"):
             bad("pref.loss", f"must be ipo or dpo, got {self.pref.loss!r}")
-        if self.optim.schedule not in ("cosine", "linear", "constant"):
-            bad("optim.schedule", f"must be cosine, linear or constant, got {self.optim.schedule!r}")
+        for key, value, choices in (
+            ("optim.schedule", self.optim.schedule, ("cosine", "linear", "constant")),
+            ("optim.name", self.optim.name, ("adamw", "rmsprop")),
+            ("pref_ft.targets", self.pref_ft.targets, ("chosen", "both")),
+            ("pref_ft.reduction", self.pref_ft.reduction, ("mean", "sum")),
+            ("data.episode_sampling", self.data.episode_sampling, ("sampled", "official_windows")),
+            ("data.truncate", self.data.truncate, ("drop_oldest_shots", "keep_start")),
+            ("data.rejected_description", self.data.rejected_description, ("shared", "rejected_persona")),
+        ):
+            if value not in choices:
+                bad(key, f"must be {' or '.join(choices)}, got {value!r}")
         positive = lambda v: v > 0  # noqa: E731
         non_negative = lambda v: v >= 0  # noqa: E731
         for key, value, ok, why in (
@@ -138,6 +158,7 @@ class TrainConfig:
             ("optim.eps", self.optim.eps, positive, "must be > 0"),
             ("optim.beta1", self.optim.beta1, lambda v: 0 <= v < 1, "must be in [0, 1)"),
             ("optim.beta2", self.optim.beta2, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("optim.alpha", self.optim.alpha, lambda v: 0 <= v < 1, "must be in [0, 1)"),
             ("optim.min_lr_ratio", self.optim.min_lr_ratio, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("optim.weight_decay", self.optim.weight_decay, non_negative, "must be >= 0"),
             ("optim.grad_clip", self.optim.grad_clip, non_negative, "must be >= 0 (0 = no clipping)"),
@@ -146,11 +167,14 @@ class TrainConfig:
             ("pref.beta", self.pref.beta, positive, "must be > 0"),
             ("pref.label_smoothing", self.pref.label_smoothing, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
             ("batch.episodes", self.batch.episodes, positive, "must be >= 1"),
+            ("pref_ft.episodes", self.pref_ft.episodes, non_negative, "must be >= 0 (0 = batch.episodes)"),
             ("data.max_tokens", self.data.max_tokens, lambda v: v >= 16, "must be >= 16"),
             ("data.episodes_per_user", self.data.episodes_per_user, non_negative, "must be >= 0 (0 = one per pref)"),
             ("data.seed", self.data.seed, non_negative, "must be >= 0"),
             ("pref_ft.steps", self.pref_ft.steps, non_negative, "must be >= 0"),
             ("pref.steps", self.pref.steps, non_negative, "must be >= 0"),
+            ("pref_ft.epochs", self.pref_ft.epochs, non_negative, "must be >= 0 (0 = pref_ft.steps)"),
+            ("pref.epochs", self.pref.epochs, non_negative, "must be >= 0 (0 = pref.steps)"),
             ("optim.warmup_steps", self.optim.warmup_steps, non_negative, "must be >= 0"),
             ("run.seed", self.run.seed, non_negative, "must be >= 0"),
             ("run.save_every", self.run.save_every, non_negative, "must be >= 0 (0 = stage ends only)"),
@@ -180,9 +204,17 @@ class TrainConfig:
         from fspo_engine.engine.episodes import parse_shots
 
         try:
-            parse_shots(self.data.shots)
+            shots = parse_shots(self.data.shots)
         except FspoError as exc:
             bad("data.shots", str(exc).removeprefix("--shots: "))
+        if self.optim.name == "rmsprop" and self.optim.weight_decay:
+            bad("optim.weight_decay", "applies to adamw only (the released recipe's RMSprop has none); set it to 0")
+        if self.data.episode_sampling == "official_windows":
+            if not isinstance(shots, int):
+                bad("data.shots", f"data.episode_sampling = official_windows takes one shot count (the released "
+                                  f"loader's N), got {self.data.shots!r}")
+            if self.data.episodes_per_user:
+                bad("data.episodes_per_user", "applies to data.episode_sampling = sampled only; set it to 0")
 
     def resolved_toml(self) -> str:
         lines = []

@@ -10,13 +10,21 @@ import torch
 import torch.nn.functional as F
 
 
-def sft_loss(chosen_logp: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """Pref-FT: mean negative log-likelihood per chosen-response token.
+def sft_loss(logp: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Pref-FT: negative log-likelihood of the target responses given the few-shot context.
 
-    chosen_logp [E] (sum over each response's tokens), chosen_tokens [E] (token counts) -> scalar.
-    Token-weighted (sum of NLL / number of tokens), so long responses weigh by their length, as in SFT.
+    logp [S] (each target response's summed log-prob), tokens [S] (its token count) -> scalar. S is one
+    response per episode (`pref_ft.targets = chosen`) or two (`both`: chosen and rejected, as the released
+    code's `sft_target.extend([chosen, rejected])`).
+    - "mean": Σ NLL / Σ tokens, the NLL per token; long responses weigh by their length, as in SFT.
+    - "sum": the mean over responses of each one's summed NLL, the released code's `-policy_chosen_logps`
+      averaged over the batch. The same direction as "mean" within a batch, scaled by tokens per response.
     """
-    return -chosen_logp.sum() / chosen_tokens.sum().clamp_min(1)
+    if reduction == "mean":
+        return -logp.sum() / tokens.sum().clamp_min(1)
+    if reduction == "sum":
+        return -logp.sum() / max(logp.numel(), 1)
+    raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
 
 
 def preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:

@@ -56,12 +56,14 @@ from fspo_engine.engine.episodes import (
     FORMAT_PIECES,
     Dataset,
     load_dataset,
+    official_epoch_order,
+    official_windows,
     parse_shots,
     sample_episodes,
     tokenize_episodes,
 )
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
+from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
 from fspo_engine.engine.model import (
     NAMED_SIZES,
     LlamaConfig,
@@ -196,7 +198,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str, min_ra
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms (1-D params). Fused on CUDA, foreach elsewhere."""
+    """optim.name: AdamW, no weight decay on norms (1-D params), fused on CUDA, foreach elsewhere; or RMSprop
+    as the released FSPO recipe builds it (`torch.optim.RMSprop(params, lr)`: torch's defaults, no momentum,
+    no weight decay), with optim.alpha and optim.eps."""
     decay, no_decay = [], []
     for _, p in sorted(model.named_parameters()):
         if p.requires_grad:
@@ -204,6 +208,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     on_cuda = next(model.parameters()).is_cuda
+    if cfg.optim.name == "rmsprop":  # config validation keeps weight_decay at 0 here
+        return torch.optim.RMSprop(groups, lr=cfg.optim.lr, alpha=cfg.optim.alpha, eps=cfg.optim.eps,
+                                   foreach=None if on_cuda else True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                              eps=cfg.optim.eps, fused=on_cuda or None, foreach=None if on_cuda else True)
 
@@ -218,33 +225,50 @@ class EpisodePlan:
     stage: str
     _cache: dict = field(default_factory=dict)
     _size: int | None = None
+    _official: list | None = None
 
     @property
     def seed(self) -> int:
+        if self.cfg.data.episode_sampling == "official_windows":
+            return self.cfg.data.seed  # the released loader: both stages get seed 0's episodes, in the same order
         return self.cfg.data.seed * 7919 + STAGE_SEED[self.stage]
+
+    @property
+    def batch_size(self) -> int:
+        """Episodes per optimiser step of this stage."""
+        if self.stage == "pref-ft" and self.cfg.pref_ft.episodes:
+            return self.cfg.pref_ft.episodes
+        return self.cfg.batch.episodes
 
     def epoch(self, e: int):
         if e not in self._cache:
             d = self.cfg.data
-            eps = sample_episodes(self.dataset, "train", parse_shots(d.shots), seed=self.seed, epoch=e,
-                                  episodes_per_user=d.episodes_per_user or None, shuffle=True)
+            if d.episode_sampling == "official_windows":
+                if self._official is None:  # the released loader builds one set that every epoch reorders
+                    self._official = official_windows(self.dataset, "train", parse_shots(d.shots), seed=self.seed)
+                eps = official_epoch_order(self._official, self.seed, e, d.user_description)
+            else:
+                eps = sample_episodes(self.dataset, "train", parse_shots(d.shots), seed=self.seed, epoch=e,
+                                      episodes_per_user=d.episodes_per_user or None, shuffle=True)
             if not eps:
-                raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences)")
-            tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens,
-                                    user_description=d.user_description)
+                raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences"
+                                + (f"; official windows need {parse_shots(d.shots) + 2} per user)"
+                                   if d.episode_sampling == "official_windows" else ")"))  # fmt: skip
+            tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens, **tokenize_options(self.cfg))
             self._cache = {k: v for k, v in self._cache.items() if k == e - 1}  # memory: two epochs at most
             self._cache[e] = tok
         return self._cache[e]
 
     @property
     def epoch_size(self) -> int:
-        # Every epoch has the same episodes count (each preference is a target once per epoch).
+        # Every epoch has the same episodes count (each preference is a target once per epoch; official
+        # windows: one set, reordered).
         if self._size is None:
             self._size = len(self.epoch(0))
         return self._size
 
     def batch(self, step: int) -> list:
-        B = self.cfg.batch.episodes
+        B = self.batch_size
         out = []
         for i in range(step * B, (step + 1) * B):
             e, j = divmod(i, self.epoch_size)
@@ -252,13 +276,25 @@ class EpisodePlan:
         return out
 
     def epochs_for(self, steps: int) -> int:
-        return max(1, math.ceil(steps * self.cfg.batch.episodes / self.epoch_size))
+        return max(1, math.ceil(steps * self.batch_size / self.epoch_size))
 
     def plan_key(self, e: int) -> dict:
         d = self.cfg.data
-        return {"stage_seed": self.seed, "epoch": e, "shots": d.shots, "max_tokens": d.max_tokens,
-                "user_description": d.user_description, "episodes_per_user": d.episodes_per_user,
-                "split": "train"}
+        key = {"stage_seed": self.seed, "epoch": e, "shots": d.shots, "max_tokens": d.max_tokens,
+               "user_description": d.user_description, "episodes_per_user": d.episodes_per_user,
+               "split": "train"}
+        # Later keys only where they differ from their defaults: reference caches of older runs stay valid.
+        defaults = type(d)()
+        key.update({k: getattr(d, k) for k in ("episode_sampling", "truncate", "bos", "rejected_description")
+                    if getattr(d, k) != getattr(defaults, k)})  # fmt: skip
+        return key
+
+
+def tokenize_options(cfg: TrainConfig) -> dict:
+    """The rendering and truncation keys of data.* that `tokenize_episodes` takes."""
+    d = cfg.data
+    return {"user_description": d.user_description, "bos": d.bos, "truncate": d.truncate,
+            "rejected_description": d.rejected_description}
 
 
 class Trainer:
@@ -273,8 +309,9 @@ class Trainer:
         self.device = init_distributed(picked.type) if self.world > 1 else picked
         if self.world == 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node=1
             die_with_launcher()
-        if cfg.batch.episodes < self.world:
-            raise FspoError(f"batch.episodes ({cfg.batch.episodes}) must be at least the number of ranks ({self.world})")
+        for key, value in (("batch.episodes", cfg.batch.episodes), ("pref_ft.episodes", cfg.pref_ft.episodes)):
+            if 0 < value < self.world:
+                raise FspoError(f"{key} ({value}) must be at least the number of ranks ({self.world})")
         self.dataset = load_dataset(data_dir)
         if not any(self.dataset.prefs.get(u.user_id) for u in self.dataset.users_in("train")):
             raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences)")
@@ -314,7 +351,15 @@ class Trainer:
             texts += [t for p in self.dataset.prefs.get(user.user_id, []) for t in (p.question, p.chosen, p.rejected)]
             if self.cfg.data.user_description:
                 texts.append(user.description)
+                texts += self._rejected_descriptions(user)
         check_ids_fit(tokenizer, vocab_size, self.cfg.model.name, tokenizer.encode_batch(texts))
+
+    def _rejected_descriptions(self, user) -> list[str]:
+        """The rejected branches' descriptions of a user's preferences, where the run renders them."""
+        d = self.cfg.data
+        if not (d.user_description and d.rejected_description == "rejected_persona"):
+            return []
+        return [p.rejected_description for p in self.dataset.prefs.get(user.user_id, []) if p.rejected_description]
 
     # ------------------------------------------------------------------ run directory
 
@@ -397,6 +442,7 @@ class Trainer:
                 for p in self.dataset.prefs.get(user.user_id, []):
                     texts += [p.question, p.chosen, p.rejected]
                 texts.append(user.description)
+                texts += self._rejected_descriptions(user)
             tmp = self.out / f".tokenizer.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             # The episode format's fixed headers become single tokens (they are most of a context's text).
@@ -554,16 +600,23 @@ class Trainer:
             self.log(f"{sealed}: not a whole checkpoint; the next stage starts from the cast final")
         return self.out / info["final"]
 
-    def _stage_steps(self, stage: str, max_steps: int | None) -> tuple[int, float]:
+    def _stage_steps(self, stage: str, max_steps: int | None, plan: EpisodePlan) -> tuple[int, float]:
         sec = self.cfg.pref_ft if stage == "pref-ft" else self.cfg.pref
-        steps = sec.steps if max_steps is None else max_steps
+        if max_steps is not None:
+            steps = max_steps
+        elif sec.epochs:  # the released loop drops each epoch's last partial batch
+            steps = sec.epochs * (plan.epoch_size // plan.batch_size)
+            self.log(f"[{stage}] {sec.epochs} epoch(s) of {plan.epoch_size} episodes, {plan.batch_size} a step: "
+                     f"{steps} steps")
+        else:
+            steps = sec.steps
         return steps, (sec.lr or self.cfg.optim.lr)
 
     def _run_stage(self, stage: str, init_dir: Path | None, max_steps: int | None) -> dict:
         cfg = self.cfg
-        total, peak_lr = self._stage_steps(stage, max_steps)
-        stage_dir = self.out / "checkpoints" / stage
         plan = EpisodePlan(self.dataset, self.tokenizer, cfg, stage)
+        total, peak_lr = self._stage_steps(stage, max_steps, plan)
+        stage_dir = self.out / "checkpoints" / stage
 
         # Policy initialisation and reference.
         ref_dir = None
@@ -637,7 +690,7 @@ class Trainer:
             # Every rank scores its share of each planned epoch; rank 0 writes the gathered cache.
             ref_model = self._reference(ref_dir)
             # Only the episodes the stage will reach: the last planned epoch is usually partial.
-            used = [min(plan.epoch_size, total * cfg.batch.episodes - e * plan.epoch_size) for e in range(n_epochs)]
+            used = [min(plan.epoch_size, total * plan.batch_size - e * plan.epoch_size) for e in range(n_epochs)]
             bar = _bar(total=sum(-(-u // self.world) for u in used), desc=f"[{stage}] reference log-probs",
                        unit="ep", enabled=cfg.run.progress and self.is_main)
             # The reference runs at the policy's precision (bf16 autocast over fp32 weights on CUDA): at step 0
@@ -787,7 +840,7 @@ class Trainer:
             if not eps:
                 raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
             self._eval_set = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
-                                               max_tokens=d.max_tokens, user_description=d.user_description)
+                                               max_tokens=d.max_tokens, **tokenize_options(self.cfg))
             users = len({t.user_id for t in self._eval_set})
             self.log(f"held-out: {len(self._eval_set)} episodes of {users} test users (run.eval_episodes = "
                      f"{self.cfg.run.eval_episodes}, {len(eps)} available)")
@@ -796,10 +849,10 @@ class Trainer:
         return self._eval_set
 
     def _evaluate(self, stage: str, model, episodes: list, ref: EpisodeLogprobs | None) -> dict:
-        """Held-out metrics of the policy now: `eval/loss` (the stage's loss: the chosen responses' token-mean
-        NLL for Pref-FT, IPO/DPO against the reference), `eval/nll_per_token` and, for IPO/DPO, the implicit
-        rewards (`eval/rewards/accuracy`: FSPO's held-out preference accuracy). Every rank scores its share
-        (padded like a training step: FSDP2's collectives must line up); no RNG is drawn."""
+        """Held-out metrics of the policy now: `eval/loss` (the stage's loss: Pref-FT's as pref_ft.targets and
+        pref_ft.reduction say, IPO/DPO against the reference), `eval/nll_per_token` (the chosen responses') and,
+        for IPO/DPO, the implicit rewards (`eval/rewards/accuracy`: FSPO's held-out preference accuracy). Every
+        rank scores its share (padded like a training step: FSDP2's collectives must line up); no RNG is drawn."""
         cfg, dev = self.cfg, self.device
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
         share, rows = self._rank_rows(episodes, lambda eps: pack_batches(eps, cfg.data.max_tokens))
@@ -822,7 +875,10 @@ class Trainer:
                 pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
         nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
         if stage == "pref-ft":
-            return {"eval/loss": nll, "eval/nll_per_token": nll, "eval/episodes": E}
+            both = cfg.pref_ft.targets == "both"
+            logp, tokens = (torch.cat([pc, pr]), torch.cat([ct, rt])) if both else (pc, ct)
+            loss = sft_loss(logp.double(), tokens, cfg.pref_ft.reduction).item()
+            return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E}
         rc, rr = ref.chosen.float(), ref.rejected.float()
         if cfg.pref.length_normalize:
             pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
@@ -845,22 +901,30 @@ class Trainer:
         scale = float(self.world)
         pack = lambda eps: pack_batches(eps, cfg.data.max_tokens)  # noqa: E731
         if stage == "pref-ft":
-            # SFT needs only the chosen branch: pack [context | chosen] blocks.
-            items = [PackItem(ep.prompt_ids, [ep.chosen_ids], ep.episode_id) for ep in episodes]
-            total_targets = sum(len(ep.chosen_ids) for ep in episodes)
-            loss_sum, n_tokens = 0.0, 0
+            # pref_ft.targets = chosen packs [context | chosen] blocks; both packs [context | chosen | rejected],
+            # the rejected branch trained on too (the released code's SFT targets).
+            both = cfg.pref_ft.targets == "both"
+            items = [PackItem(ep.prompt_ids, ep.responses if both else [ep.chosen_ids], ep.episode_id)
+                     for ep in episodes]  # fmt: skip
+            total_targets = sum(len(r) for it in items for r in it.responses)
+            # sft_loss's denominator for the whole batch, so that the rows' parts sum to the batch's loss.
+            denom = total_targets if cfg.pref_ft.reduction == "mean" else sum(len(it.responses) for it in items)
+            nll_sum, chosen_nll, n_tokens = 0.0, 0.0, 0
             _, rows = self._rank_rows(items, pack)
             for row, real in rows:
                 row = row.to(dev)
                 with autocast:
                     seg = segment_logprobs(model, row, impl=cfg.model.logprob_impl)
-                loss = -seg.sum() / total_targets  # parts sum to the token-mean NLL of the whole batch
-                (loss * (scale if real else 0.0)).backward()
+                nll = -seg.sum()
+                (nll / denom * (scale if real else 0.0)).backward()
                 if real:
-                    loss_sum += loss.item()
+                    nll_sum += nll.item()
+                    chosen_nll -= seg[row.seg_branch == 1].sum().item()
                     n_tokens += row.num_tokens
-            loss_sum, n_tokens = all_reduce_sum([loss_sum, float(n_tokens)])
-            return {"loss": loss_sum, "nll_per_token": loss_sum, "_tokens": n_tokens}
+            nll_sum, chosen_nll, n_tokens = all_reduce_sum([nll_sum, chosen_nll, float(n_tokens)])
+            # nll_per_token is the chosen responses' whatever the targets: comparable across pref_ft settings.
+            return {"loss": nll_sum / denom, "nll_per_token": chosen_nll / sum(len(ep.chosen_ids) for ep in episodes),
+                    "_tokens": n_tokens}
         # IPO / DPO
         beta = cfg.pref.beta
         stats = {k: [] for k in ("pc", "pr", "rc", "rr")}

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,8 @@ def test_losses_against_hand_computed_values():
                + (1 - eps) * math.log(sig(-1.0)) + eps * math.log(sig(1.0))) / 2
     assert math.isclose(dpo_loss(pc, pr, rc, rr, beta, eps).item(), smooth, rel_tol=1e-6)
     assert math.isclose(sft_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])).item(), 2.0)
+    # "sum": each response's summed NLL, averaged over responses (the released `-policy_chosen_logps`, .mean()).
+    assert math.isclose(sft_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1]), "sum").item(), 4.0)
     m = reward_metrics(pc, pr, rc, rr, beta)
     assert math.isclose(m["rewards/chosen"], (0.5 * 0.5 + 0.5 * -1.0) / 2)
     assert m["rewards/accuracy"] == 0.5
@@ -112,9 +115,35 @@ def test_config_errors(tmp_path):
     for key, value in (("optim.lr", float("nan")), ("optim.beta1", 2.0), ("optim.eps", -1.0),
                        ("optim.min_lr_ratio", -2.0), ("optim.grad_clip", -1.0), ("pref_ft.lr", -0.01),
                        ("run.log_every", 0), ("model.num_hidden_layers", -1), ("model.hidden_size", 30),
-                       ("data.seed", -1), ("data.max_tokens", 8), ("model.save_dtype", "int8")):  # fmt: skip
+                       ("data.seed", -1), ("data.max_tokens", 8), ("model.save_dtype", "int8"),
+                       ("optim.name", "adam"), ("optim.alpha", 1.0), ("pref_ft.targets", "rejected"),
+                       ("pref_ft.reduction", "none"), ("pref_ft.episodes", -1), ("pref_ft.epochs", -1),
+                       ("data.episode_sampling", "windows"), ("data.truncate", "keep_end"),
+                       ("data.rejected_description", "other")):  # fmt: skip
         with pytest.raises(FspoError, match=key.replace(".", r"\.")):
             load_config(None, {key: value})
+    # Keys that only make sense together.
+    for overrides, key in (({"optim.name": "rmsprop", "optim.weight_decay": 0.1}, "optim.weight_decay"),
+                           ({"data.episode_sampling": "official_windows", "data.shots": "1-8"}, "data.shots"),
+                           ({"data.episode_sampling": "official_windows", "data.episodes_per_user": 2},
+                            "data.episodes_per_user")):  # fmt: skip
+        with pytest.raises(FspoError, match=key.replace(".", r"\.")):
+            load_config(None, overrides)
+    # The shipped recipe loads; a config.toml written before the recipe's keys existed reads them as defaults.
+    official = load_config(Path(__file__).resolve().parents[2] / "configs" / "official.toml")
+    assert (official.optim.name, official.pref_ft.targets, official.pref_ft.reduction, official.data.bos,
+            official.data.episode_sampling, official.data.truncate) == ("rmsprop", "both", "sum", False,
+                                                                        "official_windows", "keep_start")  # fmt: skip
+    new_keys = {"optim": {"name", "alpha"}, "pref_ft": {"targets", "reduction", "episodes", "epochs"},
+                "pref": {"epochs"}, "data": {"episode_sampling", "truncate", "bos", "rejected_description"}}
+    lines, section = [], ""
+    for ln in official.resolved_toml().splitlines():
+        section = ln.strip("[]") if ln.startswith("[") else section
+        if ln.split(" = ")[0] not in new_keys.get(section, ()):
+            lines.append(ln)
+    (tmp_path / "older.toml").write_text("\n".join(lines))
+    older = load_config(tmp_path / "older.toml")
+    assert older.optim.name == "adamw" and older.data.bos and older.optim.lr == official.optim.lr
     bad.write_bytes("\ufeff[optim]\nlr = 3e-4\n".encode())  # a BOM, as Windows editors write
     assert load_config(bad).optim.lr == 3e-4
     # The resolved TOML reads back to the same config.
@@ -205,9 +234,25 @@ def test_checkpoint_loads_in_transformers_with_same_logprobs(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    kill9_and_resume(tmp_path, [*SMALL, "--set", "pref_ft.steps=8", "--set", "pref.steps=8", "--save-every", "2",
+                                "--set", "optim.lr=2e-3", "--set", "pref.beta=0.5"])
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_with_the_released_recipes_rmsprop_and_data(tmp_path):
+    """RMSprop's state (its squared-gradient averages) resumes exactly like AdamW's, and so do the released
+    recipe's episodes (official windows, keep_start, no bos) and its Pref-FT (both responses, summed)."""
+    kill9_and_resume(tmp_path, ["--config", str(Path(__file__).resolve().parents[2] / "configs" / "official.toml"),
+                                *SMALL, "--shots", "2", "--set", "pref_ft.epochs=0", "--set", "pref.epochs=0",
+                                "--set", "pref_ft.steps=8", "--set", "pref.steps=8", "--save-every", "2",
+                                "--set", "optim.lr=2e-3", "--set", "pref_ft.lr=2e-3", "--set", "pref.lr=1e-3",
+                                "--set", "optim.warmup_steps=2"])
+
+
+def kill9_and_resume(tmp_path, args):
+    """A run killed with SIGKILL mid Pref-FT and mid IPO, resumed each time, logs the uninterrupted run's
+    losses."""
     data = write_fixture(tmp_path / "data")
-    args = [*SMALL, "--set", "pref_ft.steps=8", "--set", "pref.steps=8", "--save-every", "2",
-            "--set", "optim.lr=2e-3", "--set", "pref.beta=0.5"]
     whole = tmp_path / "whole"
     res = cli("train", "--data", str(data), "--out", str(whole), *args)
     assert res.returncode == 0, res.stderr

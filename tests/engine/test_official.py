@@ -1,0 +1,258 @@
+"""The released FSPO recipe: episodes from imported files equal the released loader's, byte for byte, and a
+run with configs/official.toml takes the released loss and optimizer steps.
+
+`released_*` below re-implement the rules of the released code (github.com/Asap7772/
+fewshot-preference-optimization: preference_datasets.py, trainers.py) from its behaviour, independently of
+fspo-engine: they read the raw records, not the imported dataset, and use numpy / random / transformers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fspo_engine.data_gen import import_dataset
+from fspo_engine.engine.episodes import (
+    load_dataset,
+    official_epoch_order,
+    official_windows,
+    render_prompt,
+    target_texts,
+    tokenize_episodes,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+OFFICIAL_TOML = ROOT / "configs" / "official.toml"
+
+
+# ------------------------------------------------------------------------------------------------ the released rules
+
+
+def released_records(kind: str, rec: dict) -> tuple[str, str, str]:
+    """(question, preferred, dispreferred) of one raw record, stripped as the released loader strips them."""
+    if kind == "roleplay":
+        return rec["x"].strip(), rec["yw"].strip(), rec["yl"].strip()
+    x, y = rec["response_x"].strip(), rec["response_y"].strip()
+    return rec["prompt"].strip(), (x if rec["label"] == 0 else y), (y if rec["label"] == 0 else x)
+
+
+def released_text(shots, question, chosen, rejected, persona=None):
+    """shots_to_text(include_dispreferred=True, add_persona=persona is not None) of the released code."""
+    text = ""
+    for i, (q, w, lose) in enumerate(shots):
+        text += "# Example " + str(i + 1) + "\n" + "## Question \n" + q + "\n"
+        text += "## Preferred Response \n" + w + "\n" + "## Dispreferred Response \n" + lose + "\n" + "\n"
+    if not shots:
+        task = "Generate a response to the following question."
+    elif persona is not None:
+        task = ("Generate a user description based on the examples above. Then, generate a preferred response to "
+                "the following question.")
+    else:
+        task = "Given the examples above, generate a preferred response to the following question."
+    text += "# Task\n" + task + "\n" + "## Question \n" + question + "\n"
+    c = "## Preferred Response \n" + chosen + "\n"
+    r = "## Preferred Response \n" + rejected + "\n"
+    if persona is not None:
+        c = "## User Description\n" + persona[0] + "\n" + c
+        r = "## User Description\n" + persona[1] + "\n" + r
+    return text, c, r
+
+
+def released_episodes(kind, records, num_shots, seed=0, epochs=1, add_persona=False):
+    """The released get_roleplay / get_elix + get_batch_iterator: per epoch, the (prompt, chosen, rejected)
+    texts in training order."""
+    rs = np.random.RandomState(seed)  # TemporarilySeededRandom(seed) seeds numpy's global legacy state
+    epoch_seeds = rs.randint(0, 2**32, size=1_000_000)
+    column = "level" if kind == "roleplay" else "scorer_level"
+    groups: dict = {}
+    for rec in records:
+        groups.setdefault(rec[column], []).append(rec)
+    data: dict[str, list] = {}  # the released loader keys its data by prompt text
+    for _ in range(2 * (num_shots + 1)):
+        for level in sorted(groups):  # DataFrame.groupby sorts its keys
+            level_rows = groups[level]
+            shuffled = [level_rows[i] for i in rs.choice(len(level_rows), size=len(level_rows), replace=False)]
+            start = 0
+            while start + num_shots + 2 <= len(shuffled):  # N shots, a target, and one row left out
+                window = shuffled[start : start + num_shots + 2]
+                shots = [released_records(kind, r) for r in window[:num_shots]]
+                q, c, r = released_records(kind, window[num_shots])
+                persona = None
+                if add_persona:
+                    last = window[num_shots]
+                    rejected_level = last["level_y"] if last["label"] == 0 else last["level_x"]
+                    persona = (f"The user is {level}.", f"The user is {rejected_level}.")
+                prompt, chosen, rejected = released_text(shots, q, c, r, persona)
+                data.setdefault(prompt, []).append((chosen, rejected))
+                start += num_shots + 2
+    flat = list(data.items())
+    out = []
+    for e in range(epochs):
+        random.Random(int(epoch_seeds[e])).shuffle(flat)  # in place: epoch e shuffles epoch e-1's order
+        out.append([(prompt, c, r) for prompt, pairs in flat for c, r in pairs])
+    return out
+
+
+def released_tokens(tokenize, eos, prompt, chosen, rejected, max_length, max_prompt_length):
+    """tokenize_batch_element(truncation_mode='keep_start'): no special tokens, eos after each response."""
+    p, c, r = tokenize(prompt), tokenize(chosen) + [eos], tokenize(rejected) + [eos]
+    longer = max(len(c), len(r))
+    if len(p) + longer > max_length:
+        p = p[:max_prompt_length]
+    if len(p) + longer > max_length:
+        c, r = c[: max_length - max_prompt_length], r[: max_length - max_prompt_length]
+    return p, c, r
+
+
+class CharTokenizer:
+    """One token per character: token ids are the text's bytes, so equal ids are equal bytes."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [ord(c) + 3 for c in text]
+
+
+def roleplay_records(seed=0, levels=(7, 2, 11, 5)):
+    """Raw roleplay records. Every response has 7 characters, so chosen and rejected tokenize to the same
+    length: keep_start then maps exactly onto the released rule (see the test). Questions vary in length so
+    that some prompts overflow the budget."""
+    rng = random.Random(seed)
+    recs = []
+    for level in levels:
+        for k in range(rng.randint(11, 23)):
+            recs.append({"x": f"  q{level}-{k} " + "w" * rng.randint(0, 40) + "?", "yw": f"yes {k:03d}",
+                         "yl": f"no! {k:03d}", "level": level, "score_persona": {"description": f"persona {level}"}})
+    rng.shuffle(recs)
+    return recs
+
+
+def import_records(tmp_path, kind, records, name):
+    src = tmp_path / f"{name}_train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / name
+    import_dataset(kind, [src], out)
+    return load_dataset(out)
+
+
+# ------------------------------------------------------------------------------------------------ episodes
+
+
+def test_official_windows_and_keep_start_render_the_released_episodes_byte_for_byte(tmp_path):
+    records = roleplay_records()
+    dataset = import_records(tmp_path, "roleplay", records, "rp")
+    shots, tok, epochs = 3, CharTokenizer(), 2
+    released = released_episodes("roleplay", records, shots, epochs=epochs)
+    assert len(released[0]) > 40
+
+    episodes = official_windows(dataset, "train", shots, seed=0)
+    k = len(tok.encode(target_texts(episodes[0])[0])) + 1  # every response's tokens, eos included
+    prompt_lengths = sorted(len(tok.encode(render_prompt(e.shots, e.target.question))) for e in episodes)
+    budget = prompt_lengths[len(prompt_lengths) // 2] + 2 * k  # about half the prompts overflow
+    # keep_start keeps the prompt's first budget - 2k tokens when the block (prompt + both responses) overflows;
+    # with equal response lengths that is the released rule with these two lengths (see the README).
+    max_length, max_prompt_length = budget - k, budget - 2 * k
+    cut = 0
+    for e in range(epochs):
+        ordered = official_epoch_order(episodes, seed=0, epoch=e)
+        ours = tokenize_episodes(ordered, tok, max_tokens=budget, bos=False, truncate="keep_start")
+        assert len(ours) == len(released[e])
+        for ep, t, (prompt, chosen, rejected) in zip(ordered, ours, released[e]):
+            assert (render_prompt(ep.shots, ep.target.question), *target_texts(ep)) == (prompt, chosen, rejected)
+            want = released_tokens(tok.encode, tok.eos_id, prompt, chosen, rejected, max_length, max_prompt_length)
+            assert (t.prompt_ids, t.chosen_ids, t.rejected_ids) == want, ep.episode_id
+            cut += t.prompt_tokens_cut > 0
+    assert 0 < cut < sum(len(r) for r in released)  # both cases were compared
+
+
+def test_elix_descriptions_on_both_branches_match_the_released_persona_rule(tmp_path):
+    """With the user-description option, the released code puts the scorer's description on the chosen
+    branch and the rejected level's ("persona_rejected") on the rejected branch: rejected_persona."""
+    rng = random.Random(3)
+    levels = ["a child", "an expert", "a teen"]
+    records = []
+    for k in range(60):
+        lx, ly = rng.sample(levels, 2)
+        records.append({"prompt": f"Explain thing {k}.", "response_x": f"x-answer {k}" + "!" * rng.randint(0, 5),
+                        "response_y": f"y {k}", "label": rng.randint(0, 1), "level_x": lx, "level_y": ly,
+                        "scorer_level": rng.choice(levels)})
+    dataset = import_records(tmp_path, "elix", records, "elix")
+    released = released_episodes("elix", records, 2, epochs=1, add_persona=True)[0]
+    ordered = official_epoch_order(official_windows(dataset, "train", 2, seed=0), seed=0, epoch=0,
+                                   user_description=True)
+    ours = [(render_prompt(e.shots, e.target.question, user_description=True),
+             *target_texts(e, user_description=True, rejected_description="rejected_persona")) for e in ordered]
+    assert ours == released and len(ours) > 20
+    # "shared": the user's own description on both branches, so it cancels in the margin.
+    shared = [target_texts(e, user_description=True) for e in ordered]
+    head = lambda e: f"## User Description\n{e.description}\n## Preferred Response \n"  # noqa: E731
+    assert all(c.startswith(head(e)) and r.startswith(head(e)) for e, (c, r) in zip(ordered, shared))
+
+
+def test_the_epoch_seeds_are_a_prefix_of_the_released_loaders_million():
+    """official_epoch_order draws only the seeds it needs: the same values as the released 1e6 draw."""
+    many = np.random.RandomState(5).randint(0, 2**32, size=1_000_000)
+    assert (np.random.RandomState(5).randint(0, 2**32, size=3) == many[:3]).all()
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("lr", [1e-7, pytest.param(3e-3, marks=pytest.mark.slow)])
+def test_official_toml_pref_ft_steps_equal_the_released_loss_and_rmsprop_steps(tmp_path, lr):
+    """configs/official.toml, 3 Pref-FT steps on a tiny model: each step's loss equals the released loss of
+    the released loader's batch (2 episodes x both responses = 4 sequences; mean over them of each summed
+    NLL), with the model moved by the released optimizer steps (RMSprop, clip 10, LambdaLR warmup). At the
+    recipe's lr (1e-7) the steps barely move the model; at 3e-3 they decide the second and third losses."""
+    import transformers
+    from helpers import hf_model, make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    records = roleplay_records(seed=1, levels=(1, 2, 3))
+    import_records(tmp_path, "roleplay", records, "data")
+    run = tmp_path / "run"
+    res = cli("train", "--config", str(OFFICIAL_TOML), "--model", str(model_dir), "--data", str(tmp_path / "data"),
+              "--out", str(run), "--stage", "pref-ft", "--max-steps", "3", "--shots", "3",
+              "--set", "data.max_tokens=4096", "--set", "run.progress=false", "--set", f"pref_ft.lr={lr}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # The released trainer, step by step.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sequences = [(prompt, s) for prompt, c, r in released_episodes("roleplay", records, 3)[0] for s in (c, r)]
+    policy = hf_model(model_dir).train()
+    optimizer = torch.optim.RMSprop(policy.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (150 + 1)))
+    want = []
+    for step in range(3):
+        losses = []
+        for prompt, target in sequences[4 * step : 4 * step + 4]:  # batch_size = 4 SFT sequences
+            p, t, _ = released_tokens(tokenize, tokenizer.eos_token_id, prompt, target, target, 8192, 8192)
+            logits = policy(input_ids=torch.tensor([p + t])).logits[0].float()
+            logp = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(1, torch.tensor(t)[:, None]).sum()
+            losses.append(-logp)  # losses = -policy_chosen_logps (summed over the sequence)
+        loss = torch.stack(losses).mean()
+        want.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert len(ours) == 3
+    for got, exp in zip(ours, want):
+        assert abs(got - exp) <= 1e-5 * abs(exp), (ours, want)
+    assert len(set(round(x, 3) for x in want)) == 3  # three different batches: the order is compared too
