@@ -269,9 +269,10 @@ def report_one(spec, dtype, ids_dtype="i64"):
 def forward_grid(records, sms=H200_SMS, vocab=LOGPROB_V, rows=GRID_ROWS):
     """Programs of the log-prob forward per (rows, config) and how they fill `sms` SMs.
 
-    Uses the launcher's own split choice (`logprobs._split_plan`). Program cost is taken proportional to
-    its vocab columns; waves = programs / (SMs x blocks per SM); idle = the share of SM-time the tail
-    leaves unused under in-order greedy scheduling (what the hardware block scheduler does)."""
+    Uses the launcher's own split choice (`logprobs._split_plan`, which plans for one block per SM).
+    Program cost is taken proportional to its vocab columns; waves = programs / (SMs x blocks per SM);
+    idle = the share of SM-time the tail leaves unused under in-order greedy scheduling (what the hardware
+    block scheduler does; `logprobs._schedule_efficiency`)."""
     import fspo_engine.kernels.logprobs as L
 
     out = []
@@ -281,7 +282,7 @@ def forward_grid(records, sms=H200_SMS, vocab=LOGPROB_V, rows=GRID_ROWS):
         slots = sms * rec["blocks_per_sm"]
         for n in rows:
             row_blocks = -(-n // rec["block_n"])
-            cols, nsplit = L._split_plan(n, vocab, sms, row_blocks, slots)
+            cols, nsplit = L._split_plan(vocab, n, sms)
             widths = [min(cols, vocab - s * cols) for s in range(nsplit)]
             busy = L._schedule_efficiency(row_blocks, widths, slots)
             programs = row_blocks * nsplit

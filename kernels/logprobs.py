@@ -36,7 +36,9 @@ rows cost no matmul work. Segment sums accumulate in fp64 in a fixed order on ev
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -173,23 +175,71 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     """a @ b, or out += a @ b, with an fp32 (fp64 for fp64) result.
 
     16-bit operands on CUDA go through cuBLAS with fp32 accumulation and an fp32 output (no upcast copies,
-    no 16-bit rounding of the result); on CPU, which has no such GEMM, they are upcast."""
+    no 16-bit rounding of the result); on CPU, which has no such GEMM, they are upcast. `out +=` is one
+    in-place GEMM (`torch.addmm(out_dtype=float32)`, torch >= 2.8) where this torch has a working one,
+    else a GEMM into a temporary plus an add: twice the fp32 traffic of `out` (see
+    `grad_hidden_accumulation`)."""
     if a.dtype in (torch.bfloat16, torch.float16):
         if not a.is_cuda:
             a, b = a.float(), b.float()
         elif out is None:
             return torch.mm(a, b, out_dtype=torch.float32)
+        elif _addmm_fp32_works(a.device):
+            return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
-            if _ADDMM_OUT_DTYPE[0]:
-                try:
-                    return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-                except (RuntimeError, TypeError):  # a torch build without the fp32-accumulate overload
-                    _ADDMM_OUT_DTYPE[0] = False
             return out.add_(torch.mm(a, b, out_dtype=torch.float32))
     return a @ b if out is None else out.addmm_(a, b)
 
 
-_ADDMM_OUT_DTYPE = [True]  # cleared once if torch.addmm(..., out_dtype=) is unavailable here
+_ADDMM_FP32: dict = {}  # device -> whether the in-place fp32-output addmm works there (probed once)
+
+
+def _addmm_fp32_works(device: torch.device) -> bool:
+    """Probe, once per device, `torch.addmm(c, a, b, out_dtype=float32, out=c)` on 16-bit a, b: present
+    in this torch, and right (c + a @ b). If not, say once that the slower fallback runs."""
+    key = str(device)
+    if key not in _ADDMM_FP32:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(64, 48, device=device, generator=g).to(torch.bfloat16)
+        b = torch.randn(48, 32, device=device, generator=g).to(torch.bfloat16)
+        c = torch.randn(64, 32, device=device, generator=g)
+        want = c + a.float() @ b.float()
+        try:
+            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+            ok = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-4))
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without the overload
+            ok = False
+        _ADDMM_FP32[key] = ok
+        if not ok:
+            warnings.warn(
+                f"linear_logprob_sums: torch {torch.__version__} has no working in-place "
+                "torch.addmm(..., out_dtype=torch.float32) on this device; the fp32 grad-hidden accumulation "
+                "falls back to mm + add_ (twice its memory traffic per vocab tile)",
+                stacklevel=2,
+            )
+    return _ADDMM_FP32[key]
+
+
+def grad_hidden_accumulation(device) -> str:
+    """Which GEMM accumulates grad-hidden over vocab tiles on `device` (benchmarks record it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32 operands, addmm_ (no 16-bit GEMM with fp32 output on this device)"
+    if _addmm_fp32_works(device):
+        return "torch.addmm(out_dtype=float32), in place"
+    return "torch.mm(out_dtype=float32) + add_ (fallback: twice the [n, H] fp32 traffic)"
+
+
+def _fp16_grad_scale(g: torch.Tensor) -> torch.Tensor:
+    """A power of two s (0-d fp32 tensor, on g's device, no host sync) for fp16 dlogits.
+
+    dlogits = g * (onehot - softmax) is stored in fp16 for the gradient GEMMs, and |dlogits| <= max |g|.
+    Under a GradScaler, g is the loss gradient times the scale (2**16 by default), which overflows fp16's
+    65504. Storing s * dlogits, with max |g| * s in (2**13, 2**14], cannot overflow and keeps the small
+    entries (tiny probabilities) as far above fp16's underflow as its range allows; the GEMMs' fp32 results
+    are divided by s, exactly (a power of two). g of zero or not finite keeps s = 1."""
+    e = torch.floor(torch.log2(2.0**14 / g.abs().amax().float()))
+    return torch.exp2(torch.where(torch.isfinite(e), e, 0.0).clamp(-60.0, 60.0))
 
 
 class _TorchLinearLogprobSums(torch.autograd.Function):
@@ -237,6 +287,10 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
             return grad_hidden, grad_weight, None, None, None, None
         g = grad_out.to(acc).index_select(0, s)  # [n] upstream gradient of each row's segment
         h_g = h.to(_gemm_dtype(h))
+        # fp16 dlogits (CUDA only: on CPU the tiles are fp32) are scaled into range: see _fp16_grad_scale.
+        scale = _fp16_grad_scale(g) if h_g.dtype == torch.float16 else None
+        if scale is not None:
+            g = g * scale
         step_n, step_v = _tile_shape(n, V, ctx.chunk_bytes, _MAX_ROWS_CUDA if h.is_cuda else 1024)
         gh = torch.zeros(n, H, dtype=acc, device=h.device) if need_h else None  # fp32 accumulator
         for j in range(0, V, step_v):
@@ -256,9 +310,9 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
                     gw = _mm_acc(d.T, h_c, out=gw)  # [cols, H] fp32, this vocab tile's rows in order
                 del d
             if need_w:
-                grad_weight[j : j + cols] = gw
+                grad_weight[j : j + cols] = gw if scale is None else gw.div_(scale)
         if need_h:
-            grad_hidden[rows] = gh.to(h.dtype)
+            grad_hidden[rows] = (gh if scale is None else gh.div_(scale)).to(h.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -296,6 +350,8 @@ def linear_logprob_sums_torch(
 try:
     import triton
     import triton.language as tl
+
+    from fspo_engine.kernels.interpret import loop_bound
 except ImportError:  # e.g. macOS: the plain path still works
     triton = None
 
@@ -312,11 +368,17 @@ def _check_triton_device(hidden):
 
 if triton is not None:
 
+    def _pinned(configs, named_args, **kwargs):
+        # FSPO_AUTOTUNE=0: no timing, the first config (the same in every process: bitwise-repeatable
+        # results across runs and ranks; timed choices can differ between processes and change rounding).
+        return configs[:1] if os.environ.get("FSPO_AUTOTUNE", "1") == "0" else configs
+
     def _autotune(configs, key, reset_to_zero=None):
         # The interpreter runs one small config: benchmarking configs there would take minutes.
         if _INTERPRET:
             configs = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1)]
-        return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)
+        return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero,
+                               prune_configs_by={"early_config_prune": _pinned})  # fmt: skip
 
     def _configs(choices, block_h=64):
         """(BLOCK_N, BLOCK_V, num_warps, num_stages) choices. Few on purpose: each compiles per H."""
@@ -376,11 +438,18 @@ if triton is not None:
         return m_new, s, t_logit
 
     # Loop bounds that vary per call (rows, split width) stay runtime values so that a new row count
-    # does not recompile; the interpreter (numpy >= 2.3) cannot use those in range(), so under it the
-    # same loops are `while`s (INTERPRET branches). Only H, fixed per model, is a compile-time constant.
+    # does not recompile (`loop_bound` lets the interpreter run the same loop). Only H, fixed per model, is
+    # a compile-time constant.
+    # Configs: (BLOCK_N rows, BLOCK_V vocab, warps, stages); the first is the pinned default. Each compiles
+    # for sm_90 without spills, its H loop pipelined 3-4 deep (`fspo-engine bench compile-report`;
+    # tests/kernels/test_logprobs.py compiles them all). 128x256 and 256x128 are Hopper's widest GEMM
+    # tiles for 8 warps holding the fp32 logits tile.
+    _FWD_CONFIGS = ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4),
+                    (64, 128, 4, 4))  # fmt: skip
+    # 256x128 spills 16 bytes in the dlogits kernel (its epilogue holds more live values): left out.
+    _DLOGITS_CONFIGS = tuple(c for c in _FWD_CONFIGS if c[:2] != (256, 128))
 
-    @_autotune(_configs(((128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))),
-               key=["N_BUCKET", "V", "H"])  # fmt: skip
+    @_autotune(_configs(_FWD_CONFIGS), key=["N_BUCKET", "V", "H"])
     @triton.jit(do_not_specialize=["n", "V_PER_SPLIT", "N_BUCKET"])  # per-call ints: no recompile per value
     def _fwd_kernel(h_ptr, w_ptr, t_ptr, plse_ptr, tlogit_ptr, n, V, H: tl.constexpr, V_PER_SPLIT,
                     stride_h, stride_w, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -397,16 +466,9 @@ if triton is not None:
         m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max
         s = tl.zeros((BLOCK_N,), tl.float32)  # running sum of exp(logit - m)
         t_logit = tl.zeros((BLOCK_N,), tl.float32)
-        if INTERPRET:
-            c0 = v_lo
-            while c0 < v_hi:
-                m, s, t_logit = _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, v_hi, H,
-                                          stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
-                c0 += BLOCK_V
-        else:
-            for c0 in range(v_lo, v_hi, BLOCK_V):
-                m, s, t_logit = _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, v_hi, H,
-                                          stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
+        for c0 in range(loop_bound(v_lo, INTERPRET), loop_bound(v_hi, INTERPRET), BLOCK_V):
+            m, s, t_logit = _fwd_tile(h_ptr, w_ptr, rows, row_mask, tgt, m, s, t_logit, c0, v_hi, H,
+                                      stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)  # fmt: skip
         tl.store(plse_ptr + pid_s * n + rows, m + tl.log(s), mask=row_mask)
         # Exactly one split holds each row's target: a plain store, no race.
         tl.store(tlogit_ptr + rows, t_logit, mask=row_mask & (tgt >= v_lo) & (tgt < v_hi))
@@ -416,8 +478,7 @@ if triton is not None:
     # 2, `_triton_backward`) then run on cuBLAS. The GEMMs have H on both ends (dh = dlogits @ W,
     # dW = dlogits^T @ h), so a fused kernel must either accumulate [rows, H] / [cols, H] fp32 partials
     # through global memory once per tile (memory-bound: ~2x the GEMMs' time at H=4096) or use atomics.
-    @_autotune(_configs(((128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4))),
-               key=["N_BUCKET", "V", "H"])  # fmt: skip
+    @_autotune(_configs(_DLOGITS_CONFIGS), key=["N_BUCKET", "V", "H"])
     @triton.jit(do_not_specialize=["n", "c0", "cols", "stride_d", "N_BUCKET"])  # per-call ints: no recompile
     def _dlogits_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, d_ptr, n, c0, cols, V, H: tl.constexpr,
                         stride_h, stride_w, stride_d, N_BUCKET, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -442,29 +503,70 @@ if triton is not None:
 
 
 def _num_sms(device: torch.device) -> int:
-    # The interpreter: a few programs, so the tests exercise programs owning several vocab blocks.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
-
-
-def _num_splits(n: int, v: int, device: torch.device, min_cols: int) -> int:
-    """Vocab splits so that (row blocks x splits) fills the GPU even for few rows.
-
-    Each split covers >= min_cols vocab columns (the longer a program's vocab loop, the better its
-    pipelining); splits cost one fp32 partial per (split, row) in the forward and one [n, H] fp32
-    partial each in the grad-hidden kernel, so they are only added where row blocks are too few.
-    """
-    want = _cdiv(2 * _num_sms(device), _cdiv(max(n, 1), 128))
-    return max(1, min(want, _cdiv(v, min_cols)))
+    # The interpreter: a few "SMs", so that the tests' small shapes still split the vocab.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _split_cols(v: int, nsplit: int) -> tuple[int, int]:
-    """(columns per split, a multiple of every BLOCK_V; the number of non-empty splits)."""
-    cols = _cdiv(_cdiv(v, nsplit), 256) * 256
-    return cols, _cdiv(v, cols)
+_SPLIT_UNIT = 256  # vocab columns: split widths are multiples of every BLOCK_V
+_PROGRAM_OVERHEAD = 0.05  # a program's fixed cost (launch, target loads, stores), in 256-column tiles
+
+
+def _schedule_efficiency(row_blocks: int, widths: list[int], slots: int, overhead: float = 0.0) -> float:
+    """Busy share of `slots` program slots until the last of the forward's programs ends.
+
+    The grid is (row_blocks, len(widths)), axis 0 fastest; program (r, s) takes time proportional to its
+    split's vocab width (plus `overhead`, in 256-column tiles); a slot that frees takes the next program
+    in launch order, as the hardware block scheduler does. All splits but the last have equal width, so
+    their programs fill the slots in round-robin waves; the last split's programs go greedily after."""
+    import heapq
+
+    w_full = widths[0] / _SPLIT_UNIT + overhead
+    q, rem = divmod(row_blocks * (len(widths) - 1), slots)
+    free = [(q + 1) * w_full] * rem + [q * w_full] * (slots - rem)  # when each slot frees
+    heapq.heapify(free)
+    w_last = widths[-1] / _SPLIT_UNIT + overhead
+    for _ in range(row_blocks):
+        heapq.heappush(free, heapq.heappop(free) + w_last)
+    useful = row_blocks * sum(widths) / _SPLIT_UNIT
+    return useful / (slots * max(free))
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_plan_cached(v: int, row_blocks: tuple[int, ...], slots: int) -> tuple[int, int]:
+    n_units = _cdiv(v, _SPLIT_UNIT)
+    max_splits = min(n_units, max(1, 16 * slots // min(row_blocks)))  # beyond ~16 waves the tail is small
+    best, best_cost, seen = (_cdiv(v, _SPLIT_UNIT) * _SPLIT_UNIT, 1), float("inf"), set()
+    for want in range(1, max_splits + 1):
+        cols = _cdiv(n_units, want) * _SPLIT_UNIT
+        nsplit = _cdiv(v, cols)
+        if cols in seen:
+            continue
+        seen.add(cols)
+        widths = [cols] * (nsplit - 1) + [v - (nsplit - 1) * cols]
+        # Mean over the configs' row tilings of the time over its ideal (fixed program costs included).
+        cost = sum(1.0 / _schedule_efficiency(rb, widths, slots, _PROGRAM_OVERHEAD) for rb in row_blocks)
+        if cost < best_cost * (1 - 1e-3):  # fewer splits win ties
+            best, best_cost = (cols, nsplit), cost
+    return best
+
+
+def _split_plan(v: int, n: int, slots: int) -> tuple[int, int]:
+    """(columns per split, number of splits) of the forward's vocab for n rows on `slots` program slots.
+
+    The forward's programs are (row block, vocab split) pairs of equal cost but for the last split, and a
+    program runs on one SM at a time (its 8-warp configs fit one block per SM: `bench compile-report`).
+    Too few programs for the SMs, or a last wave that fills only some of them, leaves SMs idle (288
+    programs of 9 even splits on 132 SMs took 3 waves for 2.18 waves of work). So the split width is
+    chosen, in 256-column units, to minimise the predicted time (`_schedule_efficiency`) for the row
+    tilings of all the forward's configs (autotuning may pick any), counting a small fixed cost per program.
+    Splits are cheap otherwise: each program reloads its rows' hidden states per vocab tile anyway, and a
+    split adds one fp32 partial log-sum-exp per row."""
+    block_ns = sorted({c.kwargs["BLOCK_N"] for c in _fwd_kernel.configs})
+    return _split_plan_cached(v, tuple(_cdiv(max(n, 1), bn) for bn in block_ns), slots)
 
 
 def _launch_args(h, w):
@@ -478,8 +580,7 @@ def _triton_forward(h, w, t):
     """h [n, H], w [V, H] (row-major), t int32 [n] -> per-row (target logit - lse) and lse, fp32 [n]."""
     n, H = h.shape
     V = w.shape[0]
-    nsplit = _num_splits(n, V, h.device, min_cols=512 if _INTERPRET else 4096)
-    v_per_split, nsplit = _split_cols(V, nsplit)
+    v_per_split, nsplit = _split_plan(V, n, _num_sms(h.device))
     plse = torch.empty(nsplit, n, dtype=torch.float32, device=h.device)
     tlogit = torch.zeros(n, dtype=torch.float32, device=h.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), nsplit)
@@ -489,10 +590,22 @@ def _triton_forward(h, w, t):
     return tlogit - lse, lse
 
 
-# Backward memory: one dlogits tile [n, cols] in the input dtype. 32 MiB: at n = 4096 response rows,
-# bf16, tiles of 4096 vocab columns, so each tile's GEMMs are ~137 GFLOP (compute-bound); the tile plus
-# the fp32 grad-hidden accumulator [n, H] stay < 2% of the plain path's memory at V = 128k.
+# Backward memory: one dlogits tile [n, cols] in the input dtype, 32 MiB, but never narrower than
+# MIN_DLOGITS_COLS columns. Each vocab tile adds its dh GEMM into the fp32 [n, H] accumulator: a read and a
+# write of 8 * n * H bytes against 2 * n * cols * H FLOP, so the traffic's share of that GEMM's time is
+# ~ (8 / 4.8 TB/s) / (2 * cols / 650 TFLOP/s) = 540 / cols on an H200 whatever n is: 53% at the 1024
+# columns a fixed 32 MiB gave at 16k rows (~64 GB per backward at V = 128k, H = 4096), 13% at 4096.
+# At n = 4096 bf16 the two agree (4096 columns); at 16k rows the tile is 128 MiB, half the fp32
+# accumulator's 256 MiB at H = 4096.
 DLOGITS_TILE_BYTES = 32 * 2**20
+MIN_DLOGITS_COLS = 4096
+
+
+def _dlogits_cols(n: int, v: int, element_size: int) -> int:
+    """Vocab columns of one backward tile (see DLOGITS_TILE_BYTES)."""
+    if _INTERPRET:
+        return min(v, 384)  # several tiles even for the tests' small shapes
+    return min(v, max(MIN_DLOGITS_COLS, DLOGITS_TILE_BYTES // (element_size * max(n, 1)) // 128 * 128))
 
 
 def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
@@ -500,12 +613,14 @@ def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
 
     Vocab tiles of all n rows: dlogits from `_dlogits_kernel`, then dh += dlogits @ W[tile] (fp32
     accumulator) and dW[tile] = dlogits^T @ h, one GEMM over all rows, each element written once. cuBLAS
-    GEMMs and a fixed tile order: deterministic, no atomics."""
+    GEMMs and a fixed tile order: deterministic, no atomics. fp16 dlogits are scaled into fp16's range
+    (`_fp16_grad_scale`) and the GEMM results scaled back in fp32."""
     n, H = h.shape
     V = w.shape[0]
-    cols = min(V, max(128, DLOGITS_TILE_BYTES // (h.element_size() * n) // 128 * 128))
-    if _INTERPRET:
-        cols = min(V, 384)  # several tiles even for the tests' small shapes
+    cols = _dlogits_cols(n, V, h.element_size())
+    scale = _fp16_grad_scale(g) if h.dtype == torch.float16 else None
+    if scale is not None:
+        g = g * scale
     d = torch.empty(n, cols, dtype=h.dtype, device=h.device)
     dh = torch.zeros(n, H, dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.empty(V, H, dtype=w.dtype, device=h.device) if need_w else None
@@ -518,8 +633,12 @@ def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
                               triton.next_power_of_2(n), **args)  # fmt: skip
         if need_h:
             _mm_acc(tile, w[c0 : c0 + width], out=dh)
-        if need_w:
+        if need_w and scale is None:
             torch.mm(tile.T, h, out=dw[c0 : c0 + width])  # K = n: one GEMM, fp32 accumulate, rounded once
+        elif need_w:  # fp32 result, unscaled, then rounded once
+            torch.mul(_mm_acc(tile.T, h), 1.0 / scale, out=dw[c0 : c0 + width])
+    if dh is not None and scale is not None:
+        dh.div_(scale)
     return dh, dw
 
 
@@ -572,7 +691,9 @@ def linear_logprob_sums(hidden, weight, targets, segment_ids, num_segments: int,
     A row counts only if it has both a target and a segment; other rows do no matmul work and get a
     zero gradient. Empty segments are 0. Differentiable in hidden and weight; deterministic (bitwise
     the same outputs and gradients for the same inputs). hidden/weight: fp32, bf16 or fp16 (same dtype;
-    the logits are always computed and reduced in fp32).
+    the logits are always computed and reduced in fp32). The Triton path times its tile configs once
+    per process (autotuning), so "bitwise the same" holds within a process; FSPO_AUTOTUNE=0 pins the
+    first config of each kernel, the same in every process and on every rank.
 
     impl: "auto" (Triton on CUDA, plain torch elsewhere), "triton" (runs on CPU tensors instead when
     TRITON_INTERPRET=1 was set before import: the tests) or "torch". Bad arguments raise ValueError

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # before triton is imported; tests/conftest.p
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fspo_engine.kernels import linear_logprob_sums  # noqa: E402
+from fspo_engine.kernels import logprobs as L  # noqa: E402
 from fspo_engine.kernels.logprobs import (  # noqa: E402
     _segment_sum,
     _segment_sum_sorted,
@@ -135,8 +136,105 @@ def test_matches_reference_low_precision(impl, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large_odd_vocab(impl):
-    # V=32003: 6 forward vocab splits of 5376 in the interpreter, the last one ragged. Tiny N, H: it is slow.
+    # V=32003: several forward vocab splits in the interpreter, the last one ragged. Tiny N, H: it is slow.
+    if impl == "triton" and not torch.cuda.is_available():
+        cols, nsplit = L._split_plan(32003, 5, L._num_sms(torch.device("cpu")))
+        assert nsplit > 1 and (nsplit - 1) * cols < 32003 < nsplit * cols
     check_against_reference(impl, 5, 16, 32003, 3, ignore_every=0, no_segment_every=0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the unscaled run's
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_under_a_grad_scaler(impl, monkeypatch):
+    # A GradScaler multiplies the upstream gradient by 2**16: fp16 dlogits of that size overflow (65504)
+    # unless scaled back into range. The gradients must be the reference's, times the scale, and finite.
+    dev = device_for(impl)
+    hidden, weight, targets, segs, upstream = make_case(37, 48, 1000, 5, dtype=torch.float16, device=dev)
+    # Small activations and weights (as after a final norm, and a 0.02-std lm_head), so that the true
+    # gradients fit fp16 while the upstream gradient, hence dlogits, does not.
+    hidden, weight = ((x * 0.05).half().double() for x in (hidden, weight))
+    upstream = upstream * 2.0**17
+    assert upstream.abs().max() > 65504
+    out, gh, gw = run(lambda *a: linear_logprob_sums(*a, impl=impl), hidden, weight, targets, segs, 5, upstream,
+                      torch.float16)  # fmt: skip
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rgh, rgw = torch.autograd.grad((reference(hr, wr, targets, segs, 5) * upstream).sum(), (hr, wr))
+    assert max(rgh.abs().max(), rgw.abs().max()) < 30000  # the premise: the true gradients fit fp16
+    assert_close(gh, rgh, TOL[torch.float16][1], "grad hidden")
+    assert_close(gw, rgw, TOL[torch.float16][1], "grad weight")
+    if impl == "triton":  # the check can fail: without the scaling the fp16 dlogits overflow
+        monkeypatch.setattr(L, "_fp16_grad_scale", lambda g: torch.ones((), device=g.device))
+        _, gh, gw = run(lambda *a: linear_logprob_sums(*a, impl=impl), hidden, weight, targets, segs, 5,
+                        upstream, torch.float16)  # fmt: skip
+        assert not (torch.isfinite(gh).all() and torch.isfinite(gw).all())
+
+
+def test_fp16_grad_scale_is_a_power_of_two_in_range():
+    for m in (1e-6, 0.37, 1.0, 3.0, 2.0**16, 1e9):
+        g = torch.tensor([m, -m / 3, 0.0])
+        s = L._fp16_grad_scale(g)
+        e = torch.log2(s)
+        assert e == torch.round(e) and 2.0**13 < m * s <= 2.0**14, (m, s)
+    for g in (torch.zeros(3), torch.tensor([1.0, float("inf")]), torch.tensor([float("nan")])):
+        assert L._fp16_grad_scale(g) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch geometry: the forward's vocab splits fill the SMs; wide backward tiles
+
+
+def _greedy_makespan(row_blocks, widths, slots):
+    """Brute force: programs in launch order (row blocks fastest), each to the slot that frees first."""
+    free = [0.0] * slots
+    for w in widths:
+        for _ in range(row_blocks):
+            i = min(range(slots), key=free.__getitem__)
+            free[i] += w / 256
+    return max(free)
+
+
+def test_schedule_efficiency_matches_greedy_simulation():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        rb, slots, cols = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (40, 20, 12))
+        ns = int(torch.randint(1, 9, (1,), generator=gen))
+        widths = [cols * 256] * (ns - 1) + [int(torch.randint(1, cols * 256 + 1, (1,), generator=gen))]
+        want = rb * sum(widths) / 256 / (slots * _greedy_makespan(rb, widths, slots))
+        assert abs(L._schedule_efficiency(rb, widths, slots) - want) < 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 300, 4096, 16384])
+def test_forward_split_plan_fills_an_h200(n):
+    # V = 128,256 on 132 SMs: every config's grid keeps the SMs >= 90% busy until the last program ends
+    # (the old plan, 9 splits of 14,336 columns at n = 4096, left 26% idle with 128-row blocks).
+    V, sms = 128256, 132
+    cols, nsplit = L._split_plan(V, n, sms)
+    assert cols % 256 == 0 and (nsplit - 1) * cols < V <= nsplit * cols
+    widths = [cols] * (nsplit - 1) + [V - (nsplit - 1) * cols]
+    for bn in sorted({c.kwargs["BLOCK_N"] for c in L._fwd_kernel.configs}):
+        assert L._schedule_efficiency(-(-n // bn), widths, sms) >= 0.9, (bn, cols, nsplit)
+    old = [14336] * 8 + [V - 8 * 14336]
+    assert L._schedule_efficiency(4096 // 128, old, sms) < 0.75
+
+
+def test_backward_tiles_stay_wide(monkeypatch):
+    monkeypatch.setattr(L, "_INTERPRET", False)
+    assert L._dlogits_cols(4096, 128256, 2) == 4096  # the 32 MiB budget
+    assert L._dlogits_cols(16384, 128256, 2) == L.MIN_DLOGITS_COLS == 4096  # not 1024
+    assert L._dlogits_cols(100, 128256, 2) == 128256  # few rows: the whole vocab in one tile
+    assert L._dlogits_cols(100, 5000, 4) == 5000
+
+
+def test_pinned_configs(monkeypatch):
+    configs = ["first", "second"]
+    monkeypatch.setenv("FSPO_AUTOTUNE", "0")
+    assert L._pinned(configs, {}) == ["first"]
+    monkeypatch.setenv("FSPO_AUTOTUNE", "1")
+    assert L._pinned(configs, {}) == configs
+
+
+def test_grad_hidden_accumulation_is_reported():
+    assert "fp32" in L.grad_hidden_accumulation("cpu")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -313,44 +411,33 @@ def test_bad_impl_and_fp64_on_triton():
 # Ahead-of-time compile for an H100/H200 (sm_90) without a GPU: the interpreter never runs the real
 # compiler, so this is where type errors or unsupported ops in the kernels would first show up.
 
+# Every autotune config of both kernels (the shipped set) at H=4096, with the 16-divisibility a real launch
+# specializes on; one JSON record per config (see benchmarks/bench_compile_report.py).
 _AOT = """
-import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-import fspo_engine.kernels.logprobs as L
+import json, sys
+from fspo_engine.benchmarks import bench_compile_report as R
 
-def types(dt):
-    ptrs = {"h_ptr": dt, "w_ptr": dt, "t_ptr": "i32", "plse_ptr": "fp32", "tlogit_ptr": "fp32", "lse_ptr": "fp32",
-            "g_ptr": "fp32", "d_ptr": dt}
-    return {**{k: "*" + v for k, v in ptrs.items()}, **{k: "i32" for k in ("n", "V", "V_PER_SPLIT", "stride_h",
-            "stride_w", "stride_d", "c0", "cols", "N_BUCKET")}}
-
-done = 0
 for dt in sys.argv[1:]:
-    for kernel in (L._fwd_kernel, L._dlogits_kernel):
-        fn, names = kernel.fn, kernel.fn.arg_names
-        for cfg in kernel.configs:
-            consts = {"H": 4096, "DOT_FP32": False, "IEEE": dt == "fp32", **cfg.kwargs}
-            if "INTERPRET" in names:
-                consts["INTERPRET"] = False
-            sig = {a: "constexpr" if a in consts else types(dt)[a] for a in names}
-            # What a real launch specializes: 16-aligned pointers, V and strides divisible by 16.
-            attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names
-                     if a in ("V", "stride_h", "stride_w", "stride_d") or sig[a].startswith("*")}
-            src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in consts.items()}, attrs=attrs)
-            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            done += 1
-print("compiled", done)
+    for spec in R.specs(dt, "logprobs"):
+        print(json.dumps(R.report_one(spec, dt)))
 """
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90():
+    import json
+
     from helpers import compile_for_sm90
 
+    script = "import fspo_engine.kernels.logprobs as L; print(len(L._FWD_CONFIGS) + len(L._DLOGITS_CONFIGS))"
+    (count,) = compile_for_sm90(script, [()])
     for out in compile_for_sm90(_AOT, [("bf16",), ("fp16",)]):  # one process per dtype, in parallel
-        assert "compiled 8" in out, out[-2000:]  # 4 forward + 4 dlogits configs
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert len(records) == int(count), out[-2000:]
+        for r in records:
+            what = f"{r['kernel']} {r['config']} {r['dtype']}"
+            assert r["spills"] == 0 and r["stack_bytes"] == 0, f"{what}: spills {r['spills']} B"
+            assert r["fits_shared"] and r["pipeline_stages"] >= 3, f"{what}: {r}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,6 +451,27 @@ def test_triton_kernels_compile_for_sm90():
 @pytest.mark.parametrize("n,h,v,s", [(1, 128, 1000, 1), (300, 128, 32003, 7), (1031, 128, 5000, 40)])
 def test_gpu_matches_reference(impl, dtype, n, h, v, s):
     check_against_reference(impl, n, h, v, s, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpu_fp16_under_a_grad_scaler(impl):
+    # fp16 dlogits on the CUDA paths (the cuBLAS plain path too), upstream beyond fp16's range.
+    hidden, weight, targets, segs, upstream = make_case(300, 128, 32003, 7, dtype=torch.float16, device="cuda")
+    hidden, weight = ((x * 0.05).half().double() for x in (hidden, weight))
+    upstream = upstream * 2.0**17
+    _, gh, gw = run(lambda *a: linear_logprob_sums(*a, impl=impl), hidden, weight, targets, segs, 7, upstream,
+                    torch.float16)  # fmt: skip
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rgh, rgw = torch.autograd.grad((reference(hr, wr, targets, segs, 7) * upstream).sum(), (hr, wr))
+    assert_close(gh, rgh, TOL[torch.float16][1], "grad hidden")
+    assert_close(gw, rgw, TOL[torch.float16][1], "grad weight")
+
+
+@pytest.mark.gpu
+def test_gpu_grad_hidden_accumulates_in_place():
+    # torch >= 2.8 has addmm(out_dtype=float32): the fallback (twice the fp32 traffic) must not run.
+    assert "in place" in L.grad_hidden_accumulation("cuda"), L.grad_hidden_accumulation("cuda")
 
 
 @pytest.mark.gpu
