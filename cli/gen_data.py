@@ -45,9 +45,10 @@ def _csv(value: str | None) -> tuple[str, ...]:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["quickstart"]),
+    type=click.Choice(["quickstart", "quickstart-easy"]),
     default=None,
-    help="quickstart: small closed vocabulary, 2 binary traits, short responses (CPU quickstart).",
+    help="quickstart: small closed vocabulary, 4 binary traits, pairs that reveal 1-2 of them (the CPU "
+    "quickstart); quickstart-easy: 2 traits, minimal pairs (one shot reveals the user).",
 )
 @click.option("--model", default=None, help="LLM backends: model name (openai) or model directory (hf).")
 @click.option("--base-url", default=None, help="openai: server URL, e.g. http://127.0.0.1:8000/v1.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fspo_engine.data_gen.backends import ChatBackend, MalformedReply
@@ -61,7 +62,7 @@ def improve_messages(description: str, question: str, a: str, b: str) -> list[di
     ]
 
 
-def _verdict(obj: dict) -> str:
+def parse_verdict(obj: dict) -> str:
     value = obj.get("preferred")
     if not isinstance(value, str) or value.strip().upper() not in ("A", "B", "TIE"):
         raise ValueError('"preferred" must be "A", "B" or "tie"')
@@ -105,32 +106,37 @@ class Decision:
         return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-async def judge_pair(
-    backend: ChatBackend, description: str, question: str, x: str, y: str, model: str | None = None
-) -> Decision:
-    """Judge (x, y) and (y, x); position-biased or malformed verdicts are reported, not hidden."""
+async def judge_both_orders(verdict: Callable[[str, str], Awaitable[str]], x: str, y: str) -> Decision:
+    """Ask `verdict(a, b)` -> "A" | "B" | "tie" about (x, y) and then (y, x): the one place where a pair's
+    two orders are asked and turned into votes (gen-data's labels and eval's winrates both come here). A
+    malformed reply (after the backend's retries) is a malformed decision, reported, never hidden."""
     try:
-        first = await backend.chat_json(
-            judge_messages(description, question, x, y),
-            _verdict,
-            what="judge",
-            model=model,
-            temperature=0.0,
-            max_tokens=200,
-        )
-        second = await backend.chat_json(
-            judge_messages(description, question, y, x),
-            _verdict,
-            what="judge",
-            model=model,
-            temperature=0.0,
-            max_tokens=200,
-        )
+        first = await verdict(x, y)
+        second = await verdict(y, x)
     except MalformedReply:
         return Decision(None)
     v1 = {"A": 1, "B": -1, "tie": 0}[first]
     v2 = {"A": -1, "B": 1, "tie": 0}[second]
     return Decision((v1, v2))
+
+
+async def judge_pair(
+    backend: ChatBackend, description: str, question: str, x: str, y: str, model: str | None = None
+) -> Decision:
+    """Judge (x, y) and (y, x) for the user `description`; position-biased or malformed verdicts are
+    reported, not hidden."""
+
+    async def verdict(a: str, b: str) -> str:
+        return await backend.chat_json(
+            judge_messages(description, question, a, b),
+            parse_verdict,
+            what="judge",
+            model=model,
+            temperature=0.0,
+            max_tokens=200,
+        )
+
+    return await judge_both_orders(verdict, x, y)
 
 
 @dataclass

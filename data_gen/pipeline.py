@@ -63,7 +63,10 @@ GEN_STATS = "gen_stats.json"  # sidecar: run bookkeeping of the last LLM run, no
 BACKENDS = ("template", "openai", "hf")
 RESPONSE_MODES = ("views", "persona", "both")
 # Preset defaults, applied to the options the caller left unset (None).
-PRESET_DEFAULTS = {"quickstart": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0}}
+PRESET_DEFAULTS = {
+    "quickstart": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0},
+    "quickstart-easy": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0},
+}
 DEFAULTS = {"users": 200, "prefs_per_user": 16, "label_noise": 0.02}
 # Users per domain. The work list and the split are built up front (~100 B per user), and 10 million
 # users is already days of LLM time: a larger value is a typo, not a plan.
@@ -82,7 +85,7 @@ class GenConfig:
     test_fraction: float = 0.2  # fraction of each domain's users in the unseen `test` split
     seed: int = 0
     label_noise: float | None = None  # template only: P(swap chosen/rejected) (0.02; 0 for quickstart)
-    preset: str | None = None  # "quickstart": small-vocabulary reviews for the CPU quickstart
+    preset: str | None = None  # "quickstart" / "quickstart-easy": small-vocabulary reviews for the CPU quickstart
     # --- LLM backends (openai, hf) ---
     model: str | None = None  # model name (openai) or model directory (hf)
     base_url: str | None = None  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
@@ -137,7 +140,7 @@ class GenConfig:
             )
         if self.preset is not None:
             get_domain(self.domains[0], self.preset)  # raises for a bad preset/domain combination
-            need(self.domains == ("reviews",), "--preset quickstart generates only the reviews domain")
+            need(self.domains == ("reviews",), f"--preset {self.preset} generates only the reviews domain")
         need(isinstance(self.users, int) and self.users >= 1, f"--users must be >= 1, not {self.users}")
         need(self.users <= MAX_USERS, f"--users must be <= {MAX_USERS:,} per domain, not {self.users}")
         need(

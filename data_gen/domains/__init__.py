@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from fspo_engine.data_gen.domains.base import Pair, Question, TemplateDomain
 from fspo_engine.data_gen.domains.elix import Elix
-from fspo_engine.data_gen.domains.reviews import QuickstartReviews, Reviews
+from fspo_engine.data_gen.domains.reviews import QuickstartEasyReviews, QuickstartReviews, Reviews
 from fspo_engine.data_gen.domains.roleplay import Roleplay
 from fspo_engine.data_gen.errors import DataGenError
 
 DOMAIN_NAMES = ("reviews", "elix", "roleplay")
-PRESETS = ("quickstart",)
+# Presets swap in a small-vocabulary variant of one domain (the CPU quickstart's).
+PRESETS = {"quickstart": QuickstartReviews, "quickstart-easy": QuickstartEasyReviews}
 
 
 def get_domain(name: str, preset: str | None = None) -> TemplateDomain:
-    """The template domain `name`; the quickstart preset swaps in the small-vocabulary reviews."""
+    """The template domain `name`, or its small-vocabulary variant under a preset."""
     if preset is not None and preset not in PRESETS:
         raise DataGenError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    if preset == "quickstart":
-        if name != "reviews":
-            raise DataGenError(f"the quickstart preset has only the reviews domain, not {name!r}")
-        return QuickstartReviews()
+    if preset is not None:
+        if name != PRESETS[preset].name:
+            raise DataGenError(f"the {preset} preset has only the {PRESETS[preset].name} domain, not {name!r}")
+        return PRESETS[preset]()
     domains = {"reviews": Reviews, "elix": Elix, "roleplay": Roleplay}
     if name not in domains:
         raise DataGenError(f"unknown domain {name!r} (choose from {', '.join(DOMAIN_NAMES)})")

@@ -9,7 +9,9 @@ words), so the axis that decides the label is always visible in the pair.
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -38,15 +40,42 @@ def pick(words, r: int):
     return words[r % len(words)]
 
 
+def contains(text: str, phrase: str) -> bool:
+    """Whether `phrase` occurs in `text` as whole words (case-insensitive): "cost" is not in "costume"."""
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def read_by_markers(text: str, markers: dict[str, dict[str, tuple[str, ...]]],
+                    default: dict[str, str] | None = None) -> dict[str, str | None]:
+    """For each axis, the one value whose marker phrases occur in `text`; `default[axis]` when none does
+    (an axis marked only by its other value, e.g. "concise" is the absence of a verbose clause); None when
+    none does and there is no default, or when markers of two values occur (a free generation may mix them).
+    """
+    default = default or {}
+    out: dict[str, str | None] = {}
+    for axis, by_value in markers.items():
+        found = [v for v, phrases in by_value.items() if any(contains(text, p) for p in phrases)]
+        out[axis] = found[0] if len(found) == 1 else (default.get(axis) if not found else None)
+    return out
+
+
+def phrase_stated(text: str, phrases: dict[str, str], value: str) -> bool:
+    """A description states `value` when its phrase occurs and no other value's phrase does."""
+    return contains(text, phrases[value]) and not any(contains(text, p) for v, p in phrases.items() if v != value)
+
+
 class TemplateDomain(ABC):
     """Base class; subclasses fill the tables and the five domain methods."""
 
     name: str = ""
     axes: dict[str, tuple[str, ...]] = {}
     # True: chosen is the user's ideal response and rejected moves exactly one axis away from it
-    # (the cleanest signal, used by the quickstart preset). False: two random attribute vectors that
+    # (the cleanest signal, used by the quickstart-easy preset). False: two random attribute vectors that
     # differ on 1-2 axes, labelled by the user's score (more diverse pairs).
     minimal_pairs: bool = False
+    # How many axes a (non-minimal) pair changes: drawn uniformly from this tuple, so (1, 1, 2) changes
+    # one axis two times in three. data_gen/bayes.py reads it: it is part of the generator's model.
+    changed_axes: tuple[int, ...] = (1, 1, 2)
 
     # --- users -------------------------------------------------------------------------------
     def heldout_combos(self, seed: int, test_fraction: float) -> frozenset:
@@ -79,6 +108,28 @@ class TemplateDomain(ABC):
         """The attribute vector this user likes best (needed only with `minimal_pairs`)."""
         return {axis: traits[axis] for axis in self.axes}
 
+    # --- reading texts back: the template judge and the Bayes-optimal accuracy ----------------
+    @abstractmethod
+    def read_attrs(self, text: str) -> dict[str, str | None]:
+        """The attribute vector a response carries, read back from its text: the inverse of `compose` on
+        generated texts, and the template judge's reading of a model's free generation (None for an axis
+        whose markers are missing or contradictory; `score` counts such an axis as a miss)."""
+
+    @abstractmethod
+    def trait_space(self) -> list[dict[str, str]]:
+        """Every value of the traits that `score` reads, each equally likely: the prior over users that
+        `sample_traits` draws from before any train/test split (data_gen/bayes.py)."""
+
+    @abstractmethod
+    def stated_traits(self, description: str, traits: dict[str, str]) -> dict[str, bool]:
+        """For each of the user's traits that `describe` words, whether `description` states the true value
+        (its phrase appears, no other value's does): the description accuracy of generated descriptions."""
+
+    def attribute_space(self) -> list[dict[str, str]]:
+        """Every attribute vector a response can carry (axes in sorted order)."""
+        names = sorted(self.axes)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.axes[a] for a in names))]
+
     # --- the shared pair construction ---------------------------------------------------------
     def make_pair(self, traits: dict[str, str], rng: random.Random, label_noise: float) -> Pair:
         question = self.sample_question(rng)
@@ -90,7 +141,7 @@ class TemplateDomain(ABC):
                 changed = [rng.choice(names)]
             else:
                 a = {axis: rng.choice(self.axes[axis]) for axis in names}
-                changed = sorted(rng.sample(names, rng.choice((1, 1, 2)) if len(names) > 1 else 1))
+                changed = sorted(rng.sample(names, min(rng.choice(self.changed_axes), len(names))))
             b = dict(a)
             for axis in changed:
                 b[axis] = rng.choice([v for v in self.axes[axis] if v != a[axis]])

@@ -8,7 +8,16 @@ one of their interests, then by format.
 
 from __future__ import annotations
 
-from fspo_engine.data_gen.domains.base import Question, TemplateDomain, pick
+import itertools
+
+from fspo_engine.data_gen.domains.base import (
+    Question,
+    TemplateDomain,
+    contains,
+    phrase_stated,
+    pick,
+    read_by_markers,
+)
 
 LEVELS = ("child", "preteen", "teen", "young_adult", "expert")
 INTERESTS = ("sports", "music", "cooking", "space", "animals", "video games")
@@ -129,6 +138,32 @@ class Elix(TemplateDomain):
         return f"{body} {analogy}"
 
     def score(self, traits, attrs):
-        distance = abs(LEVELS.index(attrs["level"]) - LEVELS.index(traits["level"]))
+        # An unreadable level (a free generation's, read by `read_attrs`) counts as the farthest one.
+        level = attrs["level"]
+        distance = len(LEVELS) - 1 if level is None else abs(LEVELS.index(level) - LEVELS.index(traits["level"]))
         interest = attrs["analogy"] in traits["interests"].split(",")
         return -2.0 * distance + 1.5 * interest + 1.0 * (attrs["format"] == traits["format"])
+
+    def read_attrs(self, text):
+        markers = {
+            "level": {lv: (frame.split("{core}")[0].strip(),) for lv, frame in LEVEL_FRAME.items()},
+            "analogy": ANALOGIES,
+            "format": {"steps": ("1.",), "story": ("Once, someone asked me this.",)},
+        }
+        return read_by_markers(text, markers, default={"format": "summary"})
+
+    def trait_space(self):
+        return [
+            {"level": lv, "interests": f"{a},{b}", "format": fm}
+            for lv in LEVELS
+            for a, b in itertools.permutations(INTERESTS, 2)
+            for fm in FORMATS
+        ]
+
+    def stated_traits(self, description, traits):
+        loved = [i for i in INTERESTS if contains(description, i)]
+        return {
+            "level": phrase_stated(description, _LEVEL_PHRASE, traits["level"]),
+            "interests": sorted(loved) == sorted(traits["interests"].split(",")),
+            "format": phrase_stated(description, _FORMAT_PHRASE, traits["format"]),
+        }

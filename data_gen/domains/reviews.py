@@ -4,11 +4,15 @@ Two variants share the domain name:
 - `Reviews` (the default): four axes, users weigh them by a priority order (weights 8/4/2/1, so no
   ties), and test users hold *interpolated* trait combinations: every single value is seen in
   training, the combination is not.
-- `QuickstartReviews` (`--preset quickstart`): a closed ~60-word vocabulary, two binary axes, short
-  responses and minimal pairs, so a 3-layer model trained from scratch on CPU can learn in-context
-  personalization: each trait value owns a small word set, the chosen response is the user's ideal
-  one and the rejected one flips one axis. For a given question and pair, half the users prefer each
-  side, so the label is invisible without shots.
+- `QuickstartReviews` (`--preset quickstart`): a closed vocabulary, four binary axes, short responses,
+  so that a 3-layer model trained from scratch on CPU can learn in-context personalization, and so that
+  it has to: each trait value owns a small word set, a pair is two random attribute vectors that differ
+  on one or two axes (not the user's ideal response), so one shot reveals only part of the user and the
+  information accumulates with shots. Test users hold trait combinations no training user has.
+- `QuickstartEasyReviews` (`--preset quickstart-easy`): two binary axes and minimal pairs (chosen is the
+  user's ideal response, rejected flips one axis), so a single shot reveals every trait: a step curve,
+  learnt in a few hundred steps (fast tests).
+For a given question and pair, half the users prefer each side, so the label is invisible without shots.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from fspo_engine.data_gen.domains.base import Question, TemplateDomain, pick
+from fspo_engine.data_gen.domains.base import Question, TemplateDomain, phrase_stated, pick, read_by_markers
 
 ITEMS = (
     "phone",
@@ -141,8 +145,31 @@ class Reviews(TemplateDomain):
         order = traits["priority"].split(",")
         return float(sum(2 ** (len(order) - 1 - i) for i, a in enumerate(order) if attrs[a] == traits[a]))
 
+    def read_attrs(self, text):
+        markers = {
+            "sentiment": SENTIMENT_WORDS,
+            "focus": FOCUS_WORDS,
+            "tone": {t: tuple(o.rstrip(",") for o in TONE_OPENERS[t]) for t in TONE_OPENERS},
+            "length": {"verbose": DETAILS},
+        }
+        return read_by_markers(text, markers, default={"length": "concise"})
 
-# --- quickstart: small closed vocabulary, two binary axes, minimal pairs ------------------------
+    def trait_space(self):
+        names = sorted(AXES)
+        return [
+            {**dict(zip(names, combo)), "priority": ",".join(order)}
+            for combo in itertools.product(*(AXES[a] for a in names))
+            for order in itertools.permutations(names)
+        ]
+
+    def stated_traits(self, description, traits):
+        stated = {a: phrase_stated(description, _PHRASE[a], traits[a]) for a in AXES}
+        first, second = traits["priority"].split(",")[:2]
+        stated["priority"] = f"is the {first}, then the {second}" in description
+        return stated
+
+
+# --- quickstart presets: small closed vocabularies, binary axes --------------------------------
 QS_ITEMS = ("phone", "laptop", "camera", "hotel", "cafe", "movie", "book", "game", "chair", "lamp")
 QS_QUESTIONS = (
     "how is the {item}?",
@@ -159,8 +186,90 @@ QS_FOCUS = {
     "price": ("price", "cost", "value", "deal"),
     "quality": ("build", "design", "finish", "quality"),
 }
-# {s} sentiment word, {f} focus word, {item}: 3-8 words, two sentiment and one or two focus slots.
+QS_TONE = {
+    "casual": ("wow", "yeah", "honestly", "lol"),
+    "formal": ("overall", "indeed", "notably", "certainly"),
+}
+QS_USE = {
+    "home": ("home", "kitchen", "family", "weekend"),
+    "work": ("office", "work", "desk", "commute"),
+}
+QS_AXES = {"sentiment": tuple(QS_SENTIMENT), "focus": tuple(QS_FOCUS), "tone": tuple(QS_TONE), "use": tuple(QS_USE)}
+QS_WORDS = {"sentiment": QS_SENTIMENT, "focus": QS_FOCUS, "tone": QS_TONE, "use": QS_USE}
+# {t} tone word, {s}/{s2} sentiment words, {f}/{f2} focus words, {u} use word: 7-9 words, each axis present.
 QS_TEMPLATES = (
+    "{t}, the {f} is {s} for {u}.",
+    "{t}, {s} {f} and {s2} for {u}.",
+    "{t}, this {item} has {s} {f} for {u}.",
+    "{t}, {s} {item}, {f} is {s2} for {u}.",
+    "{t}, for {u} the {f} is {s}.",
+    "{t}, {s} {f} and {s2} {f2} for {u}.",
+)
+
+
+def _two(words, r1: int, r2: int) -> tuple[str, str]:
+    """Two words of a set, distinct when it has more than one: the second index is offset from the first."""
+    n = len(words)
+    i = r1 % n
+    return words[i], words[(i + 1 + r2 % (n - 1)) % n if n > 1 else i]
+
+
+class QuickstartReviews(TemplateDomain):
+    """Four binary traits; pairs of random attribute vectors that differ on one or two axes."""
+
+    name = "reviews"
+    axes = QS_AXES
+
+    def heldout_combos(self, seed, test_fraction):
+        # Held out in complementary pairs (a combination and its opposite on every axis), so that each
+        # trait value keeps exactly half of the training users: a model that learnt "most users like X"
+        # from an unbalanced training split would score below chance on the test users without shots.
+        names = sorted(QS_AXES)
+        combos = sorted(itertools.product(*(QS_AXES[a] for a in names)))
+        first = {a: QS_AXES[a][0] for a in names}
+        pairs = [(c, tuple(v for a, x in zip(names, c) for v in QS_AXES[a] if v != x))
+                 for c in combos if c[0] == first[names[0]]]
+        k = min(max(round(test_fraction * len(pairs)), 1), len(pairs) - 1) if test_fraction > 0 else 0
+        chosen = random.Random(f"{seed}/reviews-quickstart/heldout").sample(pairs, k)
+        return frozenset(c for pair in chosen for c in pair)
+
+    def sample_traits(self, rng, split, heldout):
+        names = sorted(QS_AXES)
+        combos = sorted(itertools.product(*(QS_AXES[a] for a in names)))
+        pool = [c for c in combos if (c in heldout) == (split == "test")] or combos
+        return dict(zip(names, rng.choice(pool)))
+
+    def describe(self, traits, rng):
+        return (f"this user likes {traits['sentiment']} reviews about the {traits['focus']}, "
+                f"in a {traits['tone']} voice, for {traits['use']}.")
+
+    def sample_question(self, rng):
+        item = rng.choice(QS_ITEMS)
+        return Question(rng.choice(QS_QUESTIONS).format(item=item), {"item": item})
+
+    def compose(self, question, attrs, draws):
+        s, s2 = _two(QS_SENTIMENT[attrs["sentiment"]], draws[1], draws[2])
+        f, f2 = _two(QS_FOCUS[attrs["focus"]], draws[3], draws[4])
+        t = pick(QS_TONE[attrs["tone"]], draws[5])
+        u = pick(QS_USE[attrs["use"]], draws[6])
+        return pick(QS_TEMPLATES, draws[0]).format(s=s, s2=s2, f=f, f2=f2, t=t, u=u, item=question.slots["item"])
+
+    def score(self, traits, attrs):
+        return float(sum(attrs[a] == traits[a] for a in QS_AXES))
+
+    def read_attrs(self, text):
+        return read_by_markers(text, QS_WORDS)
+
+    def trait_space(self):
+        return self.attribute_space()  # one binary trait per axis, uniform
+
+    def stated_traits(self, description, traits):
+        return {a: phrase_stated(description, {v: v for v in QS_AXES[a]}, traits[a]) for a in QS_AXES}
+
+
+QS_EASY_AXES = {"sentiment": QS_AXES["sentiment"], "focus": QS_AXES["focus"]}
+# {s} sentiment word, {f} focus word, {item}: 3-8 words, two sentiment and one or two focus slots.
+QS_EASY_TEMPLATES = (
     "the {f} is {s}, so {s2}.",
     "{s} {f}, {s2} {item}.",
     "i found the {f} {s} and {s2}.",
@@ -168,16 +277,17 @@ QS_TEMPLATES = (
     "{s} {item}, the {f} is {s2}.",
     "{s} {f} and {s2} {f2}.",
 )
-QS_AXES = {"sentiment": ("positive", "negative"), "focus": ("price", "quality")}
 
 
-class QuickstartReviews(TemplateDomain):
+class QuickstartEasyReviews(TemplateDomain):
+    """Two binary traits and minimal pairs: one shot reveals the whole user."""
+
     name = "reviews"
-    axes = QS_AXES
+    axes = QS_EASY_AXES
     minimal_pairs = True
 
     def sample_traits(self, rng, split, heldout):
-        return {axis: rng.choice(values) for axis, values in sorted(QS_AXES.items())}
+        return {axis: rng.choice(values) for axis, values in sorted(QS_EASY_AXES.items())}
 
     def describe(self, traits, rng):
         return f"this user likes {traits['sentiment']} reviews about the {traits['focus']}."
@@ -187,13 +297,18 @@ class QuickstartReviews(TemplateDomain):
         return Question(rng.choice(QS_QUESTIONS).format(item=item), {"item": item})
 
     def compose(self, question, attrs, draws):
-        s, f = QS_SENTIMENT[attrs["sentiment"]], QS_FOCUS[attrs["focus"]]
-        # Two distinct words of a set: the second index is offset, never equal to the first.
-        s1, s2 = draws[1] % 4, (draws[1] + 1 + draws[2] % 3) % 4
-        f1, f2 = draws[3] % 4, (draws[3] + 1 + draws[4] % 3) % 4
-        return pick(QS_TEMPLATES, draws[0]).format(
-            s=s[s1], s2=s[s2], f=f[f1], f2=f[f2], item=question.slots["item"]
-        )
+        s, s2 = _two(QS_SENTIMENT[attrs["sentiment"]], draws[1], draws[2])
+        f, f2 = _two(QS_FOCUS[attrs["focus"]], draws[3], draws[4])
+        return pick(QS_EASY_TEMPLATES, draws[0]).format(s=s, s2=s2, f=f, f2=f2, item=question.slots["item"])
 
     def score(self, traits, attrs):
-        return float(sum(attrs[a] == traits[a] for a in QS_AXES))
+        return float(sum(attrs[a] == traits[a] for a in QS_EASY_AXES))
+
+    def read_attrs(self, text):
+        return read_by_markers(text, {a: QS_WORDS[a] for a in QS_EASY_AXES})
+
+    def trait_space(self):
+        return self.attribute_space()
+
+    def stated_traits(self, description, traits):
+        return {a: phrase_stated(description, {v: v for v in QS_EASY_AXES[a]}, traits[a]) for a in QS_EASY_AXES}

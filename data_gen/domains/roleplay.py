@@ -8,7 +8,9 @@ tailored to (a suggestion that ignores the user's constraint is strongly dispref
 
 from __future__ import annotations
 
-from fspo_engine.data_gen.domains.base import Question, TemplateDomain
+import itertools
+
+from fspo_engine.data_gen.domains.base import Question, TemplateDomain, phrase_stated, read_by_markers
 
 AGE_BANDS = ("teens", "twenties", "thirties", "forties", "fifties", "sixties or older")
 OCCUPATIONS = (
@@ -93,6 +95,21 @@ STYLE_FRAME = {
     "and leave some slack in the plan.",
 }
 AXES = {"value": VALUES, "fits": CONSTRAINTS, "style": STYLES}
+_CONSTRAINT_SENTENCE = {
+    "vegetarian": "They are vegetarian.",
+    "tight budget": "Money is tight for them right now.",
+    "no car": "They do not own a car.",
+    "night shifts": "They work night shifts.",
+    "none": "They have no particular restrictions and like to treat themselves.",
+}
+# What reads a response back: every request's suggestion for a value, each constraint's clause, and the
+# fixed words of each style's frame.
+_MARKERS = {
+    "value": {v: tuple(SUGGEST[r][v] for r in sorted(SUGGEST)) for v in VALUES},
+    "fits": {c: (FITS[c],) for c in CONSTRAINTS},
+    "style": {"brief": ("Try",), "warm": ("you deserve something nice",), "humorous": ("Plot twist",),
+              "detailed": ("I would suggest",)},
+}
 
 
 class Roleplay(TemplateDomain):
@@ -109,13 +126,7 @@ class Roleplay(TemplateDomain):
         }
 
     def describe(self, traits, rng):
-        constraint = {
-            "vegetarian": "They are vegetarian.",
-            "tight budget": "Money is tight for them right now.",
-            "no car": "They do not own a car.",
-            "night shifts": "They work night shifts.",
-            "none": "They have no particular restrictions and like to treat themselves.",
-        }[traits["constraint"]]
+        constraint = _CONSTRAINT_SENTENCE[traits["constraint"]]
         return (
             f"A {traits['occupation']} in their {traits['age']} who values {traits['value']} above all. "
             f"{constraint} They like {traits['style']} replies."
@@ -139,3 +150,19 @@ class Roleplay(TemplateDomain):
             + 2.0 * (attrs["value"] == traits["value"])
             + 1.0 * (attrs["style"] == traits["style"])
         )
+
+    def read_attrs(self, text):
+        return read_by_markers(text, _MARKERS)
+
+    def trait_space(self):
+        # age and occupation shape the description only: the score reads these three.
+        return [{"value": v, "constraint": c, "style": st} for v, c, st in itertools.product(VALUES, CONSTRAINTS, STYLES)]
+
+    def stated_traits(self, description, traits):
+        return {
+            "age": phrase_stated(description, {a: f"in their {a}" for a in AGE_BANDS}, traits["age"]),
+            "occupation": phrase_stated(description, {o: f"A {o} in" for o in OCCUPATIONS}, traits["occupation"]),
+            "value": phrase_stated(description, {v: f"values {v}" for v in VALUES}, traits["value"]),
+            "constraint": phrase_stated(description, _CONSTRAINT_SENTENCE, traits["constraint"]),
+            "style": phrase_stated(description, {s: f"like {s} replies" for s in STYLES}, traits["style"]),
+        }

@@ -1,4 +1,4 @@
-"""The openai backend against a scripted chat-completions server on 127.0.0.1 (tests/data_gen/fake_llm.py)."""
+"""The openai backend against a scripted chat-completions server on 127.0.0.1 (tests/fake_llm.py)."""
 
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def test_malformed_replies_are_retried_then_rejected_with_a_clear_message(server
 
     async def go_bad_value():
         b = backend(server, malformed_retries=0)
-        from fspo_engine.data_gen.labeler import _verdict
+        from fspo_engine.data_gen.labeler import parse_verdict
 
         try:
-            await b.chat_json(msg("Task: judge 2"), _verdict, what="judge")
+            await b.chat_json(msg("Task: judge 2"), parse_verdict, what="judge")
         finally:
             await b.aclose()
 

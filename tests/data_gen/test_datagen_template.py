@@ -18,7 +18,7 @@ import pytest
 
 from fspo_engine.data_gen import generate_dataset, pipeline
 from fspo_engine.data_gen.domains import get_domain
-from fspo_engine.data_gen.domains.reviews import AXES, QS_AXES, QS_FOCUS, QS_SENTIMENT
+from fspo_engine.data_gen.domains.reviews import AXES, QS_AXES, QS_EASY_AXES, QS_WORDS
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.pipeline import STATE_DIR, TemplateProducer
 
@@ -84,17 +84,17 @@ def test_reviews_test_users_hold_interpolated_combinations(tmp_path):
             assert any(value in c for c in train)
 
 
-def test_quickstart_preset_is_small_clean_and_ambiguous_without_shots(tmp_path):
-    generate_dataset(tmp_path, preset="quickstart", users=200, prefs_per_user=20, progress=False)
+def test_quickstart_easy_preset_is_small_clean_and_ambiguous_without_shots(tmp_path):
+    generate_dataset(tmp_path, preset="quickstart-easy", users=200, prefs_per_user=20, progress=False)
     users = {u["user_id"]: u for u in read_jsonl(tmp_path / "users.jsonl")}
     prefs = read_jsonl(tmp_path / "prefs.jsonl")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["generator"]["label_noise"] == 0.0 and manifest["generator"]["preset"] == "quickstart"
+    assert manifest["generator"]["label_noise"] == 0.0 and manifest["generator"]["preset"] == "quickstart-easy"
     words = lambda t: re.findall(r"\w+", t.lower())
     vocab = {w for p in prefs for t in (p["question"], p["chosen"], p["rejected"]) for w in words(t)}
     vocab |= {w for u in users.values() for w in words(u["description"])}
     assert len(vocab) <= 80
-    value_words = {**QS_SENTIMENT, **QS_FOCUS}
+    value_words = {v: ws for axis in QS_EASY_AXES for v, ws in QS_WORDS[axis].items()}
     sides = Counter()
     for p in prefs:
         assert 3 <= len(words(p["chosen"])) <= 12 and 3 <= len(words(p["rejected"])) <= 12
@@ -104,7 +104,7 @@ def test_quickstart_preset_is_small_clean_and_ambiguous_without_shots(tmp_path):
         for value in traits.values():
             assert set(words(p["chosen"])) & set(value_words[value])
         (axis,) = p["axes"]
-        (other,) = [v for v in QS_AXES[axis] if v != traits[axis]]
+        (other,) = [v for v in QS_EASY_AXES[axis] if v != traits[axis]]
         assert not set(words(p["rejected"])) & set(value_words[traits[axis]])
         assert set(words(p["rejected"])) & set(value_words[other])
         sides[traits["sentiment"]] += 1
@@ -114,9 +114,44 @@ def test_quickstart_preset_is_small_clean_and_ambiguous_without_shots(tmp_path):
     assert 0.4 < manifest["stats"]["user_user"]["disagreement"] < 0.6
 
 
+def test_quickstart_preset_reveals_a_user_a_few_traits_at_a_time(tmp_path):
+    generate_dataset(tmp_path, preset="quickstart", users=300, prefs_per_user=12, progress=False)
+    users = {u["user_id"]: u for u in read_jsonl(tmp_path / "users.jsonl")}
+    prefs = read_jsonl(tmp_path / "prefs.jsonl")
+    domain = get_domain("reviews", "quickstart")
+    words = lambda t: re.findall(r"\w+", t.lower())
+    vocab = {w for p in prefs for t in (p["question"], p["chosen"], p["rejected"]) for w in words(t)}
+    assert len(vocab) <= 80
+    changed, ideal_chosen, sides = Counter(), 0, Counter()
+    for p in prefs:
+        traits = users[p["user_id"]]["traits"]
+        c, r = domain.read_attrs(p["chosen"]), domain.read_attrs(p["rejected"])
+        diff = [a for a in sorted(QS_AXES) if c[a] != r[a]]
+        assert diff == p["axes"] and 1 <= len(diff) <= 2
+        # The chosen side wins on the axes the pair differs on; elsewhere both carry the same random value.
+        assert sum(c[a] == traits[a] for a in diff) > sum(r[a] == traits[a] for a in diff)
+        changed[len(diff)] += 1
+        ideal_chosen += all(c[a] == traits[a] for a in QS_AXES)
+        sides[c["sentiment"]] += 1
+    # One axis two times in three, two axes otherwise, but half the two-axis draws tie and are redrawn: 0.8.
+    assert 0.75 < changed[1] / len(prefs) < 0.85
+    assert ideal_chosen < 0.3 * len(prefs)  # the chosen response is rarely the user's ideal one
+    assert 0.4 < sides["positive"] / len(prefs) < 0.6
+    # Test users hold combinations no training user has, in complementary pairs, so that every trait value
+    # keeps half of the training users.
+    combo = lambda u: tuple(u["traits"][a] for a in sorted(QS_AXES))
+    train = Counter(combo(u) for u in users.values() if u["split"] == "train")
+    test = {combo(u) for u in users.values() if u["split"] == "test"}
+    assert test and not set(train) & test
+    for i, axis in enumerate(sorted(QS_AXES)):
+        n = Counter(c[i] for c in train.elements())
+        assert abs(n[QS_AXES[axis][0]] - n[QS_AXES[axis][1]]) < 0.2 * sum(n.values()), (axis, n)
+
+
 def test_quickstart_preset_rejects_other_domains():
-    with pytest.raises(DataGenError, match="quickstart"):
-        generate_dataset("/nonexistent-never-created", preset="quickstart", domains=("elix",))
+    for preset in ("quickstart", "quickstart-easy"):
+        with pytest.raises(DataGenError, match=preset):
+            generate_dataset("/nonexistent-never-created", preset=preset, domains=("elix",))
     with pytest.raises(DataGenError, match="unknown preset"):
         get_domain("reviews", "fast")
 

@@ -1,0 +1,117 @@
+"""The Bayes-optimal few-shot accuracy on a template dataset: the ceiling for any predictor that sees exactly
+the shots a model sees.
+
+The template generator's model of its data is known in closed form (domains/base.py `make_pair`):
+- a user is a trait vector t, uniform over `domain.trait_space()`. This is the population prior: the
+  predictor knows how users are made but not which trait combinations were held out for test users (a
+  predictor told that would be reading the split, not the shots);
+- a pair is drawn as (a, b): a uniform attribute vector a, then k axes (k uniform over
+  `domain.changed_axes`, the axes a uniform k-subset) each moved to a uniformly drawn other value
+  (minimal-pair domains start from the user's ideal vector and move one axis). Pairs the user scores
+  equally are redrawn, so which pairs a user gets also says something about the user;
+- the side the user scores higher is chosen; with probability `label_noise` the two are then swapped.
+
+A shot (chosen c, rejected r), read back from its texts by `domain.read_attrs`, has likelihood
+P({c, r} | t) · P(c chosen | t, {c, r}). The posterior over t is the prior times the shots' likelihoods;
+for the target pair {x, y}, p = P(x chosen | shots, {x, y}) sums the posterior over t. The best predictor
+names the likelier side, so its accuracy on the episode is max(p, 1 - p) in expectation; on the data's own
+label it is right when it names the chosen side. Everything is enumerated exactly (numpy float64).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from fspo_engine.data_gen.domains import TemplateDomain, get_domain
+
+
+class BayesModel:
+    """The generator's model of one domain's data; `p_chosen` is the posterior choice on one episode."""
+
+    def __init__(self, domain: TemplateDomain, label_noise: float):
+        if not 0.0 <= label_noise < 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
+        self.domain = domain
+        self.noise = label_noise
+        self.names = sorted(domain.axes)
+        self.traits = domain.trait_space()
+        self.attrs = domain.attribute_space()
+        self.index = {tuple(a[n] for n in self.names): i for i, a in enumerate(self.attrs)}
+        self.scores = np.array([[domain.score(t, a) for a in self.attrs] for t in self.traits])  # (T, A)
+        self.proposal = self._proposal()  # (A, A), or (T, A, A) for minimal pairs: P(draw a then b)
+        untied = self.scores[:, :, None] != self.scores[:, None, :]  # (T, A, A)
+        q = self.proposal if self.proposal.ndim == 3 else self.proposal[None]
+        self.accept = (q * untied).sum(axis=(1, 2))  # (T,): P(a draw is kept), the redraw normaliser
+
+    def _proposal(self) -> np.ndarray:
+        """P(a, b) of one draw of `make_pair` before tied pairs are redrawn."""
+        n_axes, n_attrs = len(self.names), len(self.attrs)
+        sizes = [len(self.domain.axes[n]) for n in self.names]
+        if self.domain.minimal_pairs:
+            q = np.zeros((len(self.traits), n_attrs, n_attrs))
+            for ti, t in enumerate(self.traits):
+                ideal = self.domain.ideal(t)
+                a = self.index[tuple(ideal[n] for n in self.names)]
+                for b, attrs in enumerate(self.attrs):
+                    moved = [k for k, n in enumerate(self.names) if attrs[n] != ideal[n]]
+                    if len(moved) == 1:  # one axis, uniform; one of its other values, uniform
+                        q[ti, a, b] = 1.0 / n_axes / (sizes[moved[0]] - 1)
+            return q
+        draws = [min(k, n_axes) for k in self.domain.changed_axes]
+        p_k = {k: draws.count(k) / len(draws) for k in set(draws)}
+        q = np.zeros((n_attrs, n_attrs))
+        for a, x in enumerate(self.attrs):
+            for b, y in enumerate(self.attrs):
+                moved = [k for k, n in enumerate(self.names) if x[n] != y[n]]
+                if len(moved) in p_k:
+                    # a uniform; the moved axes a uniform k-subset; each moved axis a uniform other value
+                    q[a, b] = (p_k[len(moved)] / n_attrs / math.comb(n_axes, len(moved))
+                               / math.prod(sizes[k] - 1 for k in moved))
+        return q
+
+    def attr_index(self, text: str) -> int:
+        """The attribute vector a generated response carries; ValueError if the text is not one."""
+        attrs = self.domain.read_attrs(text)
+        key = tuple(attrs.get(n) for n in self.names)
+        if key not in self.index:
+            raise ValueError(f"not a response of the {self.domain.name} template generator: {text!r}")
+        return self.index[key]
+
+    @functools.cache  # noqa: B019 - one model per evaluation; pairs repeat across episodes
+    def _pair(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(P({i, j} | t), P(i chosen | t, {i, j})), each (T,)."""
+        q = self.proposal[:, i, j] + self.proposal[:, j, i] if self.proposal.ndim == 3 else \
+            np.full(len(self.traits), self.proposal[i, j] + self.proposal[j, i])
+        si, sj = self.scores[:, i], self.scores[:, j]
+        seen = np.where(si != sj, q / self.accept, 0.0)
+        first = np.where(si > sj, 1.0 - self.noise, self.noise)
+        return seen, first
+
+    def p_chosen(self, shots: list[tuple[str, str]], target: tuple[str, str]) -> float:
+        """P(target[0] is the chosen side | the shots' (chosen, rejected) texts, the target pair's texts)."""
+        post = np.ones(len(self.traits))
+        for chosen, rejected in shots:
+            seen, first = self._pair(self.attr_index(chosen), self.attr_index(rejected))
+            post = post * seen * first
+        seen, first = self._pair(self.attr_index(target[0]), self.attr_index(target[1]))
+        weight = post * seen
+        total = weight.sum()
+        if total <= 0:
+            raise ValueError("the shots and target are impossible under the generator's model")
+        return float((weight * first).sum() / total)
+
+
+def models_for(manifest: dict) -> dict[str, BayesModel]:
+    """A BayesModel per domain of a template-generated dataset (from its manifest); {} for any other."""
+    gen = manifest.get("generator") if isinstance(manifest.get("generator"), dict) else {}
+    if gen.get("backend") != "template":
+        return {}
+    noise = float(gen.get("label_noise") or 0.0)
+    domains = manifest.get("domains") or gen.get("domains") or []
+    return {name: BayesModel(get_domain(name, gen.get("preset")), noise) for name in domains}
+
+
+__all__ = ["BayesModel", "models_for"]
