@@ -14,7 +14,7 @@ endif
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev quickstart test lint clean
+.PHONY: venv install install-dev quickstart test lint clean bench-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
+
+# Peer libraries for `bench kernels` on the GPU machine, which has no package registry: pure-Python wheels
+# committed in benchmarks/wheels/ (benchmarks/gpu_check.sh installs them with --no-index). This refreshes them.
+bench-wheels: $(PY)
+	rm -f benchmarks/wheels/*.whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d benchmarks/wheels \
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -7,7 +7,9 @@ For T target rows (all with a target, in T/256 segments), hidden size H and voca
 - naive       logits = h @ W^T -> log_softmax (fp32) -> gather -> segment sum, what the official code does;
 - compiled    `torch.compile` of naive (skipped when compiling fails, e.g. no C++ compiler);
 - liger       Liger-Kernel's fused linear cross-entropy, reduction="sum" (when installed);
-- cce         cut-cross-entropy's `linear_cross_entropy`, reduction="sum" (when installed);
+- cce         cut-cross-entropy's `linear_cross_entropy`, reduction="sum" (when installed), with its default
+              gradient filter (filter_eps="high": skips dlogits blocks below bf16 resolution, approximate);
+- cce_nofilter  the same with filter_eps=None: exact gradients, the like-for-like comparison with ours;
 - floor       GPU only: three bare matmuls of the same shapes (h @ W^T, dlogits @ W, dlogits^T @ h), the
               work any exact method must do; the issue's target is ours <= 1.5 x floor.
 - loss_fwd    the chunked-loss design (Liger's): gradients computed in the forward, for a loss known there to
@@ -21,6 +23,12 @@ over one fwd+bwd minus what was allocated before it; on CPU each variant runs in
 reports ru_maxrss minus that of a process that only built the inputs (tracemalloc cannot see torch),
 with glibc's mmap threshold fixed so that freed tensors leave the RSS (see run_cpu).
 Gradients (grad-hidden, grad-weight) are part of every variant's peak.
+
+On GPU the run also records which tile configs the autotuner chose for our two Triton kernels, the vocab
+split plan and which GEMM accumulates grad-hidden (`torch.addmm(out_dtype=float32)` in place, or the
+slower fallback), and with --profile a short torch.profiler table (CUDA time per kernel) of one fwd+bwd
+of ours per shape. Peers (Liger-Kernel, cut-cross-entropy) are found on the import path: gpu_check.sh
+installs them from the wheels in benchmarks/wheels/.
 
     python -m fspo_engine.benchmarks.bench_kernels [--out DIR] [--tokens 4096,16384] [--hidden 4096]
     fspo-engine bench kernels --tokens 4096 --hidden 2048,4096
@@ -41,7 +49,8 @@ from pathlib import Path
 import torch
 
 # Most telling first: a step timeout cuts the tail.
-VARIANTS = ("ours", "ours_torch", "floor", "naive", "liger", "cce", "compiled", "loss_fwd", "loss_fwd_4x")
+VARIANTS = ("ours", "floor", "ours_torch", "naive", "liger", "cce", "cce_nofilter", "compiled", "loss_fwd",
+            "loss_fwd_4x")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROWS_PER_SEGMENT = 256  # an FSPO response of a few hundred tokens
 
@@ -126,14 +135,15 @@ def build(variant, device):
             return "liger-kernel needs CUDA"
         loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
         return lambda h, w, t, s, n: loss(w, h, t)
-    if variant == "cce":
+    if variant in ("cce", "cce_nofilter"):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
             return "cut-cross-entropy not installed"
         if device == "cpu":
             return "cut-cross-entropy needs CUDA"
-        return lambda h, w, t, s, n: linear_cross_entropy(h, w, t, reduction="sum")
+        eps = {} if variant == "cce" else {"filter_eps": None}  # default: its gradient filter on
+        return lambda h, w, t, s, n: linear_cross_entropy(h, w, t, reduction="sum", **eps)
     if variant in ("loss_fwd", "loss_fwd_4x"):
         from fspo_engine.kernels.logprobs import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES_CUDA
 
@@ -194,7 +204,27 @@ def floor_ms(t, h, v, dtype, reps):
     return statistics.median(times)
 
 
-def run_gpu(variant, t, h, v, dtype, reps):
+def profile_table(fn, inputs, rows=12) -> str:
+    """torch.profiler's CUDA time per kernel over one fwd+bwd (already warmed up), top `rows`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(fn, inputs)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+
+
+def gpu_meta() -> dict:
+    """Which tile configs the autotuner chose (per key) and which grad-hidden GEMM runs."""
+    from fspo_engine.kernels import logprobs as L
+
+    return {"grad_hidden_accumulation": L.grad_hidden_accumulation("cuda"),
+            "autotune": os.environ.get("FSPO_AUTOTUNE", "1"),
+            "tuned": {name: {str(k): str(c) for k, c in kernel.cache.items()}
+                      for name, kernel in (("fwd", L._fwd_kernel), ("dlogits", L._dlogits_kernel))}}  # fmt: skip
+
+
+def run_gpu(variant, t, h, v, dtype, reps, profile_out=None):
     if variant == "floor":
         return {"time_ms": floor_ms(t, h, v, dtype, reps), "peak_mb": None}
     fn = build(variant, "cuda")
@@ -203,6 +233,15 @@ def run_gpu(variant, t, h, v, dtype, reps):
     inputs = make_inputs(t, h, v, dtype, "cuda")
     try:
         ms = time_ms(fn, inputs, "cuda", reps)
+        if profile_out is not None:
+            try:
+                from fspo_engine.kernels import logprobs as L
+
+                cols, nsplit = L._split_plan(v, t, L._num_sms(torch.device("cuda")))
+                text = f"forward vocab splits {nsplit} x {cols}\n{profile_table(fn, inputs)}"
+            except Exception as exc:  # noqa: BLE001 - the profile is extra; the timing stands without it
+                text = f"profiler failed: {type(exc).__name__}: {exc}"
+            profile_out.write_text(f"T={t} H={h} V={v} {dtype}\n{text}\n")
         inputs[0].grad = inputs[1].grad = None
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -343,6 +382,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--reps", type=int, default=5 if gpu else 3)
+    p.add_argument("--profile", action="store_true", help="GPU: a torch.profiler table of ours per shape")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
@@ -362,7 +402,10 @@ def main(argv: list[str] | None = None):
                 base = run_cpu("inputs", t, h, args.vocab, args.dtype, args.reps, None).get("rss_mb")
             for var in variants:
                 if gpu:
-                    r = run_gpu(var, t, h, args.vocab, dtype, args.reps)
+                    prof = Path(args.out) / f"profile_ours_T{t}_H{h}.txt" if args.profile and var == "ours" else None
+                    if prof is not None:
+                        prof.parent.mkdir(parents=True, exist_ok=True)
+                    r = run_gpu(var, t, h, args.vocab, dtype, args.reps, prof)
                 else:
                     r = run_cpu(var, t, h, args.vocab, args.dtype, args.reps, base)
                 r.update(T=t, H=h, V=args.vocab, dtype=args.dtype, variant=var,
@@ -395,6 +438,8 @@ def write(results, gpu, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    if gpu:
+        meta.update(gpu_meta())
     (out / "kernels.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "kernels.md").write_text(f"{meta}\n\n{table(results, gpu)}\n")
     plot(results, out / "kernels.png")
