@@ -502,8 +502,26 @@ def test_gpu_gqa8_edge_rows(shuffle):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_autotuned(monkeypatch):
     monkeypatch.setenv("FSPO_ATTN_AUTOTUNE", "1")
+    monkeypatch.setenv("FSPO_AUTOTUNE", "1")  # gpu_check.sh pins configs for the tests; this one times them
     rng = torch.Generator().manual_seed(0)
     doc, br = packed_layout(rng, 3, ctx_range=(500, 1500), branch_range=(50, 400), n_branches=(2, 2))
     q, k, v, do = make_inputs(doc.numel(), 8, 2, 128, 2, torch.bfloat16)
     check_against_reference(q, k, v, do, doc, br, "triton", max_rel=2e-2)
     assert any(key[0] == "fwd" and key[1] for key in A._TUNED)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_every_candidate(monkeypatch, d):
+    # Autotuning may pick any candidate: each one (the i-th of every kernel's list together) compiled for
+    # real, bf16, against the float64 oracle on a row that is not a multiple of any tile.
+    rng = torch.Generator().manual_seed(d + 1)
+    doc, br = packed_layout(rng, 3, ctx_range=(50, 400), branch_range=(1, 120))
+    q, k, v, do = make_inputs(doc.numel(), 8, 2, d, 4, torch.bfloat16)
+    n = max(len(A._candidates(kind, d)) for kind in ("fwd", "dkdv", "dq"))
+    for i in range(n):
+        for kind in ("fwd", "dkdv", "dq"):
+            cands = A._candidates(kind, d)
+            monkeypatch.setitem(A._FORCE, kind, cands[min(i, len(cands) - 1)])
+        check_against_reference(q, k, v, do, doc, br, "triton", max_rel=2e-2)

@@ -469,6 +469,19 @@ def test_gpu_fp16_under_a_grad_scaler(impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("which", ["fwd", "dlogits"])
+def test_gpu_every_config(monkeypatch, which):
+    # Autotuning may pick any config: each one compiled for real, bf16, against float64 (the other kernel
+    # pinned to its first config).
+    kernel = {"fwd": L._fwd_kernel, "dlogits": L._dlogits_kernel}[which]
+    monkeypatch.setenv("FSPO_AUTOTUNE", "0")
+    for cfg in kernel.configs:
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        check_against_reference("triton", 1031, 128, 5000, 40, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_grad_hidden_accumulates_in_place():
     # torch >= 2.8 has addmm(out_dtype=float32): the fallback (twice the fp32 traffic) must not run.
     assert "in place" in L.grad_hidden_accumulation("cuda"), L.grad_hidden_accumulation("cuda")
