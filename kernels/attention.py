@@ -396,7 +396,10 @@ if triton is not None:
     ):  # fmt: skip
         for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
             run = row * stride_lists + r
-            for kb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
+            # (The bounds go straight into range(): see loop_bound.)
+            for kb in range(
+                loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)
+            ):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
                     qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
@@ -430,12 +433,12 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         # Fully visible tiles first (no mask arithmetic), then the boundary tiles (doc/branch/diagonal).
         acc, l_i, m_i = _fwd_runs(
-            acc, l_i, m_i, q, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists, K, V, DOC, BR,
-            T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+            acc, l_i, m_i, q, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists,
+            K, V, DOC, BR, T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_runs(
-            acc, l_i, m_i, q, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists, K, V, DOC, BR,
-            T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+            acc, l_i, m_i, q, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists,
+            K, V, DOC, BR, T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows only: every real query sees itself
@@ -512,7 +515,10 @@ if triton is not None:
     ):  # fmt: skip
         for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
             run = row * stride_lists + r
-            for qb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
+            # (The bounds go straight into range(): see loop_bound.)
+            for qb in range(
+                loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)
+            ):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, k_doc, k_br, offs_n, qb, h, Q, DO, LSE, DELTA, DOC, BR, T,
                     stride_qt, stride_qh, stride_dt, stride_dh, qk_scale, MASKED, PRECISION, BLOCK_M, HEAD_DIM,
@@ -549,13 +555,13 @@ if triton is not None:
         for g in range(0, GROUP):
             h = hk * GROUP + g
             dk, dv = _dkdv_runs(
-                dk, dv, k, v, k_doc, k_br, offs_n, FULL_NUM, FULL_LO, FULL_HI, kb, stride_lists, h, Q, DO, LSE,
-                DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
+                dk, dv, k, v, k_doc, k_br, offs_n, FULL_NUM, FULL_LO, FULL_HI, kb, stride_lists,
+                h, Q, DO, LSE, DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
                 False, PRECISION, BLOCK_M, HEAD_DIM, INTERPRET,
             )  # fmt: skip
             dk, dv = _dkdv_runs(
-                dk, dv, k, v, k_doc, k_br, offs_n, PART_NUM, PART_LO, PART_HI, kb, stride_lists, h, Q, DO, LSE,
-                DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
+                dk, dv, k, v, k_doc, k_br, offs_n, PART_NUM, PART_LO, PART_HI, kb, stride_lists,
+                h, Q, DO, LSE, DELTA, DOC, BR, T, stride_qt, stride_qh, stride_dt, stride_dh, qk_scale,
                 True, PRECISION, BLOCK_M, HEAD_DIM, INTERPRET,
             )  # fmt: skip
         dk *= sm_scale  # d(scale * q.k)/dk = scale * q
@@ -606,7 +612,10 @@ if triton is not None:
     ):  # fmt: skip
         for r in range(0, loop_bound(tl.load(NUM + row), INTERPRET)):
             run = row * stride_lists + r
-            for kb in range(loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)):
+            # (The bounds go straight into range(): see loop_bound.)
+            for kb in range(
+                loop_bound(tl.load(LO + run), INTERPRET), loop_bound(tl.load(HI + run), INTERPRET)
+            ):
                 dq = _dq_tile(
                     dq, q, do, lse, delta, q_doc, q_br, offs_m, kb, K, V, DOC, BR, T, stride_kt, stride_vt,
                     qk_scale, MASKED, PRECISION, BLOCK_N, HEAD_DIM,
@@ -635,12 +644,12 @@ if triton is not None:
         q_br = tl.load(BR + offs_m, mask=m_ok, other=-1)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         dq = _dq_runs(
-            dq, q, do, lse, delta, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists, K, V, DOC,
-            BR, T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+            dq, q, do, lse, delta, q_doc, q_br, offs_m, FULL_NUM, FULL_LO, FULL_HI, qb, stride_lists,
+            K, V, DOC, BR, T, stride_kt, stride_vt, qk_scale, False, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
         dq = _dq_runs(
-            dq, q, do, lse, delta, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists, K, V, DOC,
-            BR, T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
+            dq, q, do, lse, delta, q_doc, q_br, offs_m, PART_NUM, PART_LO, PART_HI, qb, stride_lists,
+            K, V, DOC, BR, T, stride_kt, stride_vt, qk_scale, True, PRECISION, BLOCK_N, HEAD_DIM, INTERPRET,
         )  # fmt: skip
         dq *= sm_scale
         tl.store(
