@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None):
         i, n = (int(x) for x in args._worker.split("/"))
         return _worker(i, n, args.dtype, args.only)
 
+    # The grid section imports the kernels here: with TRITON_INTERPRET set they would show the
+    # interpreter's configs instead of the shipped ones.
+    os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
     t0 = time.perf_counter()
