@@ -85,7 +85,7 @@ export FSPO_AUTOTUNE=0
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
 t0=$SECONDS
-( timeout -s INT -k 10 100 "$PY" -m pytest -m gpu tests/kernels $XDIST --timeout 60 -q -rfEs --durations=10 \
+( timeout -s INT -k 10 100 "$PY" -m pytest -m gpu tests/kernels $XDIST --timeout 90 -q -rfEs --durations=10 \
     >"$WORK/pytest_kernels.log" 2>&1; echo $? >"$SCRATCH/rc_kernels" ) &
 ( timeout -s INT -k 10 100 "$PY" -m pytest -m gpu tests/engine --timeout 60 -q -rfEs --durations=10 \
     >"$WORK/pytest_engine.log" 2>&1; echo $? >"$SCRATCH/rc_engine" ) &
