@@ -306,7 +306,7 @@ def block_runs(doc_ids, branch_ids, block_m, block_n, by="q"):
 
 
 # The model calls the op once per layer with the same id tensors. Per pair of id tensors we remember that
-# they passed the range check (which costs a host sync) and the tile lists of each tiling. Entries hold the
+# they passed the range check (which costs a host sync) and the tile runs of each tiling. Entries hold the
 # tensors themselves, so `is` plus the version counter identify them: a freed tensor's address cannot be
 # reused while we hold it, and an in-place write bumps the version.
 _IDS_CACHE: dict = {}
