@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from fspo_engine.cli.eval import description_option, resolve_description
+
 
 @click.command("score")
 @click.option(
@@ -36,8 +38,7 @@ import click
     show_default=True,
     help="Token budget of one packed row (one forward); also the per-episode truncation budget.",
 )
-@click.option("--user-description/--no-user-description", default=None,
-              help="Targets start with the user description (default: as the run trained; off for a model dir).")
+@description_option
 @click.option("--with-tokens", is_flag=True, help="Also write prompt_ids, chosen_ids and rejected_ids.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
@@ -49,7 +50,8 @@ def score(
     shots,
     seed,
     max_tokens,
-    user_description,
+    description,
+    legacy_description,
     with_tokens,
     device,
     dtype,
@@ -58,8 +60,11 @@ def score(
 
     Each pref of each user is the target once, with shots drawn from that user's other prefs.
     Writes one JSON line per episode: episode_id, user_id, shots, chosen_logp, rejected_logp,
-    chosen_tokens, rejected_tokens (and with --with-tokens the exact ids scored, eos included).
+    chosen_tokens, rejected_tokens (and with --with-tokens the exact ids scored, eos included). For runs
+    trained with user descriptions, both responses follow the description the model infers from the shots
+    (--description generated, written as `description`), unless --description says otherwise.
     """
+    import dataclasses
     import sys
 
     import torch
@@ -75,9 +80,10 @@ def score(
         tokenize_episodes,
     )
     from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.evaluate import resolve_models, run_setting
+    from fspo_engine.engine.evaluate import resolve_models, run_setting, stop_ids
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.packing import pack_batches, packing_stats
+    from fspo_engine.engine.personalize import Generator, default_description_mode, hide_descriptions
     from fspo_engine.engine.scoring import score_episodes, write_jsonl_atomic
     from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
@@ -87,19 +93,29 @@ def score(
     if max_tokens < 16:
         raise FspoError(f"--max-tokens: must be >= 16, got {max_tokens}")
     dataset = load_dataset(data_dir)
-    if user_description is None:
-        user_description = run_setting(model_dir, "data", "user_description")
+    description = resolve_description(description, legacy_description)
+    if description is None:
+        description = default_description_mode(bool(run_setting(model_dir, "data", "user_description")))
+    bos = bool(run_setting(model_dir, "data", "bos", True))
+    truncate = run_setting(model_dir, "data", "truncate", "drop_oldest_shots")
     model_dir, _ = resolve_models(model_dir)  # a run directory scores its final policy
     tokenizer = load_tokenizer(model_dir)
     episodes = sample_episodes(dataset, None if split == "all" else split, shots_spec, seed=seed, epoch=0)
     if not episodes:
         raise FspoError(f"{data_dir}: no preferences in split {split!r}")
-    tokenized = tokenize_episodes(
-        episodes, tokenizer, max_tokens=max_tokens, user_description=user_description
-    )
+    if description != "oracle":
+        episodes = hide_descriptions(episodes)
 
     device = pick_device(device)
     model = load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
+    if description == "generated":
+        gen = Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
+                        max_tokens=max_tokens, max_new_tokens=0, bos=bos)
+        with tqdm(total=len(episodes), unit="ep", desc="describe", file=sys.stderr, disable=None) as bar:
+            inferred = gen.describe(episodes, on_done=bar.update)
+        episodes = [dataclasses.replace(ep, description=d) for ep, d in zip(episodes, inferred)]
+    tokenized = tokenize_episodes(episodes, tokenizer, max_tokens=max_tokens, user_description=description != "none",
+                                  bos=bos, truncate=truncate)
     check_ids_fit(tokenizer, model.config.vocab_size, model_dir,
                   (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tokenized))  # fmt: skip
 
@@ -117,6 +133,8 @@ def score(
             "chosen_tokens": int(out.chosen_tokens[i]),
             "rejected_tokens": int(out.rejected_tokens[i]),
         }
+        if description != "none":
+            rec.update(description_mode=description, description=episodes[i].description)
         if with_tokens:
             rec.update(prompt_ids=t.prompt_ids, chosen_ids=t.chosen_ids, rejected_ids=t.rejected_ids)
         records.append(rec)

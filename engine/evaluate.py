@@ -3,22 +3,36 @@
 With a reference model (a run directory records which one), accuracy is that of FSPO's implicit reward:
 an episode is right when h = (π_c − π_r) − (ref_c − ref_r) > 0. A plain model directory has no
 reference; it is scored by comparing log π_c with log π_r, and the output says so (`"method"`).
+
+Runs trained with user descriptions are scored after the description the policy infers from the shots
+(`"description": "generated"`, engine/personalize.py); the user's true description is used only when asked
+for (`"oracle"`), and the report says which. On a template dataset every shot count also gets the
+Bayes-optimal accuracy (data_gen/bayes.py): the best any predictor can do from exactly those shots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fspo_engine.data_gen.bayes import models_for
 from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.checkpoint import atomic_write_text
 from fspo_engine.engine.distributed import pick_device
 from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.model import load_model
+from fspo_engine.engine.personalize import (
+    Generator,
+    check_description_mode,
+    default_description_mode,
+    hide_descriptions,
+)
 from fspo_engine.engine.scoring import score_episodes
 from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
@@ -51,21 +65,25 @@ def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_tokens: int = 8192, seed: int = 0,
-             device: str | None = None, impl: str = "auto", user_description: bool | None = None,
+             device: str | None = None, impl: str = "auto", description: str | None = None,
              episodes_per_user: int | None = None, progress: bool = True,
-             length_normalize: bool | None = None) -> dict:
+             length_normalize: bool | None = None, max_description_tokens: int = 128) -> dict:
     """Preference accuracy per shot count. length_normalize: compare mean per-token log-probs instead of
-    sums; user_description: targets start with the user description. None = what the run trained with (its
-    config.toml), off for a plain model directory.
+    sums (None = as the run trained). description: "none" | "generated" | "oracle" (engine/personalize.py);
+    None = "generated" for a run trained with user descriptions, else "none".
 
     mean_margin is the mean log-ratio margin h = (π_c − π_r) − (ref_c − ref_r), or π_c − π_r without a
     reference; not scaled by β (training's rewards/margin is β·h)."""
     from tqdm.auto import tqdm
 
     if length_normalize is None:
-        length_normalize = run_setting(model, "pref", "length_normalize")
-    if user_description is None:
-        user_description = run_setting(model, "data", "user_description")
+        length_normalize = bool(run_setting(model, "pref", "length_normalize"))
+    if description is None:
+        description = default_description_mode(bool(run_setting(model, "data", "user_description")))
+    check_description_mode(description)
+    # Render episodes as the run trained on them (the released recipe's runs have no bos, cut prompts' starts).
+    bos, truncate = bool(run_setting(model, "data", "bos", True)), run_setting(model, "data", "truncate",
+                                                                             "drop_oldest_shots")
 
     device = pick_device(device)
     policy_dir, ref_dir = resolve_models(model)
@@ -74,12 +92,24 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = load_model(policy_dir, dtype=dtype, device=device).eval()
     ref = load_model(ref_dir, dtype=dtype, device=device).eval() if ref_dir is not None else None
+    bayes = models_for(dataset.manifest)  # {} unless the template generator made the data
     results = []
     for n in shots:
         eps = sample_episodes(dataset, split, n, seed=seed, epoch=0, episodes_per_user=episodes_per_user)
         if not eps:
             raise FspoError(f"{dataset.root}: no {split} users with preferences to evaluate on")
-        tok = tokenize_episodes(eps, tokenizer, max_tokens=max_tokens, user_description=user_description)
+        if description != "oracle":
+            eps = hide_descriptions(eps)
+        if description == "generated":
+            gen = Generator(policy, tokenizer, stop_ids=stop_ids(policy_dir, tokenizer.eos_id, policy.config.eos_token_id),
+                            max_tokens=max_tokens, max_description_tokens=max_description_tokens, max_new_tokens=0,
+                            bos=bos)
+            with tqdm(total=len(eps), desc=f"describe {n}-shot", unit="ep", leave=False,
+                      disable=None if progress else True) as bar:
+                inferred = gen.describe(eps, on_done=bar.update)
+            eps = [dataclasses.replace(ep, description=d) for ep, d in zip(eps, inferred)]
+        tok = tokenize_episodes(eps, tokenizer, max_tokens=max_tokens, user_description=description != "none",
+                                bos=bos, truncate=truncate)
         for m, where in ((policy, policy_dir), (ref, ref_dir)):
             if m is not None:
                 check_ids_fit(tokenizer, m.config.vocab_size, where,
@@ -92,23 +122,75 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
             r = score_episodes(ref, tok, max_tokens, impl=impl, device=device, on_row=bar.update)
             margin = margin - _margin(r, length_normalize)
         bar.close()
-        results.append({
+        entry = {
             "shots": n,
             "accuracy": (margin > 0).float().mean().item(),
             "mean_margin": margin.mean().item(),
             "episodes": len(tok),
             "mean_shots_used": sum(t.n_shots for t in tok) / len(tok),
-        })
+        }
+        if bayes:
+            entry.update(bayes_optimal(dataset, eps, tok, bayes))
+        if description == "generated" and bayes:
+            entry["description_accuracy"] = description_accuracy(dataset, eps, bayes)
+        results.append(entry)
     return {
         "model": str(policy_dir),
         "reference": None if ref_dir is None else str(ref_dir),
         "method": "implicit_reward" if ref is not None else "logprob",
         "length_normalized": length_normalize,
-        "user_description": user_description,
+        "description": description,
+        "user_description": description != "none",  # targets carry a description (older readers' key)
         "split": split,
         "data": str(dataset.root),
         "results": results,
     }
+
+
+def bayes_optimal(dataset, episodes, tokenized, models) -> dict:
+    """The Bayes-optimal accuracy on these episodes, from the shots each kept after truncation (the oldest
+    are dropped first): `bayes_optimal` is its expected accuracy, mean max(p, 1 - p); `bayes_predictor_accuracy`
+    is how often naming the likelier side matches the data's own label (ties count half)."""
+    expected, realized = [], []
+    for ep, t in zip(episodes, tokenized):
+        model = models[dataset.users[ep.user_id].domain]
+        kept = ep.shots[len(ep.shots) - t.n_shots:]
+        try:
+            p = model.p_chosen([(s.chosen, s.rejected) for s in kept], (ep.target.chosen, ep.target.rejected))
+        except ValueError as exc:  # a hand-edited template dataset
+            raise FspoError(f"{dataset.root / 'prefs.jsonl'}: episode {ep.episode_id}: {exc}") from None
+        expected.append(max(p, 1.0 - p))
+        realized.append(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0)
+    return {"bayes_optimal": float(np.mean(expected)), "bayes_predictor_accuracy": float(np.mean(realized))}
+
+
+def description_accuracy(dataset, episodes, models) -> float:
+    """Mean over episodes of the fraction of the user's true trait values that the inferred description
+    states (template datasets: the domain knows how each value is worded)."""
+    fractions = []
+    for ep in episodes:
+        user = dataset.users[ep.user_id]
+        stated = models[user.domain].domain.stated_traits(ep.description, user.traits)
+        fractions.append(sum(stated.values()) / max(len(stated), 1))
+    return float(np.mean(fractions))
+
+
+def stop_ids(model_dir, eos_id: int, config_eos) -> tuple[int, ...]:
+    """Every id that ends a turn: the tokenizer's eos, config.json's eos_token_id and generation_config.json's
+    (Llama 3 instruct models end turns with <|eot_id|>, listed there beside <|end_of_text|>)."""
+    ids = [eos_id]
+    sources = [config_eos]
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            sources.append(json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass  # a broken generation_config.json only loses its extra stop ids
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
 
 
 def _margin(lp, length_normalize: bool) -> torch.Tensor:
@@ -118,17 +200,17 @@ def _margin(lp, length_normalize: bool) -> torch.Tensor:
     return lp.chosen - lp.rejected
 
 
-def run_setting(model: str | os.PathLike, section: str, key: str) -> bool:
-    """A boolean setting of the run that `model` is (its config.toml), e.g. ("data", "user_description"):
-    scoring a run the way it trained. False for a plain model directory."""
+def run_setting(model: str | os.PathLike, section: str, key: str, default=False):
+    """A setting of the run that `model` is (its config.toml), e.g. ("data", "user_description"): scoring a
+    run the way it trained. `default` for a plain model directory, or a key the run's config predates."""
     model = Path(model)
     cfg = model / "config.toml"
     if not (model / "run.json").is_file() or not cfg.is_file():
-        return False
+        return default
     from fspo_engine.engine.config import tomllib
 
     try:
-        return bool(tomllib.loads(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, False))
+        return tomllib.loads(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, default)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FspoError(f"{cfg}: unreadable ({exc})") from None
 
@@ -148,12 +230,18 @@ def plot_accuracy(report: dict, out_png: Path):
     xs = [r["shots"] for r in report["results"]]
     ys = [r["accuracy"] for r in report["results"]]
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(xs, ys, marker="o")
+    ax.plot(xs, ys, marker="o", label="model")
+    if all("bayes_optimal" in r for r in report["results"]):
+        ax.plot(xs, [r["bayes_optimal"] for r in report["results"]], marker="s", ls="--", color="black",
+                label="Bayes-optimal")
+        ax.legend(loc="lower right")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("shots (the user's labelled preferences in context)")
     ax.set_ylabel("preference accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{report['split']} users, {report['method'].replace('_', ' ')}")
+    desc = report.get("description", "none")
+    ax.set_title(f"{report['split']} users, {report['method'].replace('_', ' ')}"
+                 + ("" if desc == "none" else f", {desc} description"))
     fig.tight_layout()
     tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
