@@ -21,7 +21,6 @@ label it is right when it names the chosen side. Everything is enumerated exactl
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
@@ -47,30 +46,21 @@ class BayesModel:
         self.accept = (q * untied).sum(axis=(1, 2))  # (T,): P(a draw is kept), the redraw normaliser
 
     def _proposal(self) -> np.ndarray:
-        """P(a, b) of one draw of `make_pair` before tied pairs are redrawn."""
-        n_axes, n_attrs = len(self.names), len(self.attrs)
-        sizes = [len(self.domain.axes[n]) for n in self.names]
-        if self.domain.minimal_pairs:
-            q = np.zeros((len(self.traits), n_attrs, n_attrs))
-            for ti, t in enumerate(self.traits):
-                ideal = self.domain.ideal(t)
-                a = self.index[tuple(ideal[n] for n in self.names)]
-                for b, attrs in enumerate(self.attrs):
-                    moved = [k for k, n in enumerate(self.names) if attrs[n] != ideal[n]]
-                    if len(moved) == 1:  # one axis, uniform; one of its other values, uniform
-                        q[ti, a, b] = 1.0 / n_axes / (sizes[moved[0]] - 1)
+        """P(a, b) of one draw of `make_pair` before tied pairs are redrawn (`domain.pair_proposal`)."""
+        n = len(self.attrs)
+
+        def dense(traits):
+            q = np.zeros((n, n))
+            for a, b, p in self.domain.pair_proposal(traits):
+                q[self._key(a), self._key(b)] += p
             return q
-        draws = [min(k, n_axes) for k in self.domain.changed_axes]
-        p_k = {k: draws.count(k) / len(draws) for k in set(draws)}
-        q = np.zeros((n_attrs, n_attrs))
-        for a, x in enumerate(self.attrs):
-            for b, y in enumerate(self.attrs):
-                moved = [k for k, n in enumerate(self.names) if x[n] != y[n]]
-                if len(moved) in p_k:
-                    # a uniform; the moved axes a uniform k-subset; each moved axis a uniform other value
-                    q[a, b] = (p_k[len(moved)] / n_attrs / math.comb(n_axes, len(moved))
-                               / math.prod(sizes[k] - 1 for k in moved))
-        return q
+
+        if self.domain.proposal_uses_traits:
+            return np.stack([dense(t) for t in self.traits])
+        return dense(None)
+
+    def _key(self, attrs: dict) -> int:
+        return self.index[tuple(attrs.get(n) for n in self.names)]
 
     def attr_index(self, text: str) -> int:
         """The attribute vector a generated response carries; ValueError if the text is not one."""

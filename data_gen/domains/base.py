@@ -10,6 +10,7 @@ words), so the axis that decides the label is always visible in the pair.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 from abc import ABC, abstractmethod
@@ -74,7 +75,7 @@ class TemplateDomain(ABC):
     # differ on 1-2 axes, labelled by the user's score (more diverse pairs).
     minimal_pairs: bool = False
     # How many axes a (non-minimal) pair changes: drawn uniformly from this tuple, so (1, 1, 2) changes
-    # one axis two times in three. data_gen/bayes.py reads it: it is part of the generator's model.
+    # one axis two times in three. `pair_proposal` reads it: it is part of the generator's model.
     changed_axes: tuple[int, ...] = (1, 1, 2)
 
     # --- users -------------------------------------------------------------------------------
@@ -131,20 +132,54 @@ class TemplateDomain(ABC):
         return [dict(zip(names, values)) for values in itertools.product(*(self.axes[a] for a in names))]
 
     # --- the shared pair construction ---------------------------------------------------------
+    def draw_attrs(self, traits: dict[str, str], rng: random.Random) -> tuple[dict, dict, list[str]]:
+        """One draw of a pair's two attribute vectors, before a draw the user scores as a tie is redrawn,
+        and the axes they differ on. `pair_proposal` is its exact distribution."""
+        names = sorted(self.axes)
+        if self.minimal_pairs:
+            a = self.ideal(traits)
+            changed = [rng.choice(names)]
+        else:
+            a = {axis: rng.choice(self.axes[axis]) for axis in names}
+            changed = sorted(rng.sample(names, min(rng.choice(self.changed_axes), len(names))))
+        b = dict(a)
+        for axis in changed:
+            b[axis] = rng.choice([v for v in self.axes[axis] if v != a[axis]])
+        return a, b, changed
+
+    # Whether `pair_proposal` depends on the user (minimal pairs start from the user's ideal vector).
+    @property
+    def proposal_uses_traits(self) -> bool:
+        return self.minimal_pairs
+
+    def pair_proposal(self, traits: dict[str, str] | None) -> list[tuple[dict, dict, float]]:
+        """Every (a, b) that `draw_attrs` can return, with its probability (data_gen/bayes.py)."""
+        names = sorted(self.axes)
+        sizes = {n: len(self.axes[n]) for n in names}
+        out = []
+        if self.minimal_pairs:
+            ideal = self.ideal(traits)
+            for axis in names:  # one axis, uniform; one of its other values, uniform
+                for v in self.axes[axis]:
+                    if v != ideal[axis]:
+                        out.append((ideal, {**ideal, axis: v}, 1.0 / len(names) / (sizes[axis] - 1)))
+            return out
+        draws = [min(k, len(names)) for k in self.changed_axes]
+        space = self.attribute_space()
+        for k in sorted(set(draws)):
+            p_k = draws.count(k) / len(draws)
+            for moved in itertools.combinations(names, k):
+                p_moved = p_k / math.comb(len(names), k) / math.prod(sizes[n] - 1 for n in moved)
+                for a in space:  # a uniform; each moved axis a uniform other value
+                    for new in itertools.product(*([v for v in self.axes[n] if v != a[n]] for n in moved)):
+                        out.append((a, {**a, **dict(zip(moved, new))}, p_moved / len(space)))
+        return out
+
     def make_pair(self, traits: dict[str, str], rng: random.Random, label_noise: float) -> Pair:
         question = self.sample_question(rng)
         draws = [rng.getrandbits(30) for _ in range(N_DRAWS)]
-        names = sorted(self.axes)
         for _ in range(100):
-            if self.minimal_pairs:
-                a = self.ideal(traits)
-                changed = [rng.choice(names)]
-            else:
-                a = {axis: rng.choice(self.axes[axis]) for axis in names}
-                changed = sorted(rng.sample(names, min(rng.choice(self.changed_axes), len(names))))
-            b = dict(a)
-            for axis in changed:
-                b[axis] = rng.choice([v for v in self.axes[axis] if v != a[axis]])
+            a, b, changed = self.draw_attrs(traits, rng)
             sa, sb = self.score(traits, a), self.score(traits, b)
             if sa != sb:
                 break

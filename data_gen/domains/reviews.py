@@ -18,6 +18,7 @@ For a given question and pair, half the users prefer each side, so the label is 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 from fspo_engine.data_gen.domains.base import Question, TemplateDomain, phrase_stated, pick, read_by_markers
@@ -186,25 +187,12 @@ QS_FOCUS = {
     "price": ("price", "cost", "value", "deal"),
     "quality": ("build", "design", "finish", "quality"),
 }
-QS_TONE = {
-    "casual": ("wow", "yeah", "honestly", "lol"),
-    "formal": ("overall", "indeed", "notably", "certainly"),
-}
-QS_USE = {
-    "home": ("home", "kitchen", "family", "weekend"),
-    "work": ("office", "work", "desk", "commute"),
-}
+QS_TONE = {"casual": ("wow", "yeah"), "formal": ("overall", "indeed")}
+QS_USE = {"home": ("home", "family"), "work": ("work", "office")}
 QS_AXES = {"sentiment": tuple(QS_SENTIMENT), "focus": tuple(QS_FOCUS), "tone": tuple(QS_TONE), "use": tuple(QS_USE)}
 QS_WORDS = {"sentiment": QS_SENTIMENT, "focus": QS_FOCUS, "tone": QS_TONE, "use": QS_USE}
-# {t} tone word, {s}/{s2} sentiment words, {f}/{f2} focus words, {u} use word: 7-9 words, each axis present.
-QS_TEMPLATES = (
-    "{t}, the {f} is {s} for {u}.",
-    "{t}, {s} {f} and {s2} for {u}.",
-    "{t}, this {item} has {s} {f} for {u}.",
-    "{t}, {s} {item}, {f} is {s2} for {u}.",
-    "{t}, for {u} the {f} is {s}.",
-    "{t}, {s} {f} and {s2} {f2} for {u}.",
-)
+# How many words of each set a response may use (the first ones): the quickstart keeps two per value.
+QS_VARIANTS = 2
 
 
 def _two(words, r1: int, r2: int) -> tuple[str, str]:
@@ -215,10 +203,15 @@ def _two(words, r1: int, r2: int) -> tuple[str, str]:
 
 
 class QuickstartReviews(TemplateDomain):
-    """Four binary traits; pairs of random attribute vectors that differ on one or two axes."""
+    """Four binary traits. A pair contrasts one or two of them and says nothing about the others: both
+    responses mention only the contrasted axes, with opposite values, so a shot reveals exactly those traits
+    of the user (the chosen side carries the user's values) and nothing else. With the other axes filled in
+    at random instead, Pref-FT's signal (the chosen response matches the user on an axis 2/3 of the time) was
+    too weak for a 3-layer model to learn from in CPU minutes (benchmarks/RESULTS.md)."""
 
     name = "reviews"
     axes = QS_AXES
+    contrast_only = True  # responses mention only the axes their pair contrasts (`draw_attrs`)
 
     def heldout_combos(self, seed, test_fraction):
         # Held out in complementary pairs (a combination and its opposite on every axis), so that each
@@ -247,12 +240,44 @@ class QuickstartReviews(TemplateDomain):
         item = rng.choice(QS_ITEMS)
         return Question(rng.choice(QS_QUESTIONS).format(item=item), {"item": item})
 
+    # A response's attributes: a value, or None for an axis it does not mention.
+    def attribute_space(self):
+        names = sorted(QS_AXES)
+        return [dict(zip(names, v)) for v in itertools.product(*((*QS_AXES[a], None) for a in names))]
+
+    def draw_attrs(self, traits, rng):
+        names = sorted(QS_AXES)
+        changed = sorted(rng.sample(names, rng.choice(self.changed_axes)))
+        a, b = dict.fromkeys(names), dict.fromkeys(names)
+        for axis in changed:
+            a[axis] = rng.choice(QS_AXES[axis])
+            (b[axis],) = (v for v in QS_AXES[axis] if v != a[axis])
+        return a, b, changed
+
+    def pair_proposal(self, traits):
+        names = sorted(QS_AXES)
+        out = []
+        for k in sorted(set(self.changed_axes)):
+            p_k = self.changed_axes.count(k) / len(self.changed_axes)
+            for moved in itertools.combinations(names, k):
+                for values in itertools.product(*(QS_AXES[n] for n in moved)):
+                    a, b = dict.fromkeys(names), dict.fromkeys(names)
+                    for n, v in zip(moved, values):
+                        a[n] = v
+                        (b[n],) = (x for x in QS_AXES[n] if x != v)
+                    out.append((a, b, p_k / math.comb(len(names), k) / 2**k))
+        return out
+
     def compose(self, question, attrs, draws):
-        s, s2 = _two(QS_SENTIMENT[attrs["sentiment"]], draws[1], draws[2])
-        f, f2 = _two(QS_FOCUS[attrs["focus"]], draws[3], draws[4])
-        t = pick(QS_TONE[attrs["tone"]], draws[5])
-        u = pick(QS_USE[attrs["use"]], draws[6])
-        return pick(QS_TEMPLATES, draws[0]).format(s=s, s2=s2, f=f, f2=f2, t=t, u=u, item=question.slots["item"])
+        word = lambda axis, r: pick(QS_WORDS[axis][attrs[axis]][:QS_VARIANTS], r)
+        text = f"{word('tone', draws[1])}, " if attrs["tone"] else ""
+        item = question.slots["item"]
+        text += f"the {word('focus', draws[2])} of the {item}" if attrs["focus"] else f"the {item}"
+        if attrs["sentiment"]:
+            text += f" is {word('sentiment', draws[3])}"
+        if attrs["use"]:
+            text += f" for {word('use', draws[4])}"
+        return text + "."
 
     def score(self, traits, attrs):
         return float(sum(attrs[a] == traits[a] for a in QS_AXES))
@@ -261,7 +286,7 @@ class QuickstartReviews(TemplateDomain):
         return read_by_markers(text, QS_WORDS)
 
     def trait_space(self):
-        return self.attribute_space()  # one binary trait per axis, uniform
+        return TemplateDomain.attribute_space(self)  # one binary trait per axis, uniform
 
     def stated_traits(self, description, traits):
         return {a: phrase_stated(description, {v: v for v in QS_AXES[a]}, traits[a]) for a in QS_AXES}

@@ -23,7 +23,7 @@ def test_read_attrs_inverts_compose(name, preset):
     rng = random.Random(0)
     for _ in range(300):
         question = domain.sample_question(rng)
-        attrs = {axis: rng.choice(values) for axis, values in domain.axes.items()}
+        attrs = rng.choice(domain.attribute_space())
         text = domain.compose(question, attrs, [rng.getrandbits(30) for _ in range(N_DRAWS)])
         assert domain.read_attrs(text) == attrs, text
 
@@ -70,6 +70,25 @@ def _brute_pair_probs(domain, traits, noise):
     """P(chosen attrs, rejected attrs | traits) of one make_pair call, exactly."""
     names = sorted(domain.axes)
     kept, rejected_mass = Counter(), Fraction(0)
+    if getattr(domain, "contrast_only", False):
+        # Only the contrasted axes are mentioned: a k-subset, a uniform value on each, the other on b.
+        for k in sorted(set(domain.changed_axes)):
+            p_k = Fraction(domain.changed_axes.count(k), len(domain.changed_axes))
+            subsets = list(itertools.combinations(names, k))
+            for axes in subsets:
+                for values in itertools.product(*(domain.axes[n] for n in axes)):
+                    p = p_k / len(subsets) / Fraction(2) ** k
+                    a = {n: dict(zip(axes, values)).get(n) for n in names}
+                    b = {n: None if a[n] is None else next(v for v in domain.axes[n] if v != a[n]) for n in names}
+                    sa, sb = domain.score(traits, a), domain.score(traits, b)
+                    if sa == sb:
+                        rejected_mass += p
+                        continue
+                    good, bad = (a, b) if sa > sb else (b, a)
+                    key = lambda x: tuple(x[n] for n in names)
+                    kept[key(good), key(bad)] += p * (1 - noise)
+                    kept[key(bad), key(good)] += p * noise
+        return {pair: p / (1 - rejected_mass) for pair, p in kept.items()}
     if domain.minimal_pairs:
         starts = [(Fraction(1), dict(domain.ideal(traits)))]
         sizes = [(Fraction(1), 1)]
@@ -164,5 +183,8 @@ def test_models_for_reads_the_manifest():
     assert isinstance(model.domain, type(get_domain("reviews", "quickstart")))
     assert models_for({"domains": ["reviews"], "generator": {"backend": "openai"}}) == {}
     assert models_for({}) == {}
+    with pytest.raises(ValueError, match="impossible"):  # it mentions no trait: no pair of the generator's
+        model.p_chosen([], ("an imported, free-text response", "another one"))
+    (full,) = models_for({"domains": ["reviews"], "generator": {"backend": "template"}}).values()
     with pytest.raises(ValueError, match="not a response"):
-        model.attr_index("an imported, free-text response")
+        full.attr_index("an imported, free-text response")
