@@ -56,10 +56,10 @@ class DataSection:
     user_description: bool = False  # targets start with "## User Description" (the paper's user-description CoT)
     episodes_per_user: int = 0  # episodes per user per epoch (0 = one per preference of the user); sampled only
     seed: int = 0  # episode sampling seed
-    episode_sampling: str = "sampled"  # sampled (shots drawn from the user's other prefs, each pref a target once per epoch) or official_windows (the released loader's windows of N shots + 1 target over each user's shuffled prefs)
-    truncate: str = "drop_oldest_shots"  # over max_tokens: drop_oldest_shots (whole shots, oldest first) or keep_start (cut the prompt's end, as the released keep_start)
+    episode_sampling: str = "sampled"  # sampled (each pref a target once per epoch, shots drawn from the user's others) or official_windows (the released loader's)
+    truncate: str = "drop_oldest_shots"  # over max_tokens: drop_oldest_shots, or keep_start (cut the prompt's end, as the released code)
     bos: bool = True  # prompt starts with the tokenizer's bos (the released loader adds no special tokens)
-    rejected_description: str = "shared"  # with user_description, the rejected branch's description: shared (the user's; it cancels in the margin) or rejected_persona (the pref's rejected_description, as the released code)
+    rejected_description: str = "shared"  # with user_description, the rejected branch's: shared (the user's) or rejected_persona (the pref's, as released)
 
 
 @dataclass
@@ -85,11 +85,11 @@ class BatchSection:
 @dataclass
 class PrefFtSection:
     steps: int = 100  # optimiser steps of few-shot Pref-FT
-    epochs: int = 0  # when > 0, train this many epochs instead: epochs * (episodes // batch) steps (the released n_epochs)
+    epochs: int = 0  # > 0: train epochs * (epoch's episodes // batch) steps instead of `steps` (the released n_epochs)
     lr: float = 0.0  # stage learning rate (0 = optim.lr)
     episodes: int = 0  # episodes per Pref-FT step (0 = batch.episodes)
     targets: str = "chosen"  # responses trained on: chosen, or both (chosen and rejected, as the released code)
-    reduction: str = "mean"  # mean (NLL per target token) or sum (each response's summed NLL, averaged over responses: the released loss)
+    reduction: str = "mean"  # mean (NLL per target token) or sum (summed NLL per response, averaged over responses, as released)
 
 
 @dataclass
@@ -99,7 +99,7 @@ class PrefSection:
     label_smoothing: float = 0.0  # DPO conservative label smoothing ε
     length_normalize: bool = False  # use mean per-token log-probs (TRL convention) instead of sums
     steps: int = 100  # optimiser steps of IPO/DPO
-    epochs: int = 0  # when > 0, train this many epochs instead: epochs * (episodes // batch) steps (the released n_epochs)
+    epochs: int = 0  # > 0: train epochs * (epoch's episodes // batch) steps instead of `steps` (the released n_epochs)
     lr: float = 0.0  # stage learning rate (0 = optim.lr)
 
 
