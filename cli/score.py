@@ -110,7 +110,7 @@ def score(
     model = load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
     if description == "generated":
         gen = Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
-                        max_tokens=max_tokens, max_new_tokens=0, bos=bos)
+                        max_tokens=max_tokens, max_new_tokens=0, bos=bos, where=str(model_dir))
         with tqdm(total=len(episodes), unit="ep", desc="describe", file=sys.stderr, disable=None) as bar:
             inferred = gen.describe(episodes, on_done=bar.update)
         episodes = [dataclasses.replace(ep, description=d) for ep, d in zip(episodes, inferred)]

@@ -271,6 +271,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         where = str(path)
         p = Path(path)
+        shipped = Path(__file__).resolve().parent.parent / "configs" / f"{p.name}.toml"
+        if not p.is_file() and p.suffix == "" and p.parent == Path(".") and shipped.is_file():
+            p = shipped  # a config shipped with fspo-engine, by name: `--config official`
         if not p.is_file():
             raise FspoError(f"{p}: config file not found")
         try:

@@ -103,7 +103,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         if description == "generated":
             gen = Generator(policy, tokenizer, stop_ids=stop_ids(policy_dir, tokenizer.eos_id, policy.config.eos_token_id),
                             max_tokens=max_tokens, max_description_tokens=max_description_tokens, max_new_tokens=0,
-                            bos=bos)
+                            bos=bos, where=str(policy_dir))
             with tqdm(total=len(eps), desc=f"describe {n}-shot", unit="ep", leave=False,
                       disable=None if progress else True) as bar:
                 inferred = gen.describe(eps, on_done=bar.update)

@@ -60,6 +60,7 @@ class Generator:
     top_p: float = 1.0
     seed: int = 0
     bos: bool = True
+    where: str = "the model"  # the model directory, for errors
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -79,6 +80,9 @@ class Generator:
             shots.pop(0)
 
     def _run(self, prompts: list[list[int]], max_new: int, stop_strings=(), on_done=None) -> list:
+        from fspo_engine.engine.tokenizer import check_ids_fit
+
+        check_ids_fit(self.tokenizer, self.model.config.vocab_size, self.where, prompts)
         return generate_batch(self.model, prompts, max_new_tokens=max_new, temperature=self.temperature,
                               top_p=self.top_p, seed=self.seed, stop_ids=self.stop_ids, stop_strings=stop_strings,
                               decode=self.decode, on_done=on_done)
@@ -122,7 +126,8 @@ def load_generator(model_dir, device=None, **settings) -> Generator:
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev).eval()
-    return Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id), **settings)
+    return Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
+                     where=str(model_dir), **settings)
 
 
 def answer(gen: Generator, episodes: Sequence[Episode], description: str,

@@ -1,0 +1,1 @@
+"""Configs shipped with fspo-engine: `fspo-engine train --config official` reads official.toml here."""
