@@ -51,8 +51,9 @@ def environment() -> dict:
     import tokenizers
 
     return {"torch": torch.__version__, "machine": platform.machine(),
-            "cpu": torch.backends.cpu.get_cpu_capability(), "matplotlib": matplotlib.__version__, "safetensors": safetensors.__version__,
-            "sentencepiece": sentencepiece.__version__, "tokenizers": tokenizers.__version__}
+            "cpu": torch.backends.cpu.get_cpu_capability(), "matplotlib": matplotlib.__version__,
+            "safetensors": safetensors.__version__, "sentencepiece": sentencepiece.__version__,
+            "tokenizers": tokenizers.__version__}
 
 
 def state_digest(obj, path=()) -> str:
