@@ -91,7 +91,8 @@ def write_dataset(path, users: list[dict], prefs: list[dict], manifest: dict | N
 
 def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:
     """Texts covering the episode format's markers, for training a tiny tokenizer."""
-    from fspo_engine.engine.episodes import Preference, render_prompt, render_response
+    from fspo_engine.engine.dataset import Preference
+    from fspo_engine.engine.episodes import render_prompt, render_response
 
     rng = random.Random(seed)
     texts = [random_text(rng, (5, 40)) for _ in range(n)]

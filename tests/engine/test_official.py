@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from fspo_engine.data_gen import import_dataset
+from fspo_engine.engine.dataset import load_dataset
 from fspo_engine.engine.episodes import (
-    load_dataset,
     official_epoch_order,
     official_windows,
     render_prompt,

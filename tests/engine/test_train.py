@@ -208,7 +208,8 @@ def test_pref_ft_learns_and_ipo_accuracy_rises(tmp_path):
 
 
 def test_checkpoint_loads_in_transformers_with_same_logprobs(tmp_path):
-    from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
+    from fspo_engine.engine.dataset import load_dataset
+    from fspo_engine.engine.episodes import sample_episodes, tokenize_episodes
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.scoring import score_episodes
     from fspo_engine.engine.tokenizer import load_tokenizer
