@@ -29,7 +29,8 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
     (NCCL on GPUs, gloo on CPU) and each rank takes every N-th episode of the global batch.
     """
     from fspo_engine.engine.config import load_config, parse_set_option
-    from fspo_engine.engine.train import Trainer, discard_if_unstarted
+    from fspo_engine.engine.rundir import discard_if_unstarted
+    from fspo_engine.engine.train import Trainer
 
     overrides = parse_set_option(sets)
     if model_name is not None:

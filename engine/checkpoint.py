@@ -17,6 +17,10 @@ own shard; on another number, rank 0 joins the shards (FSDP2 cuts dim 0 in rank 
 is re-sharded by broadcast. Not torch.distributed.checkpoint: DCP reads its `.metadata` with pickle, and
 fspo-engine loads no state through pickle (weights via safetensors, the rest via
 `torch.load(weights_only=True)`).
+
+A training stage uses four functions: `save` writes its checkpoint (every rank calls it), `publish` makes
+the last one's model the stage's final, `pick_resume` chooses the newest whole checkpoint as a stage starts,
+and `restore` puts the optimizer and RNG states back.
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fspo_engine.engine.distributed import (
+    all_gather_objects,
+    barrier,
+    full_optimizer_state,
+    local_optimizer_state,
+    sharded_optimizer_state,
+    state_dict_name,
+)
 from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.model import read_weights, save_state_dict
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{9})$")
@@ -246,3 +260,135 @@ def _flatten_py_state(st):
     # random.getstate() = (version, tuple of 625 ints, gauss_next); weights_only loads lists of ints/floats/str.
     version, internal, gauss = st
     return [version, *internal, "none" if gauss is None else gauss]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A training stage's checkpoints
+
+
+def save(stage_dir: Path, step: int, model, optimizer, tokenizer_dir: Path, dtype: torch.dtype, keep_last: int,
+         rank: int = 0, world: int = 1) -> Path:
+    """Checkpoint step `step` of a stage into `stage_dir`; -> the checkpoint. A collective under torchrun:
+    every rank calls it.
+
+    The model as a full HF directory (in `dtype`) from rank 0. The optimizer state keyed by parameter name:
+    whole in train_state.pt in one process; under torchrun each rank writes its own shard into the checkpoint
+    rank 0 builds (no gather of the Adam moments into one host), and a resume on any number of ranks can read
+    them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    is_main = rank == 0
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=full)
+    train_state = {"step": step, "rng": rng_state()}
+    tmp = begin_checkpoint(stage_dir, step) if is_main else None
+    if world > 1:
+        tmp = Path(all_gather_objects(str(tmp) if is_main else None)[0])
+        save_train_state(optimizer_shard_path(tmp, rank, world),
+                         local_optimizer_state(get_optimizer_state_dict(model, optimizer)))
+        train_state["optimizer_shards"] = world
+        barrier()  # every shard is written before rank 0 seals the checkpoint
+        missing = [r for r in range(world) if is_main and not optimizer_shard_path(tmp, r, world).is_file()]
+        if missing:
+            raise FspoError(f"{tmp}: rank(s) {missing} saved their optimizer shards out of rank 0's sight: under "
+                            "torchrun, --out must be a directory that every rank sees (a shared filesystem)")
+    else:
+        train_state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=full)
+    final = stage_dir / f"step-{step:09d}"
+    if is_main:
+        save_state_dict(model_state, model.config, tmp / "model", tokenizer_dir=tokenizer_dir, dtype=dtype)
+        save_train_state(tmp / "train_state.pt", train_state)
+        final = finish_checkpoint(stage_dir, step, tmp, keep_last)
+    barrier()
+    return final
+
+
+def publish(model_dir: Path, final: Path, dtype: torch.dtype | None, config):
+    """A checkpoint's `model_dir` as the HF directory `final` (a stage's final model), cast to `dtype` unless
+    None, sealed, and renamed into place."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    if dtype is not None:
+        save_state_dict(read_weights(tmp), config, tmp, dtype=dtype)
+    seal(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a stage resumes from. Every rank holds the same `path` and the state's step, rng and
+    optimizer_shards; only rank 0 holds a single-process checkpoint's optimizer state."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
+def pick_resume(stage_dir: Path, rank: int = 0, world: int = 1, log=print) -> Resume | None:
+    """The newest whole checkpoint of a stage, or None. Rank 0 verifies the checkpoints (hashing every file)
+    and reads the training state; the other ranks take its choice, step and RNG state."""
+    resume_from, state = None, {}
+    if rank == 0:
+        resume_from = latest_valid(stage_dir, log=log)
+        if resume_from is not None:
+            state = load_train_state(resume_from / "train_state.pt")
+    if world > 1:
+        picked = all_gather_objects((str(resume_from) if resume_from else None, state.get("step"),
+                                     state.get("rng"), state.get("optimizer_shards"))
+                                    if rank == 0 else None)[0]  # fmt: skip
+        resume_from = Path(picked[0]) if picked[0] else None
+        state = {**state, "step": picked[1], "rng": picked[2], "optimizer_shards": picked[3]}
+    return Resume(resume_from, state) if resume_from is not None else None
+
+
+def restore(resume: Resume, model, optimizer, rank: int = 0, world: int = 1):
+    """The optimizer state and RNG states of `resume`, into the policy loaded from its model/ and a new optimizer.
+
+    On as many ranks as wrote the checkpoint, each rank reads its own optimizer shard. Otherwise rank 0 holds
+    the full state (joined from another number of ranks' shards) and shares it by broadcast: an 8B model's
+    Adam moments are 64 GB, never loaded into host memory once per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = resume.state
+    shards = state.get("optimizer_shards")
+    if shards is not None and shards == world:  # as many ranks as wrote it: each reads its own
+        try:
+            local, why = load_train_state(optimizer_shard_path(resume.path, rank, shards)), None
+        except FspoError as exc:
+            local, why = None, str(exc)
+        why = next((w for w in all_gather_objects(why) if w), None)
+        if why:  # every rank stops here, together: none is left waiting in a collective
+            raise FspoError(why)
+        set_optimizer_state_dict(model, optimizer, sharded_optimizer_state(local, model),
+                                 options=StateDictOptions(full_state_dict=False))
+    else:
+        optim_state = {}
+        if rank == 0:
+            optim_state = state["optimizer"] if shards is None else full_optimizer_state(
+                [load_train_state(optimizer_shard_path(resume.path, r, shards)) for r in range(shards)])
+            optim_state = _by_name(optim_state, model, optimizer)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=world > 1))
+    set_rng_state(state["rng"])
+
+
+def _by_name(optim_state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state keyed by parameter name, as checkpoints hold it. Single-process checkpoints of
+    fspo-engine before 2026-11-28 hold `optimizer.state_dict()` (integer ids in optimizer order): re-keyed."""
+    groups = optim_state.get("param_groups", [])
+    if not groups or not all(isinstance(i, int) for g in groups for i in g["params"]):
+        return optim_state
+    names = {id(p): state_dict_name(n) for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}

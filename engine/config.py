@@ -61,6 +61,11 @@ class DataSection:
     bos: bool = True  # prompt starts with the tokenizer's bos (the released loader adds no special tokens)
     rejected_description: str = "shared"  # with user_description, the rejected branch's: shared (the user's) or rejected_persona (the pref's, as released)
 
+    def tokenize_options(self) -> dict:
+        """The rendering and truncation keys that `episodes.tokenize_episodes` takes."""
+        return {"user_description": self.user_description, "bos": self.bos, "truncate": self.truncate,
+                "rejected_description": self.rejected_description}
+
 
 @dataclass
 class OptimSection:

@@ -399,7 +399,7 @@ def test_held_out_eval_during_training(tmp_path):
     cfg = load_config(run / "config.toml")
     trainer = Trainer(cfg, str(data), str(run), resume=True, log=lambda m: None)
     pref_ft, ipo = load_model(run / "pref-ft").eval(), load_model(run / "ipo").eval()
-    eps = trainer._eval_episodes(pref_ft)
+    eps = trainer.validator.episodes(pref_ft)
     trainer.close()
     assert len(eps) == 10
     ref = score_episodes(pref_ft, eps, cfg.data.max_tokens)
@@ -421,9 +421,7 @@ def test_held_out_eval_during_training(tmp_path):
 def test_metrics_stay_ordered_when_a_later_command_runs_one_stage(tmp_path):
     """`--stage pref-ft`, then `--stage ipo` (its run.json stage_order is ["ipo"]) resumed after a kill:
     metrics.jsonl keeps Pref-FT's lines first, each stage's in step order."""
-    from types import SimpleNamespace
-
-    from fspo_engine.engine.train import Trainer
+    from fspo_engine.engine.rundir import truncate_metrics
 
     lines = [{"stage": "pref-ft", "step": i} for i in (1, 2, 3)] + [{"stage": "ipo", "step": i} for i in (1, 2, 3)]
     path = tmp_path / "metrics.jsonl"
@@ -431,8 +429,7 @@ def test_metrics_stay_ordered_when_a_later_command_runs_one_stage(tmp_path):
     # IPO's lines past its checkpoint (step 2), and a torn line.
     order = [lines[3], lines[4], lines[0], lines[1], lines[2], lines[5]]
     path.write_text("".join(json.dumps(r) + "\n" for r in order) + '{"stage": "ip')
-    me = SimpleNamespace(is_main=True, metrics_path=path, run_info={"stage_order": ["ipo"]})
-    Trainer._truncate_metrics(me, "ipo", 2)
+    truncate_metrics(path, "ipo", 2)
     assert read_metrics(tmp_path) == lines[:5]
 
 
@@ -487,7 +484,8 @@ def test_run_directory_ownership(tmp_path):
     """The trainer never adopts or deletes a directory that is not its run: a non-empty --out that holds no
     run is refused untouched; a failed start never removes a directory another process holds; a Trainer
     that fails after taking the lock releases it (a corrected retry in the same process works)."""
-    from fspo_engine.engine.train import Trainer, _try_lock, discard_if_unstarted
+    from fspo_engine.engine.rundir import _try_lock, discard_if_unstarted
+    from fspo_engine.engine.train import Trainer
 
     data = write_fixture(tmp_path / "data")
     mine = tmp_path / "project"

@@ -1,0 +1,86 @@
+"""Held-out evaluation during training (run.eval_every): the stage's loss and FSPO's preference accuracy on
+test users, who are never trained on."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fspo_engine.engine.config import TrainConfig
+from fspo_engine.engine.dataset import Dataset
+from fspo_engine.engine.distributed import all_gather_objects, rank_rows, world
+from fspo_engine.engine.episodes import parse_shots, sample_episodes, tokenize_episodes
+from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
+from fspo_engine.engine.packing import pack_batches
+from fspo_engine.engine.scoring import EpisodeLogprobs, episode_logprobs
+from fspo_engine.engine.tokenizer import check_ids_fit
+
+
+class Validator:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, tokenizer, device: torch.device, autocast: bool,
+                 log=print):
+        self.cfg, self.dataset, self.tokenizer, self.device, self.autocast = cfg, dataset, tokenizer, device, autocast
+        self.rank, _, self.world = world()
+        self.log = log
+        self._episodes = None
+
+    def episodes(self, model) -> list:
+        """The held-out episodes: test users at the training shot counts, a fixed sample (its own seed: the
+        training draws do not move), the same for every stage; checked against `model`'s vocab."""
+        if self._episodes is None:
+            d = self.cfg.data
+            eps = sample_episodes(self.dataset, "test", parse_shots(d.shots), seed=d.seed * 7919 + 104729,
+                                  shuffle=True)  # fmt: skip
+            if not eps:
+                raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
+            self._episodes = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
+                                               max_tokens=d.max_tokens, **d.tokenize_options())
+            users = len({t.user_id for t in self._episodes})
+            self.log(f"held-out: {len(self._episodes)} episodes of {users} test users (run.eval_episodes = "
+                     f"{self.cfg.run.eval_episodes}, {len(eps)} available)")
+        check_ids_fit(self.tokenizer, model.config.vocab_size, self.cfg.model.name,
+                      (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in self._episodes))  # fmt: skip
+        return self._episodes
+
+    def evaluate(self, stage: str, model, episodes: list, ref: EpisodeLogprobs | None) -> dict:
+        """Held-out metrics of the policy now: `eval/loss` (the stage's loss: Pref-FT's as pref_ft.targets and
+        pref_ft.reduction say, IPO/DPO against the reference), `eval/nll_per_token` (the chosen responses') and,
+        for IPO/DPO, the implicit rewards (`eval/rewards/accuracy`: FSPO's held-out preference accuracy). Every
+        rank scores its share (padded like a training step: FSDP2's collectives must line up); no RNG is drawn."""
+        cfg, dev = self.cfg, self.device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        share, rows = rank_rows(episodes, lambda eps: pack_batches(eps, cfg.data.max_tokens), self.rank, self.world)
+        parts = []
+        model.eval()
+        with torch.no_grad():
+            for row, real in rows:
+                with autocast:
+                    out = episode_logprobs(model, row.to(dev), impl=cfg.model.logprob_impl)
+                if real:  # share[i] is episodes[i * world + rank]
+                    idx = torch.tensor(row.episodes, dtype=torch.long) * self.world + self.rank
+                    parts.append((idx, out.chosen.float().cpu(), out.rejected.float().cpu(),
+                                  out.chosen_tokens.cpu(), out.rejected_tokens.cpu()))  # fmt: skip
+        model.train()
+        E = len(episodes)
+        pc, pr = torch.zeros(E), torch.zeros(E)
+        ct, rt = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+        for rank_parts in all_gather_objects(parts):
+            for idx, c, r, cn, rn in rank_parts:
+                pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
+        nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
+        if stage == "pref-ft":
+            both = cfg.pref_ft.targets == "both"
+            logp, tokens = (torch.cat([pc, pr]), torch.cat([ct, rt])) if both else (pc, ct)
+            loss = sft_loss(logp.double(), tokens, cfg.pref_ft.reduction).item()
+            return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E}
+        rc, rr = ref.chosen.float(), ref.rejected.float()
+        if cfg.pref.length_normalize:
+            pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
+            rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
+        beta = cfg.pref.beta
+        loss = ipo_loss(pc, pr, rc, rr, beta) if stage == "ipo" else \
+            dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)  # fmt: skip
+        return {"eval/loss": loss.item(), "eval/nll_per_token": nll, "eval/episodes": E,
+                **{f"eval/{k}": v for k, v in reward_metrics(pc, pr, rc, rr, beta).items()}}
