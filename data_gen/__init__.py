@@ -8,8 +8,9 @@ writes the fspo-prefs/1 directory of DESIGN.md (manifest.json, users.jsonl, pref
 `import_dataset` converts the released FSPO datasets into the same format.
 """
 
+from fspo_engine.data_gen.config import GenConfig
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.importers import import_dataset
-from fspo_engine.data_gen.pipeline import GenConfig, GenResult, format_summary, generate_dataset
+from fspo_engine.data_gen.pipeline import GenResult, format_summary, generate_dataset
 
 __all__ = ["DataGenError", "GenConfig", "GenResult", "format_summary", "generate_dataset", "import_dataset"]

@@ -32,14 +32,8 @@ import re
 from pathlib import Path
 
 from fspo_engine.data_gen.errors import DataGenError
-from fspo_engine.data_gen.pipeline import (
-    GenResult,
-    foreign_files,
-    json_text,
-    locked_dir,
-    remove_stale_temps,
-    write_staged,
-)
+from fspo_engine.data_gen.outdir import foreign_files, json_text, locked_dir, remove_stale_temps, write_staged
+from fspo_engine.data_gen.pipeline import GenResult
 from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name

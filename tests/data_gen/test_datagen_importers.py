@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fspo_engine.data_gen import import_dataset, pipeline
+from fspo_engine.data_gen import import_dataset, outdir
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.importers import run_import
 from fspo_engine.data_gen.pipeline import format_summary
@@ -267,7 +267,7 @@ def test_overwrite_that_dies_while_writing_keeps_the_old_dataset(tmp_path, monke
     out = tmp_path / "out"
     import_dataset("roleplay", [write_jsonl(tmp_path / "roleplay.jsonl", ROLEPLAY)], out)
     old = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    real = pipeline.write_staged
+    real = outdir.write_staged
 
     def dying_write_staged(path, chunks):
         if path.name == "manifest.json":  # the last file staged: users and prefs are already written

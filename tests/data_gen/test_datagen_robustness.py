@@ -14,8 +14,9 @@ from fake_llm import FakeLLMServer
 
 from fspo_engine.data_gen import generate_dataset
 from fspo_engine.data_gen.backends import MalformedReply, OpenAIBackend, Reply, ReplyCache
+from fspo_engine.data_gen.config import MAX_USERS, GenConfig
 from fspo_engine.data_gen.errors import DataGenError
-from fspo_engine.data_gen.pipeline import MAX_USERS, GenConfig, locked_dir
+from fspo_engine.data_gen.outdir import locked_dir
 
 
 @pytest.fixture

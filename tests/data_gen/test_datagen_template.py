@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from fspo_engine.data_gen import generate_dataset, pipeline
+from fspo_engine.data_gen import generate_dataset, outdir
 from fspo_engine.data_gen.domains import get_domain
 from fspo_engine.data_gen.domains.reviews import AXES, QS_AXES, QS_EASY_AXES, QS_WORDS
 from fspo_engine.data_gen.errors import DataGenError
-from fspo_engine.data_gen.pipeline import STATE_DIR, TemplateProducer
+from fspo_engine.data_gen.outdir import STATE_DIR
+from fspo_engine.data_gen.producers import TemplateProducer
 
 FILES = ("manifest.json", "users.jsonl", "prefs.jsonl")
 
@@ -228,10 +229,10 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path,
             raise Killed
         real_replace(src, dst)
 
-    monkeypatch.setattr(pipeline.os, "replace", dying_replace)
+    monkeypatch.setattr(outdir.os, "replace", dying_replace)
     with pytest.raises(Killed):
         generate_dataset(d, **new_args)  # same arguments: resumes the run, then dies in _finalize
-    monkeypatch.setattr(pipeline.os, "replace", real_replace)
+    monkeypatch.setattr(outdir.os, "replace", real_replace)
     assert not (d / "manifest.json").exists()
     assert (d / "users.jsonl").read_bytes() == (tmp_path / "ref" / "users.jsonl").read_bytes()
     assert (d / "prefs.jsonl").read_bytes() == old["prefs.jsonl"]

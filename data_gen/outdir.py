@@ -1,0 +1,224 @@
+"""The output directory of gen-data and import: one writer at a time, files replaced whole or not at all, and
+gen-data's resumable state.
+
+    OUT/manifest.json, users.jsonl, prefs.jsonl   the dataset (DESIGN.md); a manifest means it is complete
+    OUT/gen_stats.json                            the last LLM run's bookkeeping (requests, tokens): not data
+    OUT/.gen-state/users.jsonl, prefs.jsonl       the units done so far, appended in order
+    OUT/.gen-state/state.json                     units done, both files' byte lengths, counters, LLM usage
+    OUT/.llm-cache/                               LLM replies (data_gen/backends.py)
+
+After every chunk of units both files are fsynced and state.json is replaced atomically; a killed run re-run
+with the same arguments truncates the files to the recorded lengths (dropping a half-written chunk) and goes
+on, so nothing is duplicated or lost. `finalize` moves the files into place and writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs on one --out must then not overlap
+    fcntl = None
+from fspo_engine.data_gen.errors import DataGenError
+
+STATE_DIR = ".gen-state"
+GEN_STATS = "gen_stats.json"  # sidecar: run bookkeeping of the last LLM run, not part of the dataset
+
+
+def dumps(record: dict) -> str:
+    """One JSON Lines record, as the dataset files hold them (sorted keys, UTF-8 as is)."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def json_text(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2) + "\n"
+
+
+def write_staged(path: Path, chunks: Iterable[str]) -> Path:
+    """Write `chunks` (UTF-8) to a new temp file beside `path`, fsynced; returns the temp file's path, for
+    the caller to `os.replace` onto `path`. The file is created as `open(path, "w")` would create it:
+    mode 0o666 less the umask (tempfile.mkstemp makes 0o600 files, which the rename would hand on to a
+    dataset other users of the machine then cannot read). O_EXCL + a random name keep it unique."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def remove_stale_temps(out: Path, names: Iterable[str]) -> None:
+    """Delete the temp files a killed run staged for `names` in `out` (one writer per directory)."""
+    for name in names:
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    os.replace(write_staged(path, [json_text(obj)]), path)
+
+
+@contextlib.contextmanager
+def locked_dir(out: Path):
+    """Hold an exclusive lock on the directory `out` (flock on the directory's own fd) for a whole run.
+
+    A second gen-data or import on the same --out then fails at once instead of interleaving its writes
+    with ours. Locking the directory rather than a lock file leaves nothing behind, and the kernel drops
+    the lock when the process dies (kill -9 included), so a stale lock cannot block a resume."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataGenError(f"{out}: another gen-data run is writing this directory") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Dataset file names in `out` that no manifest of ours vouches for (the user's own files)."""
+    if (out / "manifest.json").exists() or (out / STATE_DIR).exists():
+        return []
+    return [name for name in ("users.jsonl", "prefs.jsonl") if (out / name).exists()]
+
+
+# --- gen-data's run state ----------------------------------------------------------------------------------
+def finished_dataset(out: Path, generator: dict, overwrite: bool) -> dict | None:
+    """The manifest of the dataset `out` already holds, when it was made with these arguments (`generator`):
+    nothing is left to do. None when there is: after checking that `out` holds nothing it would replace
+    without --overwrite (another dataset, the user's own files), and, with --overwrite, discarding an
+    unfinished run."""
+    state_dir = out / STATE_DIR
+    manifest_path = out / "manifest.json"
+    if overwrite:
+        # Only an unfinished run is discarded now. The old dataset stays whole (and usable by train/score)
+        # until finalize swaps the new files in: a kill before then leaves it exactly as it was.
+        shutil.rmtree(state_dir, ignore_errors=True)
+    elif manifest_path.exists() and not state_dir.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as exc:
+            raise DataGenError(f"{manifest_path}: unreadable manifest ({exc}); pass --overwrite") from None
+        if manifest.get("generator") != generator:
+            raise DataGenError(f"{out}: already holds a dataset made with other arguments; pass --overwrite")
+        return manifest
+    elif foreign := foreign_files(out):
+        raise DataGenError(
+            f"{out}: holds {' and '.join(foreign)} without a gen-data manifest; pass --overwrite to replace"
+        )
+    return None
+
+
+def read_state(out: Path, generator: dict) -> dict | None:
+    """The state of an unfinished run of the same arguments in `out`, or None when there is none."""
+    state_dir = out / STATE_DIR
+    if not (state_dir / "state.json").exists():
+        return None
+    try:
+        state = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataGenError(f"{state_dir / 'state.json'}: unreadable ({exc}); pass --overwrite") from None
+    if state.get("generator") != generator:
+        raise DataGenError(f"{out}: holds an unfinished run with other arguments; pass --overwrite")
+    return state
+
+
+def new_state(out: Path, generator: dict) -> dict:
+    state_dir = out / STATE_DIR
+    shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir()
+    state = {
+        "generator": generator,
+        "phase": "generating",
+        "done": 0,
+        "users_bytes": 0,
+        "prefs_bytes": 0,
+        "counters": {},
+        "usage": {},
+        "first_error": None,
+    }
+    write_json_atomic(state_dir / "state.json", state)
+    return state
+
+
+class StateFiles:
+    """The units done, in .gen-state/: `append` a unit's records to users.jsonl and prefs.jsonl; `commit` after
+    every chunk (both files fsynced, then state.json replaced with the units done and the files' byte
+    lengths). Opening drops whatever a killed run appended after its last commit."""
+
+    def __init__(self, out: Path, state: dict):
+        self.dir, self.state = out / STATE_DIR, state
+        self._files = contextlib.ExitStack()
+
+    def __enter__(self):
+        paths = (self.dir / "users.jsonl", self.dir / "prefs.jsonl")
+        for path, size in zip(paths, (self.state["users_bytes"], self.state["prefs_bytes"])):
+            with open(path, "ab") as f:
+                f.truncate(size)
+        self.users, self.prefs = (self._files.enter_context(open(p, "ab")) for p in paths)
+        return self
+
+    def __exit__(self, *exc):
+        self._files.close()
+        return False
+
+    def append(self, record: dict | None, prefs: list[dict]):
+        if record is not None:
+            self.users.write((dumps(record) + "\n").encode())
+        self.prefs.write("".join(dumps(p) + "\n" for p in prefs).encode())
+
+    def commit(self, done: int, **updates):
+        for f in (self.users, self.prefs):
+            f.flush()
+            os.fsync(f.fileno())
+        self.state.update(done=done, users_bytes=self.users.tell(), prefs_bytes=self.prefs.tell(), **updates)
+        write_json_atomic(self.dir / "state.json", self.state)
+
+
+def finalize(out: Path, state: dict) -> dict:
+    """Move the files into place and write the manifest last; safe to repeat after a kill.
+
+    Three files cannot be replaced at once. So that no reader ever pairs new users with old prefs (or an
+    old manifest with new files), the old manifest is removed first: readers refuse a directory without
+    one (and a reader that was already reading sees its manifest replaced, and refuses too). Everything
+    slow (writing, fsync) happens before that, leaving a window of three renames in which the directory
+    has no manifest; a kill inside it leaves the state at "finalizing", and re-running the same gen-data
+    command completes the swap."""
+    state_dir = out / STATE_DIR
+    remove_stale_temps(out, ["manifest.json", GEN_STATS])
+    # Run bookkeeping (requests, cache hits, retries, tokens) differs between runs that make the same
+    # data, so it lives beside the manifest, never in it; a template run leaves none (and no stale one).
+    if state.get("usage"):
+        write_json_atomic(out / GEN_STATS, {"usage": state["usage"]})
+    else:
+        (out / GEN_STATS).unlink(missing_ok=True)
+    staged = write_staged(out / "manifest.json", [json_text(state["manifest"])])
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in ("users.jsonl", "prefs.jsonl"):
+        if (state_dir / name).exists():
+            os.replace(state_dir / name, out / name)
+    os.replace(staged, out / "manifest.json")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return state["manifest"]
