@@ -1,6 +1,8 @@
 """A minimal Llama, compatible with Hugging Face Llama checkpoints, that runs packed few-shot rows.
 
-One flat file: config, RMSNorm, rotary embedding, attention, MLP, block, model, HF load/save.
+One flat file: config, RMSNorm, rotary embedding, attention, MLP, block, model, HF load/save. It runs past
+the ~500 lines of the other modules on purpose (STYLE.md, "the whole model in one flat file"): the
+architecture and the checkpoint format it reads and writes are read together, one screenful per class.
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) so checkpoints load
 with no renaming. The model is single-device; FSDP2, activation checkpointing and compile are applied to a
 finished model by `engine/distributed.py`.
