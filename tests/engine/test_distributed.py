@@ -227,7 +227,9 @@ for model_dir in sys.argv[1:]:
                 failures.append(f"{model_dir} {dtype} {name}: gradient differs")
 assert not failures, failures
 dist.barrier()
-print(f"rank {rank}: ok")
+print(f"rank {rank}: ok", flush=True)
+# Leave the group before exit: gloo threads torn down by interpreter exit can abort one rank (SIGABRT).
+dist.destroy_process_group()
 '''
 
 
@@ -310,7 +312,9 @@ for name, episodes in cases.items():
         assert torch.equal(a, b), (name, (a - b).abs().max())
     assert mine.chosen_tokens.tolist() == ref.chosen_tokens.tolist(), name
 dist.barrier()
-print(f"rank {rank}: ok")
+print(f"rank {rank}: ok", flush=True)
+# Leave the group before exit: gloo threads torn down by interpreter exit can abort one rank (SIGABRT).
+dist.destroy_process_group()
 '''
 
 
