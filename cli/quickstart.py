@@ -1,8 +1,9 @@
 """`fspo-engine quickstart`: the whole FSPO pipeline on a tiny model, on CPU, in minutes.
 
 gen-data (template backend, quickstart preset) -> train a tiny Llama from scratch (Pref-FT, then IPO with
-Pref-FT as the reference) -> eval on unseen users at 0, 1, 2, 4, 8 shots. Re-running continues an
-interrupted run (`--resume` semantics) and skips what is done.
+Pref-FT as the reference) -> eval on unseen users at 0, 1, 2, 4, 8 shots, beside the Bayes-optimal accuracy
+of each shot count -> the winrate of 8-shot answers over 0-shot answers under the template judge.
+Re-running continues an interrupted run (`--resume` semantics) and skips what is done.
 """
 
 from __future__ import annotations
@@ -15,21 +16,26 @@ import click
 QUICKSTART_CONFIG = {
     "model.name": "tiny",
     "model.hidden_size": 128,
-    "model.num_hidden_layers": 3,
+    # Two layers: per CPU minute they learnt the in-context inference further than three or four
+    # (benchmarks/RESULTS.md, quickstart tuning).
+    "model.num_hidden_layers": 2,
     "model.vocab_size": 1024,  # whole words and most of the episode format become single tokens
     "data.shots": "2-8",
+    # The model first writes the user's description from the shots, then answers (the paper's user-description
+    # reasoning); eval scores and generates with the description the model wrote, never the true one.
+    "data.user_description": True,
     "data.max_tokens": 4096,
     "batch.episodes": 16,
     "optim.lr": 2e-3,
     "optim.warmup_steps": 100,
     "optim.weight_decay": 0.0,
     "optim.min_lr_ratio": 0.05,
-    "pref_ft.steps": 1200,  # in-context inference appears after ~500 steps
+    "pref_ft.steps": 4000,  # describing users from shots sets in after ~1000 steps and still improves at 4000
     "pref.loss": "ipo",
     "pref.beta": 0.5,
-    "pref.steps": 200,
+    "pref.steps": 300,
     "pref.lr": 5e-4,
-    "run.save_every": 200,
+    "run.save_every": 500,
 }
 
 
@@ -40,18 +46,25 @@ QUICKSTART_CONFIG = {
 @click.option("--pref-ft-steps", default=None, type=int, help="Override the Pref-FT steps.")
 @click.option("--pref-steps", default=None, type=int, help="Override the IPO steps.")
 @click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True)
+@click.option("--preset", default="quickstart", show_default=True, type=click.Choice(["quickstart", "quickstart-easy"]),
+              help="quickstart: 4 binary traits revealed a few at a time (a rising few-shot curve); "
+                   "quickstart-easy: 2 traits, one shot reveals the user (a step, learnt fast).")
 @click.option("--overwrite", is_flag=True, help="Start over: delete --out first (needed after changing options).")
-def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
+def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, overwrite):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
+    import json
     import shutil
     import time
 
+    from fspo_engine.cli.eval import print_accuracy, print_winrate
     from fspo_engine.data_gen.errors import DataGenError
     from fspo_engine.data_gen.pipeline import generate_dataset
+    from fspo_engine.engine.checkpoint import atomic_write_text
     from fspo_engine.engine.config import load_config
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.evaluate import evaluate, write_report
     from fspo_engine.engine.train import Trainer
+    from fspo_engine.engine.winrate import run_winrate, write_winrate
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -61,8 +74,8 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
         shutil.rmtree(out)
     data = out / "data"
     run = out / "run"
-    click.echo(f"[1/3] gen-data -> {data}")
-    opts = {"preset": "quickstart", "seed": seed}
+    click.echo(f"[1/4] gen-data ({preset} preset) -> {data}")
+    opts = {"preset": preset, "seed": seed}
     if users:
         opts["users"] = users
     try:
@@ -77,7 +90,7 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
     if pref_steps is not None:
         overrides["pref.steps"] = pref_steps
     cfg = load_config(None, overrides)
-    click.echo(f"[2/3] train (Pref-FT {cfg.pref_ft.steps} steps, IPO {cfg.pref.steps} steps) -> {run}")
+    click.echo(f"[2/4] train (Pref-FT {cfg.pref_ft.steps} steps, IPO {cfg.pref.steps} steps) -> {run}")
     try:
         trainer = Trainer(cfg, str(data), str(run), resume=(run / "config.toml").exists(),
                           log=lambda m: click.echo(m, err=True))
@@ -91,20 +104,28 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, overwrite):
         trainer.close(failed=True)
         raise
     trainer.close()
-    click.echo(f"[3/3] eval on unseen users -> {run / 'eval.json'}")
+    click.echo(f"[3/4] eval on unseen users -> {run / 'eval.json'}")
     # 4 targets per unseen user (480 episodes per shot count with the preset's 120 test users).
     report = evaluate(str(run), str(data), [0, 1, 2, 4, 8], split="test", max_tokens=cfg.data.max_tokens,
                       episodes_per_user=4)
     write_report(report, run / "eval.json", run / "eval.png")
-    click.echo("| shots | accuracy | mean margin | episodes |")
-    click.echo("|---:|---:|---:|---:|")
-    for r in report["results"]:
-        click.echo(f"| {r['shots']} | {r['accuracy']:.3f} | {r['mean_margin']:.3f} | {r['episodes']} |")
+    print_accuracy(report)
     acc = {r["shots"]: r["accuracy"] for r in report["results"]}
-    ok = acc[8] >= 0.85 and acc[8] - acc[0] >= 0.25
-    click.echo(f"target (acc@8 >= 0.85 and >= 0.25 above acc@0): {'met' if ok else 'NOT met'}; "
-               f"acc@0 {acc[0]:.3f}, acc@8 {acc[8]:.3f}; {time.perf_counter() - t0:.0f} s in all")
-    click.echo(f"plots: {run / 'loss_curve.png'}, {run / 'eval.png'}")
+    opt = {r["shots"]: r["bayes_optimal"] for r in report["results"]}
+    gaps = {n: opt[n] - acc[n] for n in (1, 2, 4, 8)}
+    ok = abs(acc[0] - 0.5) <= 0.05 and all(abs(g) <= 0.05 for g in gaps.values())
+    click.echo(f"target (acc@0 within 0.05 of 0.5; acc@1,2,4,8 within 0.05 of Bayes-optimal): "
+               f"{'met' if ok else 'NOT met'}; gap to optimal "
+               + ", ".join(f"@{n} {g:+.3f}" for n, g in gaps.items()))
+
+    click.echo(f"[4/4] winrate of 8-shot over 0-shot answers, template judge -> {run / 'winrate.json'}")
+    win, records = run_winrate(str(run), str(data), baseline="zero-shot", judge="template", shots=8, per_user=4,
+                               cache_dir=run / ".winrate-cache", max_tokens=cfg.data.max_tokens, max_new_tokens=48)
+    write_winrate(win, run / "winrate.json", run / "winrate.png")
+    atomic_write_text(run / "winrate.pairs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    print_winrate(win)
+    click.echo(f"{time.perf_counter() - t0:.0f} s in all; plots: {run / 'loss_curve.png'}, {run / 'eval.png'}, "
+               f"{run / 'winrate.png'}")
 
 
 def _changed_options(out: Path, exc: Exception) -> Exception:

@@ -178,6 +178,10 @@ QS_QUESTIONS = (
     "review the {item}.",
     "is the {item} good?",
 )
+# The four-trait preset's questions and responses are terse ("the phone?" -> "great price phone."): fewer
+# tokens per shot made 8-shot episodes ~27% shorter, and Pref-FT learnt the in-context inference sooner per
+# CPU minute than with sentences (benchmarks/RESULTS.md, quickstart tuning).
+QS4_QUESTIONS = ("the {item}?", "{item}?")
 # Each trait value owns four words that appear only in responses carrying it.
 QS_SENTIMENT = {
     "positive": ("great", "lovely", "superb", "excellent"),
@@ -191,8 +195,9 @@ QS_TONE = {"casual": ("wow", "yeah"), "formal": ("overall", "indeed")}
 QS_USE = {"home": ("home", "family"), "work": ("work", "office")}
 QS_AXES = {"sentiment": tuple(QS_SENTIMENT), "focus": tuple(QS_FOCUS), "tone": tuple(QS_TONE), "use": tuple(QS_USE)}
 QS_WORDS = {"sentiment": QS_SENTIMENT, "focus": QS_FOCUS, "tone": QS_TONE, "use": QS_USE}
-# How many words of each set a response may use (the first ones): the quickstart keeps two per value.
-QS_VARIANTS = 2
+# How many words of each set a four-trait response may use (the first ones): one word per value, so that a
+# value is one token the model can match across shots, not a set of synonyms to learn first.
+QS_VARIANTS = 1
 
 
 def _two(words, r1: int, r2: int) -> tuple[str, str]:
@@ -233,12 +238,11 @@ class QuickstartReviews(TemplateDomain):
         return dict(zip(names, rng.choice(pool)))
 
     def describe(self, traits, rng):
-        return (f"this user likes {traits['sentiment']} reviews about the {traits['focus']}, "
-                f"in a {traits['tone']} voice, for {traits['use']}.")
+        return f"likes {traits['sentiment']}, {traits['focus']}, {traits['tone']}, {traits['use']}."
 
     def sample_question(self, rng):
         item = rng.choice(QS_ITEMS)
-        return Question(rng.choice(QS_QUESTIONS).format(item=item), {"item": item})
+        return Question(rng.choice(QS4_QUESTIONS).format(item=item), {"item": item})
 
     # A response's attributes: a value, or None for an axis it does not mention.
     def attribute_space(self):
@@ -269,15 +273,10 @@ class QuickstartReviews(TemplateDomain):
         return out
 
     def compose(self, question, attrs, draws):
-        word = lambda axis, r: pick(QS_WORDS[axis][attrs[axis]][:QS_VARIANTS], r)
-        text = f"{word('tone', draws[1])}, " if attrs["tone"] else ""
-        item = question.slots["item"]
-        text += f"the {word('focus', draws[2])} of the {item}" if attrs["focus"] else f"the {item}"
-        if attrs["sentiment"]:
-            text += f" is {word('sentiment', draws[3])}"
-        if attrs["use"]:
-            text += f" for {word('use', draws[4])}"
-        return text + "."
+        # The contrasted values first, in axis order, then the item: "great price phone.", "wow work lamp."
+        words = [pick(QS_WORDS[a][attrs[a]][:QS_VARIANTS], draws[1 + i])
+                 for i, a in enumerate(sorted(QS_AXES)) if attrs[a]]
+        return " ".join([*words, question.slots["item"]]) + "."
 
     def score(self, traits, attrs):
         return float(sum(attrs[a] == traits[a] for a in QS_AXES))

@@ -17,12 +17,18 @@ def test_quickstart_short_run(tmp_path):
            "--pref-ft-steps", "4", "--pref-steps", "3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| 8 |" in res.stdout and "target (acc@8" in res.stdout
+    assert "| 8 |" in res.stdout and "Bayes-optimal" in res.stdout and "target (acc@0" in res.stdout
     report = json.loads((out / "run" / "eval.json").read_text())
     assert report["method"] == "implicit_reward"
     assert [r["shots"] for r in report["results"]] == [0, 1, 2, 4, 8]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["episodes"] > 0 for r in report["results"])
-    for name in ("loss_curve.png", "eval.png", "metrics.jsonl", "config.toml", "run.json"):
+    assert all(0.5 <= r["bayes_optimal"] <= 1.0 for r in report["results"])
+    # The optimal curve rises with shots: the preset reveals a user a few traits at a time.
+    assert report["results"][0]["bayes_optimal"] == 0.5 < report["results"][-1]["bayes_optimal"]
+    win = json.loads((out / "run" / "winrate.json").read_text())
+    assert win["shots"] == 8 and win["baseline"] == "zero-shot" and win["judge"] == "template"
+    assert win["n"] == win["wins"] + win["ties"] + win["losses"] > 0 and "winrate" in res.stdout
+    for name in ("loss_curve.png", "eval.png", "winrate.png", "metrics.jsonl", "config.toml", "run.json"):
         assert (out / "run" / name).stat().st_size > 0, name
     stages = [json.loads(ln)["stage"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["pref-ft"] * 4 + ["ipo"] * 3
