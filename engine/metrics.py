@@ -73,7 +73,8 @@ class StageProgress:
         if evaluated:
             held = ", ".join(f"{k.removeprefix('eval/')} {rec[k]:.4g}" for k in
                              ("eval/loss", "eval/rewards/accuracy", "eval/episodes") if k in rec)  # fmt: skip
-            self._say(f"[{self.stage}] step {step} held-out: {held}")
+            oracle = " (true descriptions: oracle)" if rec.get("eval/description") == "oracle" else ""
+            self._say(f"[{self.stage}] step {step} held-out{oracle}: {held}")
         if self.plain_every and (step % self.plain_every == 0 or step == total):
             done, left = step - self.start, total - step
             rate = done / (time.perf_counter() - self.t0)

@@ -39,7 +39,9 @@ class Validator:
                                                max_tokens=d.max_tokens, **d.tokenize_options())
             users = len({t.user_id for t in self._episodes})
             self.log(f"held-out: {len(self._episodes)} episodes of {users} test users (run.eval_episodes = "
-                     f"{self.cfg.run.eval_episodes}, {len(eps)} available)")
+                     f"{self.cfg.run.eval_episodes}, {len(eps)} available)"
+                     + ("; scored after each user's true description (oracle: `fspo-engine eval` infers it "
+                        "from the shots)" if d.user_description else ""))
         check_ids_fit(self.tokenizer, model.config.vocab_size, self.cfg.model.name,
                       (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in self._episodes))  # fmt: skip
         return self._episodes
@@ -70,11 +72,13 @@ class Validator:
             for idx, c, r, cn, rn in rank_parts:
                 pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
         nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
+        # A description run's held-out episodes carry the users' true descriptions: say so in every record.
+        oracle = {"eval/description": "oracle"} if cfg.data.user_description else {}
         if stage == "pref-ft":
             both = cfg.pref_ft.targets == "both"
             logp, tokens = (torch.cat([pc, pr]), torch.cat([ct, rt])) if both else (pc, ct)
             loss = sft_loss(logp.double(), tokens, cfg.pref_ft.reduction).item()
-            return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E}
+            return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E, **oracle}
         rc, rr = ref.chosen.float(), ref.rejected.float()
         if cfg.pref.length_normalize:
             pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
@@ -82,5 +86,5 @@ class Validator:
         beta = cfg.pref.beta
         loss = ipo_loss(pc, pr, rc, rr, beta) if stage == "ipo" else \
             dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)  # fmt: skip
-        return {"eval/loss": loss.item(), "eval/nll_per_token": nll, "eval/episodes": E,
+        return {"eval/loss": loss.item(), "eval/nll_per_token": nll, "eval/episodes": E, **oracle,
                 **{f"eval/{k}": v for k, v in reward_metrics(pc, pr, rc, rr, beta).items()}}

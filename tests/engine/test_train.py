@@ -411,6 +411,9 @@ def test_held_out_eval_during_training(tmp_path):
     want = reward_metrics(pol.chosen, pol.rejected, ref.chosen, ref.rejected, 0.5)["rewards/accuracy"]
     assert want == ev[3]["eval/rewards/accuracy"]
     assert ev[3]["eval/episodes"] == 10
+    # The held-out episodes carry the users' true descriptions: every record and the log line say "oracle".
+    assert all(r["eval/description"] == "oracle" for r in ev)
+    assert "true descriptions: oracle" in res.stderr and "oracle" in res.stderr.split("held-out:")[1]
     # eval scores the run the way it trained (user descriptions first) unless told otherwise.
     res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1")
     assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["user_description"] is True
