@@ -12,6 +12,7 @@ BENCHMARKS = {
     "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
     "checkpoint": "per-rank cost of a checkpoint into FSDP2 (sharded read) and its optimizer out (per-rank shards)",
+    "generate": "batched generation vs one prompt at a time vs transformers generate (same weights, same work)",
     "compile-report": "no GPU: every Triton kernel compiled for sm_90 at its shipped configs (registers, spills, "
     "shared memory, pipeline depth, blocks/SM)",
 }
@@ -32,6 +33,7 @@ def bench(ctx, name, args):
     packing    tokens and attention FLOPs per episode vs the official padded layout
     train      a whole training step, packed vs the official padded path
     checkpoint per-rank cost of loading into FSDP2 and saving the optimizer, sharded vs whole
+    generate   batched generation vs one prompt at a time vs transformers generate
     compile-report  no GPU: the Triton kernels compiled for sm_90 (registers, spills, shared, pipelining)
     """
     if name in (None, "-h", "--help"):

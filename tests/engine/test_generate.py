@@ -3,6 +3,7 @@ against one prompt at a time; stop ids, stop strings, lengths, seeds and argumen
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -325,3 +326,16 @@ def test_sampler_never_picks_a_token_without_mass(monkeypatch, top_p):
     for u in (0.0, 1.0):
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.tensor(u, dtype=torch.float64))
         assert _sample(logits, 1.0, top_p, [torch.Generator()]).item() in (1, 2)
+
+
+def test_bench_generate_smoke(tmp_path):
+    """`bench generate` runs its three variants on the same prompts (checking batched == one by one) and writes
+    its JSON, table and plot."""
+    from fspo_engine.benchmarks import bench_generate
+
+    r = bench_generate.main(["--size", "tiny", "--prompts", "5", "--prompt-tokens", "3-40", "--new-tokens", "3",
+                             "--hf-batch", "2", "--out", str(tmp_path)])
+    assert set(r["variants"]) == {"batched", "one_by_one", "hf_batched"} and r["generated_tokens"] == 15
+    assert all(v["seconds"] > 0 for v in r["variants"].values())
+    assert json.loads((tmp_path / "generate.json").read_text())["variants"].keys() == r["variants"].keys()
+    assert (tmp_path / "generate.png").stat().st_size > 0 and "| batched |" in (tmp_path / "generate.md").read_text()
