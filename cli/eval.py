@@ -129,9 +129,7 @@ def print_accuracy(report: dict):
 def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, baseline, judge, judge_url,
              judge_model, judge_api_key_env, judge_concurrency, judge_retries, users, per_user, max_new_tokens,
              max_description_tokens, temperature, top_p, device):
-    import json
 
-    from fspo_engine.engine.checkpoint import atomic_write_text
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.winrate import run_winrate, write_winrate
 
@@ -147,11 +145,9 @@ def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, 
         max_new_tokens=max_new_tokens, max_description_tokens=max_description_tokens, temperature=temperature,
         top_p=top_p)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_winrate(report, out, out.with_suffix(".png"))
-    pairs = out.with_suffix(".pairs.jsonl")
-    atomic_write_text(pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out_json, png, pairs = write_winrate(report, out, records)
     print_winrate(report)
-    click.echo(f"wrote {out}, {out.with_suffix('.png')} and {pairs}")
+    click.echo(f"wrote {out_json}, {png} and {pairs}")
 
 
 def print_winrate(report: dict):

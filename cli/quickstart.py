@@ -53,14 +53,12 @@ QUICKSTART_CONFIG = {
 @click.option("--overwrite", is_flag=True, help="Start over: delete --out first (needed after changing options).")
 def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, overwrite):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
-    import json
     import shutil
     import time
 
     from fspo_engine.cli.eval import print_accuracy, print_winrate
     from fspo_engine.data_gen.errors import DataGenError
     from fspo_engine.data_gen.pipeline import generate_dataset
-    from fspo_engine.engine.checkpoint import atomic_write_text
     from fspo_engine.engine.config import load_config
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.evaluate import evaluate, write_report
@@ -122,8 +120,7 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, overwrit
     click.echo(f"[4/4] winrate of 8-shot over 0-shot answers, template judge -> {run / 'winrate.json'}")
     win, records = run_winrate(str(run), str(data), baseline="zero-shot", judge="template", shots=8, per_user=4,
                                cache_dir=run / ".winrate-cache", max_tokens=cfg.data.max_tokens, max_new_tokens=48)
-    write_winrate(win, run / "winrate.json", run / "winrate.png")
-    atomic_write_text(run / "winrate.pairs.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_winrate(win, run / "winrate.json", records)
     print_winrate(win)
     click.echo(f"{time.perf_counter() - t0:.0f} s in all; plots: {run / 'loss_curve.png'}, {run / 'eval.png'}, "
                f"{run / 'winrate.png'}")

@@ -300,10 +300,16 @@ def summarize(decisions: list[Decision], domains: list[str]) -> dict:
     return out
 
 
-def write_winrate(report: dict, out_json: Path, out_png: Path | None = None):
+def write_winrate(report: dict, out_json: Path, records: list[dict] | None = None) -> list[Path]:
+    """`out_json`, its bar chart (`.png`) and, given the judged pairs, `.pairs.jsonl` beside it; the paths."""
+    out_json = Path(out_json)
     atomic_write_text(out_json, json.dumps(report, indent=2, ensure_ascii=False))
-    if out_png is not None:
-        plot_winrate(report, out_png)
+    written = [out_json, out_json.with_suffix(".png")]
+    plot_winrate(report, written[1])
+    if records is not None:
+        written.append(out_json.with_suffix(".pairs.jsonl"))
+        atomic_write_text(written[2], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return written
 
 
 def plot_winrate(report: dict, out_png: Path):
