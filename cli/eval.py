@@ -129,7 +129,6 @@ def print_accuracy(report: dict):
 def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, baseline, judge, judge_url,
              judge_model, judge_api_key_env, judge_concurrency, judge_retries, users, per_user, max_new_tokens,
              max_description_tokens, temperature, top_p, device):
-
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.winrate import run_winrate, write_winrate
 
