@@ -119,10 +119,13 @@ def print_accuracy(report: dict):
     click.echo(f"method: {report['method']} ({'policy vs reference' if report['reference'] else 'no reference'}); "
                f"description: {report['description']}")
     bayes = all("bayes_optimal" in r for r in report["results"])
-    click.echo("| shots | accuracy |" + (" Bayes-optimal |" if bayes else "") + " mean margin (log-ratio h) | episodes |")
-    click.echo("|---:|---:|" + ("---:|" if bayes else "") + "---:|---:|")
+    trained = bayes and all("training_prior_accuracy" in r for r in report["results"])
+    click.echo("| shots | accuracy |" + (" Bayes-optimal |" if bayes else "")
+               + (" Bayes, training users' prior |" if trained else "") + " mean margin (log-ratio h) | episodes |")
+    click.echo("|---:|---:|" + ("---:|" if bayes else "") + ("---:|" if trained else "") + "---:|---:|")
     for r in report["results"]:
         opt = f" {r['bayes_optimal']:.3f} |" if bayes else ""
+        opt += f" {r['training_prior_accuracy']:.3f} |" if trained else ""
         click.echo(f"| {r['shots']} | {r['accuracy']:.3f} |{opt} {r['mean_margin']:.3f} | {r['episodes']} |")
 
 

@@ -47,7 +47,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     "--preset",
     type=click.Choice(["quickstart", "quickstart-easy"]),
     default=None,
-    help="quickstart: small closed vocabulary, 4 binary traits, pairs that reveal 1-2 of them (the CPU "
+    help="quickstart: small closed vocabulary, 4 traits of 4 values, pairs that reveal one (the CPU "
     "quickstart); quickstart-easy: 2 traits, minimal pairs (one shot reveals the user).",
 )
 @click.option("--model", default=None, help="LLM backends: model name (openai) or model directory (hf).")

@@ -40,24 +40,26 @@ class BayesModel:
         self.attrs = domain.attribute_space()
         self.index = {tuple(a[n] for n in self.names): i for i, a in enumerate(self.attrs)}
         self.scores = np.array([[domain.score(t, a) for a in self.attrs] for t in self.traits])  # (T, A)
-        self.proposal = self._proposal()  # (A, A), or (T, A, A) for minimal pairs: P(draw a then b)
-        untied = self.scores[:, :, None] != self.scores[:, None, :]  # (T, A, A)
-        q = self.proposal if self.proposal.ndim == 3 else self.proposal[None]
-        self.accept = (q * untied).sum(axis=(1, 2))  # (T,): P(a draw is kept), the redraw normaliser
+        self.proposal = self._proposal()
+        self.accept = np.zeros(len(self.traits))  # (T,): P(a draw is kept), the redraw normaliser
+        for (i, j), q in self.proposal.items():
+            self.accept += q * (self.scores[:, i] != self.scores[:, j])
 
-    def _proposal(self) -> np.ndarray:
-        """P(a, b) of one draw of `make_pair` before tied pairs are redrawn (`domain.pair_proposal`)."""
-        n = len(self.attrs)
-
-        def dense(traits):
-            q = np.zeros((n, n))
+    def _proposal(self) -> dict[tuple[int, int], np.ndarray]:
+        """{(a, b): P(draw a then b) per trait vector, (T,)} of one `make_pair` draw before tied pairs are
+        redrawn (`domain.pair_proposal`). Sparse: a domain proposes few of the A² attribute pairs (a preset
+        whose responses mention only contrasted axes has 3^8 attribute vectors at 8 traits, but a few hundred
+        pairs), so the model stays small where a dense (T, A, A) table would not fit in memory."""
+        out: dict[tuple[int, int], np.ndarray] = {}
+        per_trait = self.domain.proposal_uses_traits
+        for ti, traits in enumerate(self.traits if per_trait else [None]):
             for a, b, p in self.domain.pair_proposal(traits):
-                q[self._key(a), self._key(b)] += p
-            return q
-
-        if self.domain.proposal_uses_traits:
-            return np.stack([dense(t) for t in self.traits])
-        return dense(None)
+                q = out.setdefault((self._key(a), self._key(b)), np.zeros(len(self.traits)))
+                if per_trait:
+                    q[ti] += p
+                else:
+                    q += p
+        return out
 
     def _key(self, attrs: dict) -> int:
         return self.index[tuple(attrs.get(n) for n in self.names)]
@@ -73,16 +75,32 @@ class BayesModel:
     @functools.cache  # noqa: B019 - one model per evaluation; pairs repeat across episodes
     def _pair(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(P({i, j} | t), P(i chosen | t, {i, j})), each (T,)."""
-        q = self.proposal[:, i, j] + self.proposal[:, j, i] if self.proposal.ndim == 3 else \
-            np.full(len(self.traits), self.proposal[i, j] + self.proposal[j, i])
+        zero = np.zeros(len(self.traits))
+        q = self.proposal.get((i, j), zero) + self.proposal.get((j, i), zero)
         si, sj = self.scores[:, i], self.scores[:, j]
         seen = np.where(si != sj, q / self.accept, 0.0)
         first = np.where(si > sj, 1.0 - self.noise, self.noise)
         return seen, first
 
-    def p_chosen(self, shots: list[tuple[str, str]], target: tuple[str, str]) -> float:
-        """P(target[0] is the chosen side | the shots' (chosen, rejected) texts, the target pair's texts)."""
-        post = np.ones(len(self.traits))
+    def prior_of(self, users_traits) -> np.ndarray:
+        """A prior over `self.traits` proportional to how many of the given users (trait dicts) hold each
+        trait vector: the training users' prior, which lacks the combinations held out for test users."""
+        key = lambda t: tuple(sorted((k, str(v)) for k, v in t.items()))
+        index = {key(t): i for i, t in enumerate(self.traits)}
+        prior = np.zeros(len(self.traits))
+        for t in users_traits:
+            i = index.get(key(t))
+            if i is None:
+                raise ValueError(f"traits {t} are not in the {self.domain.name} generator's trait space")
+            prior[i] += 1.0
+        return prior
+
+    def p_chosen(self, shots: list[tuple[str, str]], target: tuple[str, str],
+                 prior: np.ndarray | None = None) -> float:
+        """P(target[0] is the chosen side | the shots' (chosen, rejected) texts, the target pair's texts),
+        under the uniform population prior or the given one (`prior_of`); 0.5 when the given prior rules out
+        everything the shots allow (a predictor that knows nothing more)."""
+        post = np.ones(len(self.traits)) if prior is None else np.asarray(prior, dtype=float).copy()
         for chosen, rejected in shots:
             seen, first = self._pair(self.attr_index(chosen), self.attr_index(rejected))
             post = post * seen * first
@@ -90,6 +108,8 @@ class BayesModel:
         weight = post * seen
         total = weight.sum()
         if total <= 0:
+            if prior is not None:
+                return 0.5
             raise ValueError("the shots and target are impossible under the generator's model")
         return float((weight * first).sum() / total)
 

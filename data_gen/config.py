@@ -13,7 +13,7 @@ BACKENDS = ("template", "openai", "hf")
 RESPONSE_MODES = ("views", "persona", "both")
 # Preset defaults, applied to the options the caller left unset (None).
 PRESET_DEFAULTS = {
-    "quickstart": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0},
+    "quickstart": {"users": 2000, "prefs_per_user": 12, "label_noise": 0.0},
     "quickstart-easy": {"users": 600, "prefs_per_user": 24, "label_noise": 0.0},
 }
 DEFAULTS = {"users": 200, "prefs_per_user": 16, "label_noise": 0.02}

@@ -47,6 +47,7 @@ class ModelSection:
     vocab_size: int = 512  # sentencepiece vocabulary trained on the dataset for a from-scratch model
     hidden_size: int = 0  # from-scratch only: override the named size's width (0 = keep)
     num_hidden_layers: int = 0  # from-scratch only: override the named size's depth (0 = keep)
+    num_attention_heads: int = 0  # from-scratch only: override the named size's heads, key/value heads alike (0 = keep); must divide the width
 
 
 @dataclass
@@ -190,6 +191,8 @@ class TrainConfig:
             ("model.vocab_size", self.model.vocab_size, lambda v: v >= 300, "must be >= 300 (256 byte pieces + 3)"),
             ("model.hidden_size", self.model.hidden_size, non_negative, "must be >= 0 (0 = the named size's)"),
             ("model.num_hidden_layers", self.model.num_hidden_layers, non_negative,
+             "must be >= 0 (0 = the named size's)"),
+            ("model.num_attention_heads", self.model.num_attention_heads, non_negative,
              "must be >= 0 (0 = the named size's)"),
         ):  # fmt: skip
             check(key, value, ok, why)

@@ -150,18 +150,44 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
 def bayes_optimal(dataset, episodes, tokenized, models) -> dict:
     """The Bayes-optimal accuracy on these episodes, from the shots each kept after truncation (the oldest
     are dropped first): `bayes_optimal` is its expected accuracy, mean max(p, 1 - p); `bayes_predictor_accuracy`
-    is how often naming the likelier side matches the data's own label (ties count half)."""
-    expected, realized = [], []
-    for ep, t in zip(episodes, tokenized):
-        model = models[dataset.users[ep.user_id].domain]
-        kept = ep.shots[len(ep.shots) - t.n_shots:]
+    is how often naming the likelier side matches the data's own label (ties count half).
+
+    `training_prior_accuracy` is the same count for a Bayes predictor that believes the *training* users'
+    prior (their trait combinations, as often as they occur) instead of the uniform one: what a model that
+    learnt the training users perfectly would score. On test users that hold held-out combinations it falls
+    below the ceiling: the shots point at a combination that prior says never happens."""
+    expected, realized, trained = [], [], []
+    train_prior = {}
+    for name, model in models.items():
+        users = [u.traits for u in dataset.users.values() if u.domain == name and u.split == "train"]
         try:
-            p = model.p_chosen([(s.chosen, s.rejected) for s in kept], (ep.target.chosen, ep.target.rejected))
+            train_prior[name] = model.prior_of(users) if users else None
+        except ValueError:  # a hand-edited template dataset: no training prior to compare with
+            train_prior[name] = None
+    for ep, t in zip(episodes, tokenized):
+        domain = dataset.users[ep.user_id].domain
+        model = models[domain]
+        kept = [(s.chosen, s.rejected) for s in ep.shots[len(ep.shots) - t.n_shots:]]
+        target = (ep.target.chosen, ep.target.rejected)
+        try:
+            p = model.p_chosen(kept, target)
+            q = None if train_prior[domain] is None else model.p_chosen(kept, target, prior=train_prior[domain])
         except ValueError as exc:  # a hand-edited template dataset
             raise FspoError(f"{dataset.root / 'prefs.jsonl'}: episode {ep.episode_id}: {exc}") from None
         expected.append(max(p, 1.0 - p))
-        realized.append(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0)
-    return {"bayes_optimal": float(np.mean(expected)), "bayes_predictor_accuracy": float(np.mean(realized))}
+        realized.append(_named_side(p))
+        if q is not None:
+            trained.append(_named_side(q))
+    out = {"bayes_optimal": float(np.mean(expected)), "bayes_predictor_accuracy": float(np.mean(realized))}
+    if trained and len(trained) == len(realized):
+        out["training_prior_accuracy"] = float(np.mean(trained))
+    return out
+
+
+def _named_side(p: float) -> float:
+    """1 when naming the likelier side picks the data's chosen side (p = P(chosen)), 0 when not, 1/2 on a tie
+    (within float rounding: a posterior summed over many trait vectors lands a few ulps off an exact 1/2)."""
+    return 0.5 if abs(p - 0.5) < 1e-9 else 1.0 if p > 0.5 else 0.0
 
 
 def description_accuracy(dataset, episodes, models) -> float:
@@ -234,6 +260,9 @@ def plot_accuracy(report: dict, out_png: Path):
     if all("bayes_optimal" in r for r in report["results"]):
         ax.plot(xs, [r["bayes_optimal"] for r in report["results"]], marker="s", ls="--", color="black",
                 label="Bayes-optimal")
+        if all("training_prior_accuracy" in r for r in report["results"]):
+            ax.plot(xs, [r["training_prior_accuracy"] for r in report["results"]], marker="^", ls=":",
+                    color="tab:red", label="Bayes, training users' prior")
         ax.legend(loc="lower right")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("shots (the user's labelled preferences in context)")

@@ -287,7 +287,13 @@ class Trainer:
             overrides["head_dim"] = 0
         if m.num_hidden_layers:
             overrides["num_hidden_layers"] = m.num_hidden_layers
+        if m.num_attention_heads:
+            overrides.update(num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_attention_heads,
+                             head_dim=0)
         cfg = LlamaConfig.from_name(m.name, **overrides)
+        if m.num_attention_heads and cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            raise FspoError(f"model.num_attention_heads = {cfg.num_attention_heads} does not divide the width "
+                            f"{cfg.hidden_size}")
         return build_model(cfg, dtype=self._param_dtype(), device=self.device, seed=self.cfg.run.seed)
 
     def _reference(self, model_dir: Path):

@@ -4,10 +4,10 @@ Two variants share the domain name:
 - `Reviews` (the default): four axes, users weigh them by a priority order (weights 8/4/2/1, so no
   ties), and test users hold *interpolated* trait combinations: every single value is seen in
   training, the combination is not.
-- `QuickstartReviews` (`--preset quickstart`): a closed vocabulary, four binary axes, short responses,
-  so that a 3-layer model trained from scratch on CPU can learn in-context personalization, and so that
-  it has to: each trait value owns a small word set, a pair is two random attribute vectors that differ
-  on one or two axes (not the user's ideal response), so one shot reveals only part of the user and the
+- `QuickstartReviews` (`--preset quickstart`): a closed vocabulary, four traits of four values, terse
+  responses, so that a 2-layer model trained from scratch on CPU can learn in-context personalization, and
+  so that it has to: each trait value is one word, a pair is two responses that differ on one axis and
+  mention no others (not the user's ideal response), so one shot reveals one trait of the user and the
   information accumulates with shots. Test users hold trait combinations no training user has.
 - `QuickstartEasyReviews` (`--preset quickstart-easy`): two binary axes and minimal pairs (chosen is the
   user's ideal response, rejected flips one axis), so a single shot reveals every trait: a step curve,
@@ -170,7 +170,7 @@ class Reviews(TemplateDomain):
         return stated
 
 
-# --- quickstart presets: small closed vocabularies, binary axes --------------------------------
+# --- quickstart presets: small closed vocabularies, one word per value ----------------------------
 QS_ITEMS = ("phone", "laptop", "camera", "hotel", "cafe", "movie", "book", "game", "chair", "lamp")
 QS_QUESTIONS = (
     "how is the {item}?",
@@ -178,11 +178,31 @@ QS_QUESTIONS = (
     "review the {item}.",
     "is the {item} good?",
 )
-# The four-trait preset's questions and responses are terse ("the phone?" -> "great price phone."): fewer
+# The quickstart preset's questions and responses are terse ("the phone?" -> "phone great price."): fewer
 # tokens per shot made 8-shot episodes ~27% shorter, and Pref-FT learnt the in-context inference sooner per
 # CPU minute than with sentences (benchmarks/RESULTS.md, quickstart tuning).
 QS4_QUESTIONS = ("the {item}?", "{item}?")
-# Each trait value owns four words that appear only in responses carrying it.
+# The quickstart preset's four traits, four values each, every value worded by one word that only responses
+# carrying it use. The description states the same words ("likes great, build, wow, home."), so a value is
+# one token that the model copies from the shots into the description and from the description into its
+# answer; with trait names in the description instead ("positive", "casual") it first had to learn the word
+# each name stands for.
+QS_TRAIT_WORDS = {
+    "focus": {"price": "price", "quality": "build", "design": "design", "service": "service"},
+    "sentiment": {"positive": "great", "negative": "awful", "mixed": "mixed", "neutral": "fine"},
+    "tone": {"casual": "wow", "formal": "overall", "playful": "haha", "blunt": "frankly"},
+    "use": {"home": "home", "work": "work", "travel": "travel", "school": "school"},
+}
+QS_AXES = {axis: tuple(words) for axis, words in QS_TRAIT_WORDS.items()}
+# Test users hold held-out trait combinations, as whole orbits: a combination and its three shifts (every
+# trait moved to its next value, cyclically), so that each trait value keeps exactly a quarter of the training
+# users. Few orbits of many combinations (2 x 4 of 256): the training users then cover most combinations
+# once or twice, and cannot tell the held-out ones from the others they happen not to cover. With few
+# combinations (six binary traits, 64) the training users covered all but the held-out ones, and a model that
+# learnt their prior wrote the test users' unrevealed traits *against* the shots' evidence: a predictor
+# believing that prior scored 0.51/0.56/0.72/0.75 at 1/2/4/8 shots where the ceiling was 0.62/0.71/0.83/0.94.
+QS_HELDOUT_ORBITS = 2
+# The quickstart-easy preset's words: each trait value owns a small set, used two at a time.
 QS_SENTIMENT = {
     "positive": ("great", "lovely", "superb", "excellent"),
     "negative": ("awful", "poor", "terrible", "bad"),
@@ -191,13 +211,7 @@ QS_FOCUS = {
     "price": ("price", "cost", "value", "deal"),
     "quality": ("build", "design", "finish", "quality"),
 }
-QS_TONE = {"casual": ("wow", "yeah"), "formal": ("overall", "indeed")}
-QS_USE = {"home": ("home", "family"), "work": ("work", "office")}
-QS_AXES = {"sentiment": tuple(QS_SENTIMENT), "focus": tuple(QS_FOCUS), "tone": tuple(QS_TONE), "use": tuple(QS_USE)}
-QS_WORDS = {"sentiment": QS_SENTIMENT, "focus": QS_FOCUS, "tone": QS_TONE, "use": QS_USE}
-# How many words of each set a four-trait response may use (the first ones): one word per value, so that a
-# value is one token the model can match across shots, not a set of synonyms to learn first.
-QS_VARIANTS = 1
+QS_WORDS = {"sentiment": QS_SENTIMENT, "focus": QS_FOCUS}
 
 
 def _two(words, r1: int, r2: int) -> tuple[str, str]:
@@ -208,28 +222,32 @@ def _two(words, r1: int, r2: int) -> tuple[str, str]:
 
 
 class QuickstartReviews(TemplateDomain):
-    """Four binary traits. A pair contrasts one or two of them and says nothing about the others: both
-    responses mention only the contrasted axes, with opposite values, so a shot reveals exactly those traits
-    of the user (the chosen side carries the user's values) and nothing else. With the other axes filled in
-    at random instead, Pref-FT's signal (the chosen response matches the user on an axis 2/3 of the time) was
-    too weak for a 3-layer model to learn from in CPU minutes (benchmarks/RESULTS.md)."""
+    """Four traits of four values. A pair contrasts one trait and says nothing about the others: both
+    responses mention only that axis, with different values, and the chosen one carries the user's value, so a
+    shot reveals exactly one trait of the user. Two-trait pairs (one or two, as the other template domains)
+    also made pairs whose chosen side matched the user on only one of its two traits; the descriptions the
+    model wrote then copied the other one too, and 8-shot accuracy stayed 0.08 below the ceiling
+    (benchmarks/RESULTS.md). With the other axes filled in at random instead, Pref-FT's signal was too weak
+    for a 3-layer model to learn from in CPU minutes."""
 
     name = "reviews"
     axes = QS_AXES
     contrast_only = True  # responses mention only the axes their pair contrasts (`draw_attrs`)
+    changed_axes = (1,)
 
     def heldout_combos(self, seed, test_fraction):
-        # Held out in complementary pairs (a combination and its opposite on every axis), so that each
-        # trait value keeps exactly half of the training users: a model that learnt "most users like X"
-        # from an unbalanced training split would score below chance on the test users without shots.
+        # Whole orbits (see QS_HELDOUT_ORBITS), whatever the test fraction of users: every trait value keeps
+        # the same share of the training users, so a model that learnt "most users like X" from an
+        # unbalanced training split cannot score below chance on the test users without shots.
+        if test_fraction <= 0:
+            return frozenset()
         names = sorted(QS_AXES)
-        combos = sorted(itertools.product(*(QS_AXES[a] for a in names)))
-        first = {a: QS_AXES[a][0] for a in names}
-        pairs = [(c, tuple(v for a, x in zip(names, c) for v in QS_AXES[a] if v != x))
-                 for c in combos if c[0] == first[names[0]]]
-        k = min(max(round(test_fraction * len(pairs)), 1), len(pairs) - 1) if test_fraction > 0 else 0
-        chosen = random.Random(f"{seed}/reviews-quickstart/heldout").sample(pairs, k)
-        return frozenset(c for pair in chosen for c in pair)
+        size = len(QS_AXES[names[0]])
+        assert all(len(QS_AXES[a]) == size for a in names), "orbits need axes of one size"
+        starts = [c for c in itertools.product(range(size), repeat=len(names)) if c[0] == 0]
+        chosen = random.Random(f"{seed}/reviews-quickstart/heldout").sample(starts, QS_HELDOUT_ORBITS)
+        return frozenset(tuple(QS_AXES[a][(i + shift) % size] for a, i in zip(names, c))
+                         for c in chosen for shift in range(size))
 
     def sample_traits(self, rng, split, heldout):
         names = sorted(QS_AXES)
@@ -238,7 +256,8 @@ class QuickstartReviews(TemplateDomain):
         return dict(zip(names, rng.choice(pool)))
 
     def describe(self, traits, rng):
-        return f"likes {traits['sentiment']}, {traits['focus']}, {traits['tone']}, {traits['use']}."
+        # The value words in axis order, the order responses use too.
+        return "likes " + ", ".join(QS_TRAIT_WORDS[a][traits[a]] for a in sorted(QS_AXES)) + "."
 
     def sample_question(self, rng):
         item = rng.choice(QS_ITEMS)
@@ -255,7 +274,7 @@ class QuickstartReviews(TemplateDomain):
         a, b = dict.fromkeys(names), dict.fromkeys(names)
         for axis in changed:
             a[axis] = rng.choice(QS_AXES[axis])
-            (b[axis],) = (v for v in QS_AXES[axis] if v != a[axis])
+            b[axis] = rng.choice([v for v in QS_AXES[axis] if v != a[axis]])
         return a, b, changed
 
     def pair_proposal(self, traits):
@@ -264,34 +283,35 @@ class QuickstartReviews(TemplateDomain):
         for k in sorted(set(self.changed_axes)):
             p_k = self.changed_axes.count(k) / len(self.changed_axes)
             for moved in itertools.combinations(names, k):
-                for values in itertools.product(*(QS_AXES[n] for n in moved)):
+                sides = [[(v, w) for v in QS_AXES[n] for w in QS_AXES[n] if w != v] for n in moved]
+                p = p_k / math.comb(len(names), k) / math.prod(len(s) for s in sides)
+                for values in itertools.product(*sides):
                     a, b = dict.fromkeys(names), dict.fromkeys(names)
-                    for n, v in zip(moved, values):
-                        a[n] = v
-                        (b[n],) = (x for x in QS_AXES[n] if x != v)
-                    out.append((a, b, p_k / math.comb(len(names), k) / 2**k))
+                    for n, (v, w) in zip(moved, values):
+                        a[n], b[n] = v, w
+                    out.append((a, b, p))
         return out
 
     def compose(self, question, attrs, draws):
-        # The contrasted values first, in axis order, then the item: "great price phone.", "wow work lamp."
-        words = [pick(QS_WORDS[a][attrs[a]][:QS_VARIANTS], draws[1 + i])
-                 for i, a in enumerate(sorted(QS_AXES)) if attrs[a]]
-        return " ".join([*words, question.slots["item"]]) + "."
+        # The item, then the contrasted values in axis order: "phone great.", "lamp build wow.". Item first,
+        # so that every value word follows a space and is one and the same token wherever it stands (and in
+        # the description); a response-initial word is a different token from the same word after a space.
+        return " ".join([question.slots["item"], *(QS_TRAIT_WORDS[a][attrs[a]] for a in sorted(QS_AXES) if attrs[a])]) + "."
 
     def score(self, traits, attrs):
         return float(sum(attrs[a] == traits[a] for a in QS_AXES))
 
     def read_attrs(self, text):
-        return read_by_markers(text, QS_WORDS)
+        return read_by_markers(text, {a: {v: (w,) for v, w in words.items()} for a, words in QS_TRAIT_WORDS.items()})
 
     def trait_space(self):
-        return TemplateDomain.attribute_space(self)  # one binary trait per axis, uniform
+        return TemplateDomain.attribute_space(self)  # one value per trait, uniform
 
     def stated_traits(self, description, traits):
-        return {a: phrase_stated(description, {v: v for v in QS_AXES[a]}, traits[a]) for a in QS_AXES}
+        return {a: phrase_stated(description, QS_TRAIT_WORDS[a], traits[a]) for a in QS_AXES}
 
 
-QS_EASY_AXES = {"sentiment": QS_AXES["sentiment"], "focus": QS_AXES["focus"]}
+QS_EASY_AXES = {"sentiment": ("positive", "negative"), "focus": ("price", "quality")}
 # {s} sentiment word, {f} focus word, {item}: 3-8 words, two sentiment and one or two focus slots.
 QS_EASY_TEMPLATES = (
     "the {f} is {s}, so {s2}.",

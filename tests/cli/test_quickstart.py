@@ -23,6 +23,9 @@ def test_quickstart_short_run(tmp_path):
     assert [r["shots"] for r in report["results"]] == [0, 1, 2, 4, 8]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["episodes"] > 0 for r in report["results"])
     assert all(0.5 <= r["bayes_optimal"] <= 1.0 for r in report["results"])
+    # Beside the ceiling, the Bayes predictor that believes the training users' prior (their combinations).
+    assert all(0.0 <= r["training_prior_accuracy"] <= 1.0 for r in report["results"])
+    assert "training users' prior" in res.stdout
     # The optimal curve rises with shots: the preset reveals a user a few traits at a time.
     assert report["results"][0]["bayes_optimal"] == 0.5 < report["results"][-1]["bayes_optimal"]
     win = json.loads((out / "run" / "winrate.json").read_text())

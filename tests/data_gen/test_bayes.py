@@ -4,6 +4,7 @@ and the Bayes-optimal few-shot accuracy, checked against an exact brute force an
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from fractions import Fraction
@@ -76,10 +77,12 @@ def _brute_pair_probs(domain, traits, noise):
             p_k = Fraction(domain.changed_axes.count(k), len(domain.changed_axes))
             subsets = list(itertools.combinations(names, k))
             for axes in subsets:
-                for values in itertools.product(*(domain.axes[n] for n in axes)):
-                    p = p_k / len(subsets) / Fraction(2) ** k
-                    a = {n: dict(zip(axes, values)).get(n) for n in names}
-                    b = {n: None if a[n] is None else next(v for v in domain.axes[n] if v != a[n]) for n in names}
+                # a uniform value on each contrasted axis for a, a uniform other one for b
+                sides = [[(v, w) for v in domain.axes[n] for w in domain.axes[n] if w != v] for n in axes]
+                for values in itertools.product(*sides):
+                    p = p_k / len(subsets) / math.prod(len(s) for s in sides)
+                    a = {n: dict(zip(axes, (v for v, _ in values))).get(n) for n in names}
+                    b = {n: dict(zip(axes, (w for _, w in values))).get(n) for n in names}
                     sa, sb = domain.score(traits, a), domain.score(traits, b)
                     if sa == sb:
                         rejected_mass += p
@@ -116,12 +119,16 @@ def _brute_pair_probs(domain, traits, noise):
     return {pair: p / (1 - rejected_mass) for pair, p in kept.items()}
 
 
-def _brute_p_chosen(domain, noise, shots, target):
+def _brute_p_chosen(domain, noise, shots, target, cache=None):
     names = sorted(domain.axes)
     key = lambda text: tuple(domain.read_attrs(text)[n] for n in names)
     num = den = Fraction(0)
+    cache = {} if cache is None else cache  # trait vector -> its pair probabilities (they depend on nothing else)
     for traits in domain.trait_space():
-        probs = _brute_pair_probs(domain, traits, noise)
+        tkey = tuple(sorted(traits.items()))
+        if tkey not in cache:
+            cache[tkey] = _brute_pair_probs(domain, traits, noise)
+        probs = cache[tkey]
         like = Fraction(1)
         for c, r in shots:
             like *= probs.get((key(c), key(r)), Fraction(0))
@@ -143,12 +150,13 @@ def test_bayes_model_equals_brute_force_over_all_trait_vectors(preset, noise):
     model = BayesModel(domain, float(noise))
     rng = random.Random(3)
     checked = 0
+    cache = {}
     for trial in range(12):
         traits = rng.choice(domain.trait_space())
         pairs = _user_pairs(domain, traits, 1 + trial % 6, float(noise), seed=trial)
         shots = [(p.chosen, p.rejected) for p in pairs[:-1]]
         target = (pairs[-1].chosen, pairs[-1].rejected)
-        exact = _brute_p_chosen(domain, noise, shots, target)
+        exact = _brute_p_chosen(domain, noise, shots, target, cache)
         assert model.p_chosen(shots, target) == pytest.approx(float(exact), abs=1e-12)
         checked += exact not in (0, 1, Fraction(1, 2))
     if noise:
@@ -188,3 +196,35 @@ def test_models_for_reads_the_manifest():
     (full,) = models_for({"domains": ["reviews"], "generator": {"backend": "template"}}).values()
     with pytest.raises(ValueError, match="not a response"):
         full.attr_index("an imported, free-text response")
+
+
+def test_a_training_users_prior_that_lacks_the_users_combination_points_away_from_it():
+    """The training-prior predictor (evaluate's `training_prior_accuracy`): with every trait vector in the
+    prior it is the uniform predictor; without the user's own combination, shots that reveal all but one of
+    the user's traits make it name the *other* value of the last one (the only combination left), where the
+    uniform predictor is at a coin flip; a prior that rules out all the shots allow gives 1/2."""
+    domain = get_domain("reviews", "quickstart")
+    model = BayesModel(domain, 0.0)
+    names = sorted(domain.axes)
+    rng = random.Random(5)
+    everyone = model.prior_of(domain.trait_space())
+    for trial in range(10):
+        traits = rng.choice(domain.trait_space())
+        pairs = _user_pairs(domain, traits, 4, 0.0, seed=100 + trial)
+        shots, target = [(p.chosen, p.rejected) for p in pairs[:-1]], (pairs[-1].chosen, pairs[-1].rejected)
+        assert model.p_chosen(shots, target, prior=everyone) == pytest.approx(model.p_chosen(shots, target))
+    user = {n: domain.axes[n][0] for n in names}
+    q = domain.sample_question(rng)
+    say = lambda attrs: domain.compose(q, {n: attrs.get(n) for n in names}, [0] * N_DRAWS)
+    other = lambda n: domain.axes[n][1]
+    # One shot per trait but the last: chosen carries the user's value, rejected the other.
+    shots = [(say({n: user[n]}), say({n: other(n)})) for n in names[:-1]]
+    last = names[-1]
+    target = (say({last: user[last]}), say({last: other(last)}))
+    assert model.p_chosen(shots, target) == 0.5
+    without_user = model.prior_of([t for t in domain.trait_space() if t != user])
+    assert model.p_chosen(shots, target, prior=without_user) == 0.0
+    only_far = model.prior_of([{n: other(n) for n in names}])
+    assert model.p_chosen(shots, target, prior=only_far) == 0.5
+    with pytest.raises(ValueError, match="trait space"):
+        model.prior_of([{"sentiment": "lukewarm"}])

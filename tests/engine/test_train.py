@@ -115,6 +115,7 @@ def test_config_errors(tmp_path):
     for key, value in (("optim.lr", float("nan")), ("optim.beta1", 2.0), ("optim.eps", -1.0),
                        ("optim.min_lr_ratio", -2.0), ("optim.grad_clip", -1.0), ("pref_ft.lr", -0.01),
                        ("run.log_every", 0), ("model.num_hidden_layers", -1), ("model.hidden_size", 30),
+                       ("model.num_attention_heads", -1),
                        ("data.seed", -1), ("data.max_tokens", 8), ("model.save_dtype", "int8"),
                        ("optim.name", "adam"), ("optim.alpha", 1.0), ("pref_ft.targets", "rejected"),
                        ("pref_ft.reduction", "none"), ("pref_ft.episodes", -1), ("pref_ft.epochs", -1),
@@ -671,3 +672,24 @@ def test_stage_names_its_loss_and_a_too_small_vocab_fails_before_writing(tmp_pat
                  "--max-new-tokens", "2"]):  # fmt: skip
         res = cli(*cmd)
         assert res.returncode == 1 and "beyond the model's vocab_size 200" in res.stderr, res.stderr[-2000:]
+
+
+def test_from_scratch_width_depth_and_heads_overrides_shape_the_model(tmp_path):
+    """model.hidden_size / num_hidden_layers / num_attention_heads reshape a named size trained from scratch
+    (key/value heads follow the heads: full multi-head); heads that do not divide the width are refused
+    before anything is written."""
+    from fspo_engine.engine.model import read_config
+
+    data = write_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--set", "model.num_attention_heads=8",
+              "--max-steps", "1", "--stage", "pref-ft")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = read_config(run / "pref-ft")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.head_dim) == (32, 2, 8, 8, 4)
+    bad = tmp_path / "bad"
+    res = cli("train", "--data", str(data), "--out", str(bad), *SMALL, "--set", "model.num_attention_heads=3",
+              "--max-steps", "1")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "num_attention_heads = 3 does not divide the width 32" in res.stderr and not bad.exists()
