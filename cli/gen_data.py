@@ -24,10 +24,10 @@ def _csv(value: str | None) -> tuple[str, ...]:
     "--domains", default="reviews", show_default=True, help="Comma list of reviews, elix, roleplay."
 )
 @click.option(
-    "--users", type=click.IntRange(min=1), default=None, help="Users per domain [200; quickstart 600]."
+    "--users", type=click.IntRange(min=1), default=None, help="Users per domain [200; quickstart 2000, quickstart-easy 600]."
 )
 @click.option(
-    "--prefs-per-user", type=click.IntRange(min=1), default=None, help="Pairs per user [16; quickstart 24]."
+    "--prefs-per-user", type=click.IntRange(min=1), default=None, help="Pairs per user [16; quickstart 12, quickstart-easy 24]."
 )
 @click.option(
     "--test-fraction",

@@ -29,8 +29,8 @@ class GenConfig:
 
     backend: str = "template"  # template (offline, deterministic) | openai | hf
     domains: tuple[str, ...] = ("reviews",)  # any of reviews, elix, roleplay
-    users: int | None = None  # users per domain (200; 600 with the quickstart preset)
-    prefs_per_user: int | None = None  # preference pairs per user (16; 24 with quickstart)
+    users: int | None = None  # users per domain (200; 2000 with the quickstart preset, 600 with quickstart-easy)
+    prefs_per_user: int | None = None  # preference pairs per user (16; 12 with quickstart, 24 with quickstart-easy)
     test_fraction: float = 0.2  # fraction of each domain's users in the unseen `test` split
     seed: int = 0
     label_noise: float | None = None  # template only: P(swap chosen/rejected) (0.02; 0 for quickstart)

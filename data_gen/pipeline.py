@@ -77,7 +77,7 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
     """Generate (or finish, or confirm) the dataset directory `out_dir`; see GenConfig for options.
 
     Example (what `fspo-engine quickstart` needs):
-        generate_dataset("data/qs", preset="quickstart", users=600, prefs_per_user=24, seed=0)
+        generate_dataset("data/qs", preset="quickstart", users=2000, prefs_per_user=12, seed=0)
     Re-running with the same options resumes a killed run, or returns at once if it is complete;
     other options on a non-empty run directory are an error unless `overwrite=True`.
     """
