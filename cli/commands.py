@@ -7,6 +7,7 @@ from fspo_engine.cli.generate import generate
 from fspo_engine.cli.model_info import model_info
 from fspo_engine.cli.quickstart import quickstart
 from fspo_engine.cli.score import score
+from fspo_engine.cli.study import study
 from fspo_engine.cli.train import train
 
-ALL = [model_info, gen_data, train, score, eval_cmd, generate, bench, quickstart]
+ALL = [model_info, gen_data, train, score, eval_cmd, generate, study, bench, quickstart]
