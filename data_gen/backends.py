@@ -32,11 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fspo_engine.data_gen.client import MalformedReply  # noqa: F401 - one class for old and new callers
 from fspo_engine.data_gen.errors import DataGenError
-
-
-class MalformedReply(DataGenError):
-    """The model's reply was not the JSON the prompt asked for (after the allowed retries)."""
 
 
 @dataclass
