@@ -51,7 +51,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
     "quickstart); quickstart-easy: 2 traits, minimal pairs (one shot reveals the user).",
 )
 @click.option("--model", default=None, help="LLM backends: model name (openai) or model directory (hf).")
-@click.option("--base-url", default=None, help="openai: server URL, e.g. http://127.0.0.1:8000/v1.")
+@click.option(
+    "--base-url",
+    default=None,
+    help="openai: server URL, e.g. http://127.0.0.1:8000/v1; several as URL1,URL2 (each request goes to the "
+    "least-loaded healthy one).",
+)
 @click.option(
     "--api-key-env",
     default="OPENAI_API_KEY",
@@ -63,18 +68,51 @@ def _csv(value: str | None) -> tuple[str, ...]:
 )
 @click.option("--judge-model", default=None, help="Judge model [--model].")
 @click.option(
+    "--personas",
+    default=None,
+    help="LLM backends: llm (default: the LLM writes each user's persona from traits drawn from the schema), "
+    "template (the domain's fixed tables) or a JSONL FILE of {description, traits}.",
+)
+@click.option(
+    "--persona-schema",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="JSON file of traits (and question topics) per domain, replacing the built-in schema.",
+)
+@click.option(
+    "--questions",
+    default=None,
+    help="LLM backends: llm (default: the LLM writes questions per domain from sampled topics), template, or a "
+    "JSONL FILE of {question, domain}.",
+)
+@click.option(
+    "--questions-per-domain",
+    type=click.IntRange(min=1),
+    default=None,
+    help="LLM questions per domain [enough that each serves at most ~5 pairs].",
+)
+@click.option(
+    "--dedup-threshold",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.7,
+    show_default=True,
+    help="MinHash Jaccard similarity at which two personas or questions count as near-duplicates.",
+)
+@click.option(
     "--candidates",
     type=click.IntRange(min=2),
     default=4,
     show_default=True,
-    help="Views (responses) per question.",
+    help="views/both modes: views (responses) per question.",
 )
 @click.option(
     "--response-mode",
-    type=click.Choice(["views", "persona", "both"]),
-    default="views",
+    type=click.Choice(["user-views", "views", "persona", "both"]),
+    default="user-views",
     show_default=True,
-    help="views: view-conditioned; persona: user- vs other-persona-steered; both.",
+    help="user-views: per (user, question), a response for a view this user would prefer and one for a "
+    "contrasting view; views: one set of views per question shared by all users; persona: written for this "
+    "user vs another; both: shared views plus this user's.",
 )
 @click.option("--persona-improvement/--no-persona-improvement", default=True, show_default=True)
 @click.option(
@@ -84,10 +122,34 @@ def _csv(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Traits persona improvement may add per user.",
 )
+@click.option(
+    "--swap-control-fraction",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.05,
+    show_default=True,
+    help="Share of kept pairs re-judged under another user's persona (stats.labels.persona_swap_change_rate).",
+)
+@click.option(
+    "--min-prefs-per-user",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Users with fewer kept preferences are dropped (and counted).",
+)
+@click.option(
+    "--ablation",
+    type=click.Choice(["random-labels"]),
+    default=None,
+    help="random-labels: the same texts, each label a seeded coin flip independent of the user (any backend).",
+)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
-    "--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="Requests in flight."
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Requests in flight, over all servers.",
 )
 @click.option(
     "--timeout",
@@ -98,13 +160,37 @@ def _csv(value: str | None) -> tuple[str, ...]:
     help="Seconds per request.",
 )
 @click.option(
-    "--max-retries", type=click.IntRange(min=0), default=5, show_default=True, help="Retries on 429/5xx."
+    "--max-retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Retries of a request on 429/5xx/timeouts/resets (on another server when there is one).",
+)
+@click.option(
+    "--backoff", "backoff_s", type=click.FloatRange(min=0.0), default=0.5, show_default=True,
+    help="First retry delay in seconds; doubles per retry, with jitter (a Retry-After header wins).",
+)
+@click.option(
+    "--backoff-max", "backoff_max_s", type=click.FloatRange(min=0.0), default=30.0, show_default=True,
+    help="Longest delay between retries, in seconds.",
+)
+@click.option(
+    "--malformed-retries", type=click.IntRange(min=0), default=2, show_default=True,
+    help="New tries at a reply that fails its schema (or is empty), before it is counted and dropped.",
+)
+@click.option(
+    "--commit-every-s", type=click.FloatRange(min=0.0, min_open=True), default=30.0, show_default=True,
+    help="Seconds between commits of the finished users (a killed run resumes from the last one).",
 )
 @click.option(
     "--cache-dir", default=None, type=click.Path(file_okay=False), help="Reply cache [OUT/.llm-cache]."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset or unfinished run in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--dry-run", is_flag=True,
+    help="Print the planned number of requests and an estimate of tokens, per stage, and send nothing.",
+)
 @click.option(
     "--import",
     "import_kind",
@@ -126,7 +212,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Split of imported users; auto: from the file name (train/test), else a seeded hash.",
 )
-def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_models, no_progress, **options):
+def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_models, no_progress, dry_run, **options):
     """Write a fspo-prefs/1 dataset directory (manifest.json, users.jsonl, prefs.jsonl).
 
     Re-running a killed run with the same arguments resumes it; same seed and arguments give
@@ -152,8 +238,11 @@ def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_mode
     if import_files:
         raise DataGenError("--from needs --import roleplay|review|elix")
 
-    from fspo_engine.data_gen.pipeline import format_summary, generate_dataset
+    from fspo_engine.data_gen.pipeline import format_plan, format_summary, generate_dataset, plan
 
+    if dry_run:
+        click.echo(format_plan(plan(domains=_csv(domains), gen_models=_csv(gen_models), **options)))
+        return
     result = generate_dataset(
         out_dir, domains=_csv(domains), gen_models=_csv(gen_models), progress=not no_progress, **options
     )

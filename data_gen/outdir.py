@@ -3,13 +3,18 @@ gen-data's resumable state.
 
     OUT/manifest.json, users.jsonl, prefs.jsonl   the dataset (DESIGN.md); a manifest means it is complete
     OUT/gen_stats.json                            the last LLM run's bookkeeping (requests, tokens): not data
+    OUT/questions.jsonl                           the question pool an LLM or a file made (LLM runs)
+    OUT/gen_stats.json                            the LLM client's statistics per invocation: not data
     OUT/.gen-state/users.jsonl, prefs.jsonl       the units done so far, appended in order
-    OUT/.gen-state/state.json                     units done, both files' byte lengths, counters, LLM usage
-    OUT/.llm-cache/                               LLM replies (data_gen/backends.py)
+    OUT/.gen-state/personas.jsonl                 each done LLM unit's accepted persona (resume replays it)
+    OUT/.gen-state/questions.jsonl                the question pool, written once before the first unit
+    OUT/.gen-state/state.json                     units done, the files' byte lengths, counters, statistics
+    OUT/.llm-cache/replies.sqlite                 LLM replies (data_gen/cache.py)
 
-After every chunk of units both files are fsynced and state.json is replaced atomically; a killed run re-run
-with the same arguments truncates the files to the recorded lengths (dropping a half-written chunk) and goes
-on, so nothing is duplicated or lost. `finalize` moves the files into place and writes the manifest last.
+At every commit the files are fsynced and state.json is replaced atomically; a killed run re-run with the
+same arguments truncates the files to the recorded lengths (dropping what was appended after the last
+commit) and goes on, so nothing is duplicated or lost. `finalize` moves the files into place and writes the
+manifest last.
 """
 
 from __future__ import annotations
@@ -145,6 +150,9 @@ def read_state(out: Path, generator: dict) -> dict | None:
     return state
 
 
+STATE_FILES = ("users.jsonl", "prefs.jsonl", "personas.jsonl")  # appended unit by unit, in unit order
+
+
 def new_state(out: Path, generator: dict) -> dict:
     state_dir = out / STATE_DIR
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -153,10 +161,9 @@ def new_state(out: Path, generator: dict) -> dict:
         "generator": generator,
         "phase": "generating",
         "done": 0,
-        "users_bytes": 0,
-        "prefs_bytes": 0,
+        "bytes": {name: 0 for name in STATE_FILES},
         "counters": {},
-        "usage": {},
+        "invocations": [],  # the LLM client's statistics, one entry per gen-data invocation (gen_stats.json)
         "first_error": None,
     }
     write_json_atomic(state_dir / "state.json", state)
@@ -164,37 +171,54 @@ def new_state(out: Path, generator: dict) -> dict:
 
 
 class StateFiles:
-    """The units done, in .gen-state/: `append` a unit's records to users.jsonl and prefs.jsonl; `commit` after
-    every chunk (both files fsynced, then state.json replaced with the units done and the files' byte
-    lengths). Opening drops whatever a killed run appended after its last commit."""
+    """The units done, in .gen-state/: `append` a unit's records to users.jsonl, prefs.jsonl and personas.jsonl
+    (the persona each LLM unit accepted, dropped users included: a resume replays them into the duplicate
+    check); `commit` makes the appended prefix a resume point (the files fsynced, then state.json replaced
+    with the units done and the files' byte lengths). Opening drops whatever a killed run appended after its
+    last commit."""
 
     def __init__(self, out: Path, state: dict):
         self.dir, self.state = out / STATE_DIR, state
         self._files = contextlib.ExitStack()
+        self.handles: dict[str, object] = {}
 
     def __enter__(self):
-        paths = (self.dir / "users.jsonl", self.dir / "prefs.jsonl")
-        for path, size in zip(paths, (self.state["users_bytes"], self.state["prefs_bytes"])):
+        sizes = self.state.setdefault("bytes", {})
+        for name in STATE_FILES:
+            path = self.dir / name
             with open(path, "ab") as f:
-                f.truncate(size)
-        self.users, self.prefs = (self._files.enter_context(open(p, "ab")) for p in paths)
+                f.truncate(sizes.get(name, 0))
+            self.handles[name] = self._files.enter_context(open(path, "ab"))
         return self
 
     def __exit__(self, *exc):
         self._files.close()
         return False
 
-    def append(self, record: dict | None, prefs: list[dict]):
+    def append(self, record: dict | None, prefs: list[dict], persona: dict | None = None):
         if record is not None:
-            self.users.write((dumps(record) + "\n").encode())
-        self.prefs.write("".join(dumps(p) + "\n" for p in prefs).encode())
+            self.handles["users.jsonl"].write((dumps(record) + "\n").encode())
+        self.handles["prefs.jsonl"].write("".join(dumps(p) + "\n" for p in prefs).encode())
+        if persona is not None:
+            self.handles["personas.jsonl"].write((dumps(persona) + "\n").encode())
 
     def commit(self, done: int, **updates):
-        for f in (self.users, self.prefs):
+        for f in self.handles.values():
             f.flush()
             os.fsync(f.fileno())
-        self.state.update(done=done, users_bytes=self.users.tell(), prefs_bytes=self.prefs.tell(), **updates)
+        self.state.update(done=done, bytes={name: f.tell() for name, f in self.handles.items()}, **updates)
         write_json_atomic(self.dir / "state.json", self.state)
+
+
+def read_committed(state_dir: Path, name: str):
+    """The records of a state file, one by one (streamed: it may hold millions)."""
+    path = state_dir / name
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def finalize(out: Path, state: dict) -> dict:
@@ -210,15 +234,17 @@ def finalize(out: Path, state: dict) -> dict:
     remove_stale_temps(out, ["manifest.json", GEN_STATS])
     # Run bookkeeping (requests, cache hits, retries, tokens) differs between runs that make the same
     # data, so it lives beside the manifest, never in it; a template run leaves none (and no stale one).
-    if state.get("usage"):
-        write_json_atomic(out / GEN_STATS, {"usage": state["usage"]})
+    if state.get("gen_stats"):
+        write_json_atomic(out / GEN_STATS, state["gen_stats"])
     else:
         (out / GEN_STATS).unlink(missing_ok=True)
     staged = write_staged(out / "manifest.json", [json_text(state["manifest"])])
     (out / "manifest.json").unlink(missing_ok=True)
-    for name in ("users.jsonl", "prefs.jsonl"):
+    for name in ("users.jsonl", "prefs.jsonl", "questions.jsonl"):
         if (state_dir / name).exists():
             os.replace(state_dir / name, out / name)
+        elif name == "questions.jsonl":
+            (out / name).unlink(missing_ok=True)  # an overwritten LLM dataset's pool is not this dataset's
     os.replace(staged, out / "manifest.json")
     shutil.rmtree(state_dir, ignore_errors=True)
     return state["manifest"]

@@ -1,19 +1,36 @@
-"""Dataset statistics for the manifest: counts, response diversity and user-user disagreement.
+"""Dataset statistics for the manifest, computed in one streaming pass with bounded memory.
 
-All numbers are computed from the written files with fixed sampling seeds and rounded to 4 decimals,
-so they are byte-stable for a given dataset.
+`DatasetStats` takes user and preference records one at a time (gen-data streams them from its files; the
+importers feed their lists) and keeps only: counters, a few bounded samples, the vocabulary (which grows
+with the square root of the text, Heaps' law, not with the number of preferences), and a SQLite table of
+8-byte hashes for the exact distinct counts and for the user-user agreement groups — on disk when the
+caller gives a path, so a dataset of millions of preferences does not need its texts in memory.
+
+Samples are "bottom-k by hash": the k items whose content hash is smallest. That is a uniform sample,
+independent of the order records arrive in, and the same for the same data: the statistics are byte-stable
+for a given dataset. Numbers are rounded to 4 decimals.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import math
-import random
 import re
-from collections import Counter, defaultdict
+import sqlite3
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 _WORD = re.compile(r"\w+")
+SAMPLE = 1000  # texts in the TF-IDF samples
+
+
+def _h(*parts: str) -> int:
+    """A signed 64-bit content hash (SQLite's INTEGER), stable across processes."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _tfidf(texts: list[str]) -> np.ndarray:
@@ -30,79 +47,161 @@ def _tfidf(texts: list[str]) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1)
 
 
-def response_diversity(prefs: list[dict], max_responses: int = 1000) -> dict:
-    """Mean TF-IDF cosine between distinct responses (lower = more diverse) and within pairs."""
-    responses = sorted({p["chosen"] for p in prefs} | {p["rejected"] for p in prefs})
-    out = {"distinct_responses": len(responses)}
-    if len(responses) >= 2:
-        sample = random.Random(0).sample(responses, min(max_responses, len(responses)))
-        x = _tfidf(sample)
-        sim = x @ x.T
-        n = len(sample)
-        out["mean_pairwise_tfidf_cosine"] = round(float((sim.sum() - np.trace(sim)) / (n * (n - 1))), 4)
-    if prefs:
-        pairs = random.Random(1).sample(prefs, min(max_responses, len(prefs)))
-        x = _tfidf([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-        n = len(pairs)
-        out["chosen_rejected_tfidf_cosine"] = round(float((x[:n] * x[n:]).sum(1).mean()), 4)
-    return out
+class _BottomK:
+    """The k items with the smallest keys (a max-heap of negated keys); an item seen twice is kept once."""
+
+    def __init__(self, k: int):
+        self.k, self.heap, self.keys = k, [], set()
+
+    def add(self, key: int, item) -> None:
+        if key in self.keys:
+            return
+        if len(self.heap) < self.k:
+            heapq.heappush(self.heap, (-key, item))
+        elif key < -self.heap[0][0]:
+            evicted, _ = heapq.heapreplace(self.heap, (-key, item))
+            self.keys.discard(-evicted)
+        else:
+            return
+        self.keys.add(key)
+
+    def items(self) -> list:
+        return [item for _, item in sorted(self.heap, key=lambda e: -e[0])]
 
 
-def user_disagreement(prefs: list[dict]) -> dict:
-    """How often two users who saw the same (question, response pair) preferred different sides.
+class DatasetStats:
+    def __init__(self, db_path: str | Path | None = None):
+        self.db = sqlite3.connect(str(db_path) if db_path is not None else ":memory:")
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        for table in ("responses", "questions", "personas"):
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (h INTEGER PRIMARY KEY)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS pairs (g INTEGER, side INTEGER)")
+        self.per_domain: dict[str, dict] = {}
+        self.domain_of: dict[str, str] = {}
+        self.words_n = self.words_sum = 0
+        self.words_min = self.words_max = None
+        self.vocab: set[str] = set()
+        self.responses = _BottomK(SAMPLE)
+        self.pair_sample = _BottomK(SAMPLE)
+        self._pending: dict[str, list] = {"responses": [], "questions": [], "personas": [], "pairs": []}
 
-    Groups prefs by question and unordered response pair; for a group labelled by n users of whom a
-    chose one side and b the other, the fraction of disagreeing user pairs is a*b / C(n, 2). High
-    values mean the label cannot be guessed from the pair alone: it lives in the user.
-    """
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for p in prefs:
-        key = (p["question"], *sorted((p["chosen"], p["rejected"])))
-        groups[key].append(p["chosen"])
-    rates = []
-    for key, chosen in groups.items():
-        n = len(chosen)
-        if n >= 2:
-            a = sum(c == key[1] for c in chosen)
-            rates.append(a * (n - a) / (n * (n - 1) / 2))
-    return {
-        "shared_pairs": len(rates),
-        "disagreement": round(sum(rates) / len(rates), 4) if rates else None,
-    }
+    def add_user(self, user: dict) -> None:
+        d = self.per_domain.setdefault(
+            user["domain"], {"users": 0, "train_users": 0, "val_users": 0, "test_users": 0, "prefs": 0}
+        )
+        d["users"] += 1
+        d[f"{user['split']}_users"] += 1
+        self.domain_of[user["user_id"]] = user["domain"]
+        self._queue("personas", (_h(user["description"]),))
+
+    def add_pref(self, pref: dict) -> None:
+        self.per_domain[self.domain_of[pref["user_id"]]]["prefs"] += 1
+        question, chosen, rejected = pref["question"], pref["chosen"], pref["rejected"]
+        for text in (chosen, rejected):
+            n = len(_WORD.findall(text))
+            self.words_n += 1
+            self.words_sum += n
+            self.words_min = n if self.words_min is None else min(self.words_min, n)
+            self.words_max = n if self.words_max is None else max(self.words_max, n)
+            h = _h(text)
+            self._queue("responses", (h,))
+            self.responses.add(h, text)
+        for text in (question, chosen, rejected):
+            self.vocab.update(_WORD.findall(text.lower()))
+        self._queue("questions", (_h(question),))
+        first, second = sorted((chosen, rejected))
+        self._queue("pairs", (_h(question, first, second), int(chosen == first)))
+        self.pair_sample.add(_h(pref["pref_id"], question, chosen, rejected), (chosen, rejected))
+
+    def _queue(self, table: str, row: tuple) -> None:
+        rows = self._pending[table]
+        rows.append(row)
+        if len(rows) >= 10_000:
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        rows, self._pending[table] = self._pending[table], []
+        if table == "pairs":
+            self.db.executemany("INSERT INTO pairs VALUES (?, ?)", rows)
+        else:
+            self.db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?)", rows)
+
+    def _count(self, table: str) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def result(self) -> dict:
+        for table in list(self._pending):
+            self._flush(table)
+        for d in self.per_domain.values():
+            if not d["val_users"]:
+                del d["val_users"]  # datasets without a validation split keep the key set they always had
+        diversity = {
+            "distinct_personas": self._count("personas"),
+            "distinct_questions": self._count("questions"),
+            "distinct_responses": self._count("responses"),
+        }
+        sample = self.responses.items()
+        if len(sample) >= 2:
+            x = _tfidf(sample)
+            sim, n = x @ x.T, len(sample)
+            diversity["mean_pairwise_tfidf_cosine"] = round(float((sim.sum() - np.trace(sim)) / (n * (n - 1))), 4)
+        pairs = self.pair_sample.items()
+        if pairs:
+            x = _tfidf([c for c, _ in pairs] + [r for _, r in pairs])
+            n = len(pairs)
+            diversity["chosen_rejected_tfidf_cosine"] = round(float((x[:n] * x[n:]).sum(1).mean()), 4)
+        return {
+            "per_domain": self.per_domain,
+            "response_words": {
+                "mean": round(self.words_sum / self.words_n, 4) if self.words_n else None,
+                "min": self.words_min,
+                "max": self.words_max,
+            },
+            "vocabulary_words": len(self.vocab),
+            "diversity": diversity,
+            "user_user": self._disagreement(),
+        }
+
+    def _disagreement(self) -> dict:
+        """How often two users who saw the same (question, response pair) preferred different sides.
+
+        For a group labelled by n users of whom a chose one side, the fraction of disagreeing user pairs is
+        a(n - a) / C(n, 2). High values mean the label cannot be guessed from the pair alone: it lives in
+        the user."""
+        rates = [
+            a * (n - a) / (n * (n - 1) / 2)
+            for a, n in self.db.execute("SELECT SUM(side), COUNT(*) FROM pairs GROUP BY g HAVING COUNT(*) >= 2")
+        ]
+        return {
+            "shared_pairs": len(rates),
+            "disagreement": round(math.fsum(rates) / len(rates), 4) if rates else None,
+        }
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def dataset_stats(users: list[dict], prefs: list[dict]) -> dict:
+    """The statistics of records held in memory (importers)."""
+    stats = DatasetStats()
+    try:
+        for u in users:
+            stats.add_user(u)
+        for p in prefs:
+            stats.add_pref(p)
+        return stats.result()
+    finally:
+        stats.close()
 
 
 def mean_entropy(total: float, count: int) -> float | None:
     return round(total / count, 4) if count else None
 
 
-def dataset_stats(users: list[dict], prefs: list[dict]) -> dict:
-    per_domain: dict[str, dict] = {}
-    domain_of = {u["user_id"]: u["domain"] for u in users}
-    for u in users:
-        d = per_domain.setdefault(u["domain"], {"users": 0, "train_users": 0, "test_users": 0, "prefs": 0})
-        d["users"] += 1
-        d[f"{u['split']}_users"] += 1
-    for p in prefs:
-        per_domain[domain_of[p["user_id"]]]["prefs"] += 1
-    words = [len(_WORD.findall(t)) for p in prefs for t in (p["chosen"], p["rejected"])]
-    vocab = {
-        w
-        for p in prefs
-        for t in (p["question"], p["chosen"], p["rejected"])
-        for w in _WORD.findall(t.lower())
-    }
-    return {
-        "per_domain": per_domain,
-        "response_words": {
-            "mean": round(sum(words) / len(words), 4) if words else None,
-            "min": min(words, default=None),
-            "max": max(words, default=None),
-        },
-        "vocabulary_words": len(vocab),
-        "diversity": response_diversity(prefs),
-        "user_user": user_disagreement(prefs),
-    }
-
-
 def binary_entropy(p: float) -> float:
     return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def rate(numerator: int, denominator: int) -> float | None:
+    return round(numerator / denominator, 4) if denominator else None
