@@ -277,7 +277,7 @@ class _Server:
         except openai.APIStatusError as exc:
             status = exc.status_code
             if status < 500 and status not in _TRANSIENT_STATUS:
-                raise _Refused(f"{self.url}: the server refused the request ({status}): {exc.message}") from None
+                raise _Refused(f"{self.url}: the server refused the request ({status}): {_message(exc)}") from None
             raise _Failed(f"HTTP {status}", server_fault=status >= 500, retry_after=_retry_after(exc)) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise _Failed(type(exc).__name__) from None
@@ -325,6 +325,16 @@ def _int(value) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
+
+
+def _message(exc) -> str:
+    """The server's own error text (vLLM/OpenAI: {"error": {"message": ...}}), on one line."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    text = body.get("message") if isinstance(body, dict) else None
+    text = " ".join(str(text or exc.message).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _retry_after(exc) -> float | None:
