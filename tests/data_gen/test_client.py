@@ -442,3 +442,35 @@ def test_stats_keys_and_values_are_sane(fake):
     assert r["wall_s"] > 0 and r["req_per_s"] > 0
     assert stats["total"]["requests"] == 40 and stats["total"]["reasked"] == 0
     assert list(stats["servers"].values()) == [{"requests": 40, "errors": 0, "down": False}]
+
+
+# ------------------------------------------------------------------------------------------ local HF model
+def test_hf_model_dir_transport(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "user", "assistant", ":"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(tmp_path / "m")
+
+    async def go():
+        c = LLMClient(model="local", hf_model_dir=tmp_path / "m")
+        a = await c.chat(msg("w1 w2"), stage="s", max_tokens=4)
+        b = await c.complete([3, 7, 8], stage="g", max_tokens=3, temperature=0.0)
+        with pytest.raises(MalformedReply, match=r"^judge: "):
+            await c.chat_json(msg("w3"), stage="judge", schema=VERDICT, schema_name="v", max_tokens=4)
+        await c.aclose()
+        return c, a, b
+
+    c, a, b = run(go)
+    assert a.completion_tokens == 4 and b.prompt_tokens == 3 and b.completion_tokens == 3
+    assert c.stats()["stages"]["judge"]["malformed"] == 3
+    with pytest.raises(DataGenError, match="not a Hugging Face model directory"):
+        LLMClient(model="x", hf_model_dir=tmp_path)
