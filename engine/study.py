@@ -672,7 +672,7 @@ class RemoteAnswerer:
 
 def _side_episodes(side, episodes: list[Episode]) -> list[Episode]:
     """The episodes as `side` sees them: its number of shots (the newest), no true description."""
-    return [dataclasses.replace(ep, shots=ep.shots[len(ep.shots) - side.shots:] if side.shots else (),
+    return [dataclasses.replace(ep, shots=ep.shots[max(0, len(ep.shots) - side.shots):] if side.shots else (),
                                 description="") for ep in episodes]
 
 

@@ -541,3 +541,47 @@ def test_bad_input_is_one_line(env, tmp_path):
     finally:
         busy.close()
     assert not (tmp_path / "r.json").exists()
+
+
+def test_remote_generation_sends_the_local_paths_prompt_ids(env):
+    """--generator-url: the server gets exactly the token ids the local model would continue (description
+    first, then the response after it); the real client also runs end to end over a local HF transport."""
+    client = pytest.importorskip("fspo_engine.data_gen.client", reason="data_gen/client.py (issue 25) not here")
+    from fspo_engine.engine.dataset import Preference
+    from fspo_engine.engine.episodes import Episode, render_prompt
+    from fspo_engine.engine.study import RemoteAnswerer
+    from fspo_engine.engine.tokenizer import load_tokenizer
+
+    sent = []
+
+    class Recorder:
+        async def complete(self, prompt, *, stage, max_tokens, seed, temperature, top_p, stop=None):
+            sent.append({"prompt": prompt, "stop": stop, "max_tokens": max_tokens, "seed": seed})
+            return client.Reply(" likes short reviews \n## Preferred Response" if stop else " Fine. ")
+
+        async def aclose(self):
+            pass
+
+    shots = (Preference("s1", "p", "Would you recommend the lamp?", "Yes.", "No, and here is why."),
+             Preference("s2", "p", "Review the mug.", "A solid mug.", "Meh."))
+    ep = Episode("p/1", "p", shots, Preference("t", "p", "What do you think of the tent?", "", ""), 2)
+    remote = RemoteAnswerer(env.sides, "http://127.0.0.1:9/v1", "m", client_factory=Recorder, **GEN)
+    (out,) = remote.generate_answers(env.sides[0], [ep], 7)
+    tok = load_tokenizer(env.sides[0].model_dir)
+    head = [tok.bos_id] + tok.encode(render_prompt(shots, ep.target.question, True))
+    assert sent[0] == {"prompt": head + tok.encode("## User Description\n"), "stop": ["## Preferred Response"],
+                       "max_tokens": GEN["max_description_tokens"], "seed": 7}
+    assert sent[1]["prompt"] == head + tok.encode("## User Description\nlikes short reviews\n## Preferred Response \n")
+    assert out["description"] == "likes short reviews" and out["response"] == "Fine."
+    assert out["prompt"] == answer_prompt(ep, 2, "likes short reviews")  # the text LocalAnswerer records too
+    sent.clear()
+    remote.generate_answers(env.sides[1], [ep], 7)  # the zero-shot baseline: no shots in either request
+    zero = [tok.bos_id] + tok.encode(render_prompt((), ep.target.question, True))
+    assert [r["prompt"][:len(zero)] for r in sent] == [zero, zero]
+    remote.close()
+
+    real = RemoteAnswerer(env.sides, None, "m", **GEN,
+                          client_factory=lambda: client.LLMClient(model="m", hf_model_dir=env.sides[0].model_dir))
+    (out,) = real.generate_answers(env.sides[0], [ep], 7)
+    assert isinstance(out["response"], str) and isinstance(out["description"], str)
+    real.close()
