@@ -124,6 +124,7 @@ class _PriorityGate:
 
     def __init__(self, slots: int):
         self.free = slots
+        self.waiting = 0  # requests queued for a slot (cancelled ones excluded)
         self._heap: list[tuple[float, int, asyncio.Future]] = []
         self._order = itertools.count()
 
@@ -133,12 +134,15 @@ class _PriorityGate:
             return
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (priority, next(self._order), fut))
+        self.waiting += 1
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # handed the slot, then cancelled: pass it on
                 self.release()
             raise
+        finally:
+            self.waiting -= 1
 
     def release(self) -> None:
         while self._heap:
@@ -471,15 +475,14 @@ class LLMClient:
         return text.replace(self.secret, "***") if self.secret else text
 
     @property
-    def waiting(self) -> int:
-        """Requests waiting for a slot: the backlog gen-data's scheduler keeps non-empty (cancelled waiters
-        still in the heap are counted until popped: an over-estimate by at most a few)."""
-        return len(self._gate._heap)
-
-    @property
     def inflight(self) -> int:
         """Requests on the wire now."""
         return self._total.inflight
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot now (the pipeline starts new work while this is below the cap)."""
+        return self._gate.waiting
 
     # ---- public requests
     async def chat(self, messages: list[dict], *, stage: str, model: str | None = None,

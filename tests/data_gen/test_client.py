@@ -73,8 +73,11 @@ def test_waiters_are_served_in_priority_order(fake):
         first = asyncio.create_task(c.chat(msg("first"), stage="s", priority=-5))
         await asyncio.sleep(0.01)  # `first` holds the only slot; the rest queue behind it
         order = [3, 1, 2, 1, 0, 3, 2]
-        await asyncio.gather(first, *(c.chat(msg(f"p{p} #{i}"), stage="s", priority=p)
-                                      for i, p in enumerate(order)))
+        rest = [asyncio.create_task(c.chat(msg(f"p{p} #{i}"), stage="s", priority=p)) for i, p in enumerate(order)]
+        await asyncio.sleep(0)
+        assert c.inflight == 1 and c.waiting == len(order)
+        await asyncio.gather(first, *rest)
+        assert c.waiting == 0
         await c.aclose()
         return order
 
