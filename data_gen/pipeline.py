@@ -107,12 +107,14 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")
     created = not out.exists()
-    # Build the model (hf) or client before creating anything: a bad --model leaves no directory behind.
+    # Read the user's files and build the model (hf) or client before creating anything: a bad --personas,
+    # --questions, --persona-schema or --model leaves no directory behind.
+    inputs = Inputs.load(cfg)
     backend = make_client(cfg, out) if created and cfg.llm else None
     try:
         out.mkdir(parents=True, exist_ok=True)
         with locked_dir(out):
-            return _generate_locked(out, cfg, backend)
+            return _generate_locked(out, cfg, backend, inputs)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -120,7 +122,7 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
         raise
 
 
-def _generate_locked(out: Path, cfg: GenConfig, backend) -> GenResult:
+def _generate_locked(out: Path, cfg: GenConfig, backend, inputs: Inputs) -> GenResult:
     """The pipeline's stages on the locked directory `out`; each one is resumed where a killed run left it."""
     generator = cfg.generator_record()
     manifest = finished_dataset(out, generator, cfg.overwrite)
@@ -136,7 +138,7 @@ def _generate_locked(out: Path, cfg: GenConfig, backend) -> GenResult:
     start, written = time.perf_counter(), 0
     try:
         if generating:  # 1. the units' users and preferences
-            written = asyncio.run(_generate(out, cfg, state, backend))
+            written = asyncio.run(_generate(out, cfg, state, backend, inputs))
         if state["phase"] == "generating":  # 2. the manifest, with the statistics of the files
             state = _prepare_manifest(cfg, state, out / STATE_DIR)
         manifest = finalize(out, state)  # 3. the files moved into place, the manifest last
@@ -180,7 +182,35 @@ def _units(cfg: GenConfig) -> tuple[int, callable]:
     return len(cfg.domains) * cfg.users, unit
 
 
-async def _generate(out: Path, cfg: GenConfig, state: dict, client) -> int:
+@dataclass
+class Inputs:
+    """What an LLM run reads from the user's files (or the package), read before anything is created."""
+
+    schema: TraitSchema | None = None
+    persona_file: list[tuple[str, dict]] | None = None
+    question_file: dict[str, list[str]] | None = None
+
+    @classmethod
+    def load(cls, cfg: GenConfig) -> Inputs:
+        if not cfg.llm:
+            return cls()
+        schema = None
+        if cfg.personas == "llm" or cfg.questions == "llm":
+            schema = TraitSchema.load(cfg.persona_schema, cfg.domains)
+        persona_file = None
+        if cfg.personas not in ("llm", "template"):
+            persona_file = read_personas_file(cfg.personas)
+            if len(persona_file) < cfg.users:
+                raise DataGenError(
+                    f"{cfg.personas}: holds {len(persona_file)} personas, fewer than --users {cfg.users}"
+                )
+        questions = None
+        if cfg.questions not in ("llm", "template"):
+            questions = read_questions_file(cfg.questions, cfg.domains)
+        return cls(schema, persona_file, questions)
+
+
+async def _generate(out: Path, cfg: GenConfig, state: dict, client, inputs: Inputs) -> int:
     """Stage 1: the units not done yet, pipelined (see `_run_units`). -> the preferences this invocation wrote."""
     domains = {name: get_domain(name, cfg.preset) for name in cfg.domains}
     heldout = {name: d.heldout_combos(cfg.seed, cfg.test_fraction) for name, d in domains.items()}
@@ -189,7 +219,7 @@ async def _generate(out: Path, cfg: GenConfig, state: dict, client) -> int:
         if cfg.backend == "template":
             producer = TemplateProducer(cfg, domains, heldout)
         else:
-            producer = await _llm_producer(cfg, domains, heldout, client, state_dir, state)
+            producer = await _llm_producer(cfg, domains, heldout, client, state_dir, state, inputs)
         with StateFiles(out, state) as files:
             return await _run_units(cfg, state, producer, files, client)
     finally:
@@ -197,10 +227,9 @@ async def _generate(out: Path, cfg: GenConfig, state: dict, client) -> int:
             await client.aclose()
 
 
-async def _llm_producer(cfg, domains, heldout, client, state_dir: Path, state: dict) -> LLMProducer:
+async def _llm_producer(cfg, domains, heldout, client, state_dir: Path, state: dict, inputs: Inputs) -> LLMProducer:
     """The LLM producer with its question pools (made once, before the first unit, and kept in the state) and
     each domain's PersonaBook replayed from the committed units."""
-    schema = TraitSchema.load(cfg.persona_schema, cfg.domains) if cfg.personas == "llm" or cfg.questions == "llm" else None
     questions = None
     if cfg.questions != "template":
         path = state_dir / "questions.jsonl"
@@ -209,33 +238,30 @@ async def _llm_producer(cfg, domains, heldout, client, state_dir: Path, state: d
             for rec in read_committed(state_dir, "questions.jsonl"):
                 questions[rec["domain"]].append(rec["question"])
         else:
-            questions = await _question_pools(cfg, client, schema)
+            questions = await _question_pools(cfg, client, inputs)
             records = [{"domain": d, "question": q} for d in cfg.domains for q in questions[d]]
             os.replace(write_staged(path, [dumps(r) + "\n" for r in records]), path)
             state["questions_done"] = True
             state["counters"]["questions"] = len(records)
             write_json_atomic(state_dir / "state.json", state)
-    persona_file = read_personas_file(cfg.personas) if cfg.personas not in ("llm", "template") else None
-    if persona_file is not None and len(persona_file) < cfg.users:
-        raise DataGenError(f"{cfg.personas}: holds {len(persona_file)} personas, fewer than --users {cfg.users}")
     dedup = cfg.dedup_threshold if cfg.personas == "llm" else None
     books = {d: PersonaBook(0, dedup_threshold=dedup, seed=cfg.seed, domain=d) for d in cfg.domains}
     for rec in read_committed(state_dir, "personas.jsonl"):  # truncated to the committed units by StateFiles
         books[rec["domain"]].replay(rec["persona"])
     return LLMProducer(
-        cfg, domains, client, heldout=heldout, books=books, schema=schema, questions=questions,
-        persona_file=persona_file,
+        cfg, domains, client, heldout=heldout, books=books, schema=inputs.schema, questions=questions,
+        persona_file=inputs.persona_file,
     )
 
 
-async def _question_pools(cfg: GenConfig, client, schema) -> dict[str, list[str]]:
+async def _question_pools(cfg: GenConfig, client, inputs: Inputs) -> dict[str, list[str]]:
     if cfg.questions != "llm":
-        pools = read_questions_file(cfg.questions, cfg.domains)
+        pools = {d: list(q) for d, q in inputs.question_file.items()}
     else:
         need = pool_size(cfg.users, cfg.prefs_per_user, cfg.questions_per_domain)
         pools = {}
         for d in cfg.domains:
-            pool, _ = await question_pool(client, cfg, schema, d, need)
+            pool, _ = await question_pool(client, cfg, inputs.schema, d, need)
             if not pool:
                 raise DataGenError(f"no usable question for domain {d!r}: every questions request failed")
             if len(pool) < need:
