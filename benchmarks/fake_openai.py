@@ -43,6 +43,7 @@ import concurrent.futures
 import hashlib
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,32 @@ def default_answer(body: dict) -> str:
     return _free_text(body, rng)
 
 
+def consistent_judge(body: dict) -> str | None:
+    """A judge that decides from the user and the responses, not their order (the bench's default).
+
+    For chat requests with "User description:", "Response A:" and "Response B:" lines (gen-data's judge
+    prompt): prefers the response whose hash with the description is smaller, and says "tie" for ~10%
+    of (description, question) pairs; the same pair in either order gets the same decision. Other
+    requests: None (the built-in reply). The built-in random judge flips with the order half the time,
+    which makes gen-data refine and drop pairs far more than a real judge would.
+    """
+    fmt = body.get("response_format") or {}
+    text = str((body.get("messages") or [{}])[-1].get("content") or "")
+    fields = dict(re.findall(r"^(User description|Question|Response A|Response B): (.*)$", text, re.M))
+    if fmt.get("type") != "json_schema" or len(fields) < 4:
+        return None
+
+    def h(*parts: str) -> int:
+        return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
+
+    desc = fields["User description"]
+    if h(desc, fields["Question"]) % 10 == 0:
+        verdict = "tie"
+    else:
+        verdict = "A" if h(desc, fields["Response A"]) < h(desc, fields["Response B"]) else "B"
+    return json.dumps({"reason": words(request_rng(body), 8), "preferred": verdict})
+
+
 def default_complete(body: dict) -> str:
     return _free_text(body, request_rng(body))
 
@@ -189,12 +216,14 @@ class FakeOpenAI:
         self.auth_headers: set[str] = set()
         self._first = self._last = self._t = None
         self._area = 0.0  # integral of in-flight over time, over the busy span
+        self._level_s: Counter = Counter()  # seconds spent at each in-flight level (for percentiles)
 
     def _track(self, delta: int) -> None:
         now = time.monotonic()
         if self._first is None:
             self._first = self._t = now
         self._area += self.inflight * (now - self._t)
+        self._level_s[self.inflight] += now - self._t
         self._t = now
         self.inflight += delta
         self.max_inflight = max(self.max_inflight, self.inflight)
@@ -211,11 +240,22 @@ class FakeOpenAI:
     def _area_until(self, t: float) -> float:
         return self._area + (self.inflight * (t - self._t) if t > self._t else 0.0)
 
+    def inflight_quantile(self, q: float) -> int:
+        """The in-flight level the server spent a share `q` of its busy span at or below."""
+        total = sum(self._level_s.values())
+        seen = 0.0
+        for level in sorted(self._level_s):
+            seen += self._level_s[level]
+            if total and seen >= q * total:
+                return level
+        return 0
+
     def stats(self) -> dict:
         return {"requests": self.requests, "answered": self.answered, "resets": self.resets,
                 "statuses": {str(k): v for k, v in self.statuses.items()}, "kinds": dict(self.kinds), "tokens_in": self.tokens_in,
                 "tokens_out": self.tokens_out, "max_inflight": self.max_inflight,
-                "mean_inflight": self.mean_inflight,
+                "mean_inflight": self.mean_inflight, "p50_inflight": self.inflight_quantile(0.5),
+                "p95_inflight": self.inflight_quantile(0.95),
                 "busy_s": (self._last - self._first) if self._first and self._last else 0.0}
 
     # ---- lifecycle
@@ -459,6 +499,16 @@ class Spawned:
         with urllib.request.urlopen(urllib.request.Request(root + path, data=data), timeout=10) as r:
             return json.loads(r.read() or b"null")
 
+    def inflight_quantile(self, q: float) -> int:
+        """The in-flight level the server spent a share `q` of its busy span at or below."""
+        total = sum(self._level_s.values())
+        seen = 0.0
+        for level in sorted(self._level_s):
+            seen += self._level_s[level]
+            if total and seen >= q * total:
+                return level
+        return 0
+
     def stats(self) -> dict:
         return self._call("/fake/stats")
 
@@ -483,7 +533,8 @@ class Spawned:
 
 
 def spawn(*, port: int = 0, delay_s: float | None = None, ttft_s: float = 0.0,
-          throughput_tok_s: float | None = None, models: list[str] | None = None) -> Spawned:
+          throughput_tok_s: float | None = None, models: list[str] | None = None,
+          judge: str = "random") -> Spawned:
     """Start `python -m fspo_engine.benchmarks.fake_openai` and wait for its URL."""
     cmd = [sys.executable, "-m", "fspo_engine.benchmarks.fake_openai", "--port", str(port), "--ttft", str(ttft_s)]
     if delay_s is not None:
@@ -492,6 +543,7 @@ def spawn(*, port: int = 0, delay_s: float | None = None, ttft_s: float = 0.0,
         cmd += ["--throughput", str(throughput_tok_s)]
     if models:
         cmd += ["--models", ",".join(models)]
+    cmd += ["--judge", judge]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
     if not line.startswith("http"):
@@ -509,10 +561,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--throughput", type=float, default=None, help="server tokens/s shared by requests in flight")
     p.add_argument("--models", default=None, help="comma list of served model names (default: any)")
     p.add_argument("--record", action="store_true", help="keep request bodies in memory")
+    p.add_argument("--judge", choices=["random", "consistent"], default="random",
+                   help="consistent: judge requests get an order-independent verdict (see consistent_judge)")
     args = p.parse_args(argv)
     fake = FakeOpenAI(host=args.host, port=args.port, delay_s=args.delay, ttft_s=args.ttft,
                       throughput_tok_s=args.throughput, record=args.record,
-                      models=args.models.split(",") if args.models else None)
+                      models=args.models.split(",") if args.models else None,
+                      answer=consistent_judge if args.judge == "consistent" else None)
 
     async def serve():
         await fake.start()

@@ -13,6 +13,8 @@ BENCHMARKS = {
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
     "checkpoint": "per-rank cost of a checkpoint into FSDP2 (sharded read) and its optimizer out (per-rank shards)",
     "generate": "batched generation vs one prompt at a time vs transformers generate (same weights, same work)",
+    "gen-data": "LLM client and gen-data against a fake continuous-batching server: in flight vs the cap, client "
+    "CPU per request, req/s, resume overhead after kill -9, peak RSS at two sizes",
     "compile-report": "no GPU: every Triton kernel compiled for sm_90 at its shipped configs (registers, spills, "
     "shared memory, pipeline depth, blocks/SM)",
 }
@@ -34,6 +36,7 @@ def bench(ctx, name, args):
     train      a whole training step, packed vs the official padded path
     checkpoint per-rank cost of loading into FSDP2 and saving the optimizer, sharded vs whole
     generate   batched generation vs one prompt at a time vs transformers generate
+    gen-data   the LLM client and gen-data against a fake server: in flight, CPU/request, resume
     compile-report  no GPU: the Triton kernels compiled for sm_90 (registers, spills, shared, pipelining)
     """
     if name in (None, "-h", "--help"):

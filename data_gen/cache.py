@@ -40,7 +40,7 @@ def request_key(request: dict) -> str:
 class ReplyCache:
     """get/put of (text, prompt_tokens, completion_tokens) by request key; disabled when `root` is None."""
 
-    def __init__(self, root: str | Path | None, *, flush_rows: int = 2000, flush_s: float = 2.0,
+    def __init__(self, root: str | Path | None, *, flush_rows: int = 2000, flush_s: float = 1.0,
                  busy_timeout_s: float = 60.0):
         self.root = Path(root) if root is not None else None
         self.flush_rows, self.flush_s = flush_rows, flush_s

@@ -578,11 +578,9 @@ class LLMClient:
         future = asyncio.get_running_loop().create_future()
         self._sharing[key] = future
         try:
-            if self.cache.mark_sent(key):
-                self.reasked += 1
             st.requests += 1
             self._total.requests += 1
-            reply = await self._send(request, st, priority)
+            reply = await self._send(request, st, priority, key)
             for s in (st, self._total):
                 s.tokens_in += reply.prompt_tokens
                 s.tokens_out += reply.completion_tokens
@@ -612,7 +610,7 @@ class LLMClient:
             server.probe_at = now + self.probe_after_s  # one probe at a time
         return server
 
-    async def _send(self, request: dict, st: _StageStats, priority: float) -> Reply:
+    async def _send(self, request: dict, st: _StageStats, priority: float, key: str) -> Reply:
         kind = request["kind"]
         budget = self.max_retries  # tries that failed with no other healthy server to turn to
         # A request that fails on every server while others' requests succeed (one that crashes the
@@ -623,6 +621,8 @@ class LLMClient:
         while True:
             tries_left -= 1
             await self._gate.acquire(priority)
+            if server is None and self.cache.mark_sent(key):  # logged when it first goes on the wire
+                self.reasked += 1
             server = self._pick(avoid=server)
             server.inflight += 1
             server.requests += 1
