@@ -166,6 +166,9 @@ async def label_user(
             except MalformedReply:
                 undecided = undecided[1:]
                 continue
+            if trait in description:  # the model repeated a trait the persona already has: it decides nothing
+                undecided = undecided[1:]
+                continue
             description = f"{description} {trait}"
             added.append(trait)
             rejudged = await judge_all(description, undecided)

@@ -73,6 +73,7 @@ from fspo_engine.data_gen.sources import (
 from fspo_engine.data_gen.stats import DatasetStats, binary_entropy, mean_entropy, rate
 
 FORMAT = "fspo-prefs/1"
+TEMPLATE_COMMIT = 256  # template units between commits (they take microseconds: time alone would be too rare)
 
 
 @dataclass
@@ -117,9 +118,26 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
             return _generate_locked(out, cfg, backend, inputs)
     except BaseException:
         if created:
+            _drop_empty_cache(out / ".llm-cache")
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a failed first run leaves no empty directory either
         raise
+
+
+def _drop_empty_cache(root: Path) -> None:
+    """Remove a reply cache that holds no reply (a first run that failed at once); one with replies stays:
+    they were paid for, and the corrected re-run reads them."""
+    from fspo_engine.data_gen.cache import ReplyCache
+
+    if not root.is_dir() or (root / ".." / STATE_DIR).exists():
+        return
+    cache = ReplyCache(root)
+    try:
+        empty = len(cache) == 0
+    finally:
+        cache.close()
+    if empty:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _generate_locked(out: Path, cfg: GenConfig, backend, inputs: Inputs) -> GenResult:
@@ -285,21 +303,22 @@ async def _run_units(cfg: GenConfig, state: dict, producer, files: StateFiles, c
     n_units, unit_of = _units(cfg)
     counters = state["counters"]
     done = next_start = state["done"]
-    window = 256 if client is None else max(64, 2 * cfg.concurrency)
+    # Template units are pure computation: one at a time, committed every TEMPLATE_COMMIT units as well.
+    window = 1 if client is None else max(64, 2 * cfg.concurrency)
     running: dict[asyncio.Task, int] = {}
     finished: dict[int, Made] = {}
     progress = _Progress(cfg, n_units, done)
     invocation = {"started_units": done}
     state.setdefault("invocations", []).append(invocation)
-    last_commit, written = time.monotonic(), 0
+    last_commit, committed, written = time.monotonic(), done, 0
 
     def commit():
-        nonlocal last_commit
+        nonlocal last_commit, committed
         if client is not None:
             client.flush()
             invocation.update(client.stats())
         files.commit(done, first_error=state.get("first_error") or getattr(producer, "first_error", None))
-        last_commit = time.monotonic()
+        last_commit, committed = time.monotonic(), done
 
     try:
         while done < n_units:
@@ -325,7 +344,11 @@ async def _run_units(cfg: GenConfig, state: dict, producer, files: StateFiles, c
                 written += len(made.prefs)
                 done += 1
                 progress.update(1, written, done, client)
-            if done == n_units or time.monotonic() - last_commit >= cfg.commit_every_s:
+            if (
+                done == n_units
+                or time.monotonic() - last_commit >= cfg.commit_every_s
+                or (client is None and done - committed >= TEMPLATE_COMMIT)
+            ):
                 commit()
     finally:
         for task in running:

@@ -33,6 +33,15 @@ def _h(*parts: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def _mix(*hashes: int) -> int:
+    """A signed 64-bit combination of 64-bit hashes (order matters), without hashing the texts again."""
+    x = 0x9E3779B97F4A7C15
+    for h in hashes:
+        x = ((x ^ (h & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 def _tfidf(texts: list[str]) -> np.ndarray:
     """[n, vocab] L2-normalised TF-IDF rows (smoothed idf, as in scikit-learn's default)."""
     docs = [Counter(_WORD.findall(t.lower())) for t in texts]
@@ -98,21 +107,26 @@ class DatasetStats:
     def add_pref(self, pref: dict) -> None:
         self.per_domain[self.domain_of[pref["user_id"]]]["prefs"] += 1
         question, chosen, rejected = pref["question"], pref["chosen"], pref["rejected"]
+        self.vocab.update(_WORD.findall(question.lower()))
+        hashes = []
         for text in (chosen, rejected):
-            n = len(_WORD.findall(text))
+            words = _WORD.findall(text.lower())
+            self.vocab.update(words)
+            n = len(words)
             self.words_n += 1
             self.words_sum += n
             self.words_min = n if self.words_min is None else min(self.words_min, n)
             self.words_max = n if self.words_max is None else max(self.words_max, n)
             h = _h(text)
+            hashes.append(h)
             self._queue("responses", (h,))
             self.responses.add(h, text)
-        for text in (question, chosen, rejected):
-            self.vocab.update(_WORD.findall(text.lower()))
-        self._queue("questions", (_h(question),))
-        first, second = sorted((chosen, rejected))
-        self._queue("pairs", (_h(question, first, second), int(chosen == first)))
-        self.pair_sample.add(_h(pref["pref_id"], question, chosen, rejected), (chosen, rejected))
+        hq = _h(question)
+        self._queue("questions", (hq,))
+        lo, hi = sorted(hashes)
+        # The unordered pair's group (question and both responses) and which side this user chose.
+        self._queue("pairs", (_mix(hq, lo, hi), int(hashes[0] == lo)))
+        self.pair_sample.add(_mix(hashes[0], hashes[1], hq), (chosen, rejected))
 
     def _queue(self, table: str, row: tuple) -> None:
         rows = self._pending[table]

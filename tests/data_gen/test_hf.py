@@ -1,4 +1,4 @@
-"""The hf backend's plumbing with a tiny random Llama saved by transformers (its replies are gibberish)."""
+"""The hf backend's plumbing (LLMClient's local-model transport) with a tiny random Llama saved by transformers (its replies are gibberish)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from fspo_engine.data_gen import generate_dataset
-from fspo_engine.data_gen.backends import HFBackend, MalformedReply
+from fspo_engine.data_gen.client import LLMClient, MalformedReply
 from fspo_engine.data_gen.errors import DataGenError
 
 
@@ -57,31 +57,35 @@ def tiny_llama(tmp_path_factory):
     return path
 
 
-def test_hf_backend_generates_deterministically_and_rejects_gibberish(tiny_llama, tmp_path):
+def test_hf_transport_generates_deterministically_and_rejects_gibberish(tiny_llama, tmp_path):
     async def go():
-        b = HFBackend(tiny_llama, cache_dir=tmp_path / "cache", malformed_retries=1)
+        c = LLMClient(model=str(tiny_llama), hf_model_dir=tiny_llama, cache_dir=None, malformed_retries=1)
         messages = [{"role": "user", "content": "Task: views\nQuestion: the w1 w2"}]
-        r1 = await b.chat(messages, max_tokens=6, temperature=0.8)
-        b.cache.root = None  # bypass the cache: same request -> same seeded sample
-        r2 = await b.chat(messages, max_tokens=6, temperature=0.8)
-        with pytest.raises(MalformedReply, match=r"malformed reply from .*tiny-llama.* for views"):
-            await b.chat_json(messages, lambda o: o, what="views", max_tokens=6)
-        return b, r1, r2
+        try:
+            r1 = await c.chat(messages, stage="views", max_tokens=6, temperature=0.8)
+            r2 = await c.chat(messages, stage="views", max_tokens=6, temperature=0.8)  # no cache: same seed
+            with pytest.raises(MalformedReply, match=r"^views: .*tiny-llama"):
+                await c.chat_json(messages, stage="views", schema={"type": "object"}, schema_name="views",
+                                  max_tokens=6)
+        finally:
+            await c.aclose()
+        return c, r1, r2
 
-    b, r1, r2 = asyncio.run(go())
+    c, r1, r2 = asyncio.run(go())
     assert r1.text == r2.text and 0 < r1.completion_tokens <= 6 and r1.prompt_tokens > 0
-    assert b.usage.malformed == 2
+    assert c.stats()["stages"]["views"]["malformed"] == 2
 
 
 def test_hf_pipeline_fails_clearly_when_no_reply_parses(tiny_llama, tmp_path):
-    with pytest.raises(DataGenError, match="no preferences were generated; first problem: malformed reply"):
+    with pytest.raises(DataGenError, match="no preferences were generated; first problem: views: "):
         generate_dataset(
             tmp_path / "out",
             backend="hf",
             model=str(tiny_llama),
+            personas="template",
+            questions="template",
             users=2,
             prefs_per_user=1,
-            candidates=2,
             max_tokens=4,
             progress=False,
         )
@@ -91,9 +95,9 @@ def test_hf_pipeline_fails_clearly_when_no_reply_parses(tiny_llama, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_hf_backend_rejects_a_non_model_directory(tmp_path):
+def test_hf_transport_rejects_a_non_model_directory(tmp_path):
     with pytest.raises(DataGenError, match="not a Hugging Face model directory"):
-        HFBackend(tmp_path)
+        LLMClient(model=str(tmp_path), hf_model_dir=tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["corrupt weights", "no tokenizer"])

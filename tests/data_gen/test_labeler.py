@@ -1,31 +1,31 @@
-"""The AI judge's both-orders rule and persona improvement, with an in-process scripted backend."""
+"""The AI judge's both-orders rule and persona improvement, with an in-process scripted judge LLM."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 import pytest
 
-from fspo_engine.data_gen.backends import ChatBackend, Reply
-from fspo_engine.data_gen.labeler import Decision, label_user
+from fspo_engine.data_gen.labeler import Decision, Judge, label_user
 
 
-class ScriptedJudge(ChatBackend):
-    """A judge that decides by a keyword rule: the user likes responses mentioning any word listed
-    after "likes:" in the description; a pair containing "BIASED" always gets "A" (position bias)."""
+class ScriptedLLM:
+    """A judge LLM that decides by a keyword rule: the user likes responses whose first word is listed after
+    "likes:" in the description; a pair containing "BIASED" always gets "A" (position bias). It answers
+    through the client's `chat_json` interface (reply object -> the caller's check), counting requests."""
 
     def __init__(self):
-        super().__init__("scripted", cache_dir=None)
         self.improve_calls = 0
+        self.judge_calls = 0
 
-    async def _call(self, request):
-        text = request["messages"][-1]["content"]
+    async def chat_json(self, messages, *, stage, schema, schema_name, check=None, **_):
+        text = messages[-1]["content"]
         if text.startswith("Task: improve persona"):
             self.improve_calls += 1
             a = re.search(r"Response A: (\w+)", text).group(1)
-            return Reply(json.dumps({"trait": f"likes: {a}"}))
+            return check({"trait": f"likes: {a}"})
+        self.judge_calls += 1
         desc = re.search(r"User description: (.*)", text).group(1)
         a = re.search(r"Response A: (.*)", text).group(1)
         b = re.search(r"Response B: (.*)", text).group(1)
@@ -38,7 +38,7 @@ class ScriptedJudge(ChatBackend):
             verdict = "B"
         else:
             verdict = "tie"
-        return Reply(json.dumps({"reason": "rule", "preferred": verdict}))
+        return check({"reason": "rule", "preferred": verdict})
 
 
 def test_decision_kinds_and_entropy():
@@ -60,21 +60,27 @@ def test_persona_improvement_lowers_entropy_on_an_ambiguous_user_and_drops_flips
     ]
 
     async def go(improve):
-        judge = ScriptedJudge()
-        labels = await label_user(judge, "A person.", pairs, improve=improve, max_traits=3)
-        return judge, labels
+        llm = ScriptedLLM()
+        labels = await label_user(Judge(llm, "judge"), "A person.", pairs, improve=improve, max_traits=3)
+        return llm, labels
 
     judge, plain = asyncio.run(go(False))
     assert [d.kind for d in plain.decisions] == ["tie", "tie", "tie", "flip"]
     assert sum(plain.entropy_after) / 4 == 1.0 and judge.improve_calls == 0
+    assert judge.judge_calls == 8  # both orders of every pair
 
     judge, improved = asyncio.run(go(True))
     before = sum(improved.entropy_before) / len(improved.entropy_before)
     after = sum(improved.entropy_after) / len(improved.entropy_after)
     assert before == 1.0 and after < before
-    # Trait 1 ("likes: apples") decides q1 and q2; trait 2 ("likes: bananas") decides q3; every pair was
-    # then relabelled with the final description, where apples and bananas are both liked.
-    assert improved.added_traits == ["likes: apples.", "likes: bananas."]
+    # Trait 1 ("likes: apples") decides q1 and q2; trait 2 ("likes: bananas") decides q3; the flip (q4) asks
+    # for a trait too, but "likes: apples." is already there and is not added twice. Every pair was then
+    # relabelled with the final description, where apples and bananas are both liked.
+    assert improved.added_traits == ["likes: apples.", "likes: bananas."] and judge.improve_calls == 3
     assert improved.description == "A person. likes: apples. likes: bananas."
     assert [d.kind for d in improved.decisions] == ["tie", "y", "x", "flip"]
+    assert [d.kind for d in improved.first] == ["tie", "tie", "tie", "flip"]
+    assert improved.decided_after_refinement == 2
     assert after == pytest.approx(0.5)
+    # The kept labels carry both raw verdicts: (x shown first, y shown first).
+    assert improved.decisions[1].verdicts == ("B", "A") and improved.decisions[3].verdicts == ("A", "A")

@@ -390,3 +390,91 @@ def test_the_pipeline_keeps_the_servers_full(tmp_path):
         run(fake, tmp_path / "d", users=48, prefs_per_user=5, concurrency=32, max_traits=1)
         mean = fake.stats()["mean_inflight"]
     assert mean >= 0.75 * 32, mean
+
+
+# --- failure modes (the gen-data red-team findings, on the new client) ------------------------------------
+def test_the_api_key_is_sent_and_written_nowhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_SECRET_KEY", "sk-test-secret-4242")
+    with FakeOpenAI(answer=persona_aware) as fake:
+        run(fake, tmp_path / "d", users=4, api_key_env="FAKE_SECRET_KEY")
+        assert "Bearer sk-test-secret-4242" in fake.auth_headers
+    for path in (tmp_path / "d").rglob("*"):
+        if path.is_file():
+            assert b"sk-test-secret" not in path.read_bytes(), path
+    assert "sk-test-secret" not in capsys.readouterr().err
+
+
+def test_every_reply_malformed_is_one_clear_error_and_leaves_nothing(tmp_path):
+    with FakeOpenAI(answer=lambda body: "no json here") as fake:
+        with pytest.raises(DataGenError, match="no usable question for domain 'reviews'"):
+            run(fake, tmp_path / "d", users=2)
+        with pytest.raises(DataGenError, match="no preferences were generated; first problem: views: "):
+            run(fake, tmp_path / "t", users=2, questions="template", personas="template")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_run_against_a_broken_server_can_be_rerun_once_it_is_fixed(tmp_path):
+    with FakeOpenAI(answer=persona_aware) as fake:
+        fake.script = [500] * 1000
+        with pytest.raises(DataGenError, match=r"request failed after 1 tries \(last: HTTP 500"):
+            run(fake, tmp_path / "d", users=3, max_retries=0)
+        assert not (tmp_path / "d").exists()  # nothing was generated: no state, no directory
+        fake.script = []
+        assert run(fake, tmp_path / "d", users=3, max_retries=0).manifest["counts"]["prefs"] > 0
+
+
+def test_transient_failures_do_not_change_the_bytes(tmp_path):
+    with FakeOpenAI(answer=persona_aware) as fake:
+        run(fake, tmp_path / "a", users=6)
+        fake.script = [429, 500, "reset", 503]
+        run(fake, tmp_path / "b", users=6)
+    for name in FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    stats = json.loads((tmp_path / "b" / "gen_stats.json").read_text())
+    assert stats["total"]["retries"] >= 4
+
+
+def test_a_failed_start_leaves_no_state(tmp_path):
+    with pytest.raises(DataGenError, match="not a Hugging Face model directory"):
+        generate_dataset(tmp_path / "hf", backend="hf", model=str(tmp_path / "nonexistent"), progress=False)
+    assert not (tmp_path / "hf").exists()
+    with FakeOpenAI(answer=persona_aware, models=["m"]) as fake:
+        with pytest.raises(DataGenError, match=r"refused the request \(404\)"):
+            run(fake, tmp_path / "oa", model="typo")
+        assert not (tmp_path / "oa").exists()
+        (tmp_path / "oa").mkdir()  # an existing, empty --out stays, and stays empty
+        with pytest.raises(DataGenError, match=r"refused the request \(404\)"):
+            run(fake, tmp_path / "oa", model="typo")
+        assert list((tmp_path / "oa").iterdir()) == []
+        run(fake, tmp_path / "oa", users=2)  # the corrected command just runs
+
+
+def test_no_base_url_names_the_server_the_sdk_uses(tmp_path, monkeypatch):
+    from fspo_engine.data_gen.config import GenConfig
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens on port 9
+    with pytest.raises(DataGenError, match=r"http://127.0.0.1:9/v1"):
+        generate_dataset(tmp_path / "out", backend="openai", model="m", users=2, max_retries=0, timeout_s=3.0,
+                         progress=False, backoff_s=0.0)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert GenConfig(backend="openai", model="m").resolved().base_url == "https://api.openai.com/v1"
+
+
+@pytest.mark.parametrize("mode", ["views", "both", "persona"])
+def test_the_older_response_modes_and_model_routing(tmp_path, mode):
+    with FakeOpenAI(answer=persona_aware) as fake:
+        result = run(fake, tmp_path / "d", users=6, prefs_per_user=3, candidates=3, response_mode=mode,
+                     gen_models=("g1", "g2"), judge_model="judge", min_prefs_per_user=0)
+        by_model: dict[str, set] = {}
+        for body in fake.seen:
+            by_model.setdefault(body["model"], set()).add(body["messages"][-1]["content"].splitlines()[0])
+    assert result.manifest["generator"]["gen_models"] == ["g1", "g2"]
+    assert by_model["judge"] <= {"Task: judge", "Task: improve persona"} and "Task: judge" in by_model["judge"]
+    assert by_model["g2"] == {"Task: respond"}  # the second generator writes responses only
+    prefs = read(tmp_path / "d" / "prefs.jsonl")
+    assert prefs and all(p["generator_model"] == ["g1", "g2"] and p["judge_model"] == "judge" for p in prefs)
+    if mode == "views":  # one set of views per question, shared by every user
+        questions = {p["question"] for p in prefs}
+        shared = {(p["question"], r) for p in prefs for r in (p["chosen"], p["rejected"])}
+        assert len({r for _, r in shared}) <= 3 * len(questions)

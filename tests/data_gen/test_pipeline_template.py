@@ -37,7 +37,7 @@ def file_bytes(d):
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
     args = dict(domains=("reviews", "elix", "roleplay"), users=40, prefs_per_user=6, seed=3, progress=False)
     generate_dataset(tmp_path / "a", **args)
-    generate_dataset(tmp_path / "b", chunk_users=7, **args)  # chunking must not change the output
+    generate_dataset(tmp_path / "b", commit_every_s=1e-9, **args)  # commit points must not change the output
     generate_dataset(tmp_path / "c", **{**args, "seed": 4})
     a, b, c = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b"), file_bytes(tmp_path / "c")
     assert a == b
@@ -164,8 +164,8 @@ def test_quickstart_preset_rejects_other_domains():
         get_domain("reviews", "fast")
 
 
-def test_resume_after_a_crash_drops_the_torn_chunk(tmp_path, monkeypatch):
-    args = dict(domains=("reviews", "roleplay"), users=30, prefs_per_user=4, progress=False, chunk_users=8)
+def test_resume_after_a_crash_drops_what_came_after_the_last_commit(tmp_path, monkeypatch):
+    args = dict(domains=("reviews", "roleplay"), users=30, prefs_per_user=4, progress=False, commit_every_s=1e-9)
     generate_dataset(tmp_path / "ref", **args)
 
     real_unit = TemplateProducer.unit
@@ -173,14 +173,14 @@ def test_resume_after_a_crash_drops_the_torn_chunk(tmp_path, monkeypatch):
 
     async def crashing_unit(self, user):
         if next(calls) == 37:
-            raise KeyboardInterrupt  # like a kill in the middle of the fifth chunk
+            raise KeyboardInterrupt  # like a kill in the middle of the 38th unit
         return await real_unit(self, user)
 
     monkeypatch.setattr(TemplateProducer, "unit", crashing_unit)
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path / "run", **args)
     state = json.loads((tmp_path / "run" / STATE_DIR / "state.json").read_text())
-    assert state["done"] == 32 and not (tmp_path / "run" / "manifest.json").exists()
+    assert state["done"] == 37 and not (tmp_path / "run" / "manifest.json").exists()
     with open(tmp_path / "run" / STATE_DIR / "prefs.jsonl", "ab") as f:
         f.write(b'{"pref_id": "torn-wri')  # bytes written after the last checkpoint
     monkeypatch.setattr(TemplateProducer, "unit", real_unit)
@@ -207,7 +207,7 @@ class Killed(BaseException):
 
 def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path, monkeypatch):
     """--overwrite used to delete the old dataset first: a kill mid-run then left no dataset at all."""
-    new_args = dict(users=30, prefs_per_user=4, seed=1, chunk_users=8, progress=False)
+    new_args = dict(users=30, prefs_per_user=4, seed=1, commit_every_s=1e-9, progress=False)
     generate_dataset(tmp_path / "ref", **new_args)
     d = tmp_path / "d"
     generate_dataset(d, users=12, prefs_per_user=3, progress=False)
