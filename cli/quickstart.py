@@ -53,8 +53,11 @@ QUICKSTART_CONFIG = {
 @click.option("--preset", default="quickstart", show_default=True, type=click.Choice(["quickstart", "quickstart-easy"]),
               help="quickstart: 4 traits of 4 values, one revealed per shot (a rising few-shot curve); "
                    "quickstart-easy: 2 traits, one shot reveals the user (a step, learnt fast).")
+@click.option("--ablation", type=click.Choice(["random-labels"]), default=None,
+              help="random-labels: the same texts, each label a seeded coin flip (the paper's structure ablation: "
+                   "what the model learns when labels carry no user).")
 @click.option("--overwrite", is_flag=True, help="Start over: delete --out first (needed after changing options).")
-def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, overwrite):
+def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, ablation, overwrite):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
     import shutil
     import time
@@ -78,6 +81,8 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, overwrit
     run = out / "run"
     click.echo(f"[1/4] gen-data ({preset} preset) -> {data}")
     opts = {"preset": preset, "seed": seed}
+    if ablation:
+        opts["ablation"] = ablation
     if users:
         opts["users"] = users
     try:
