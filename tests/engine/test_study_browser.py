@@ -60,12 +60,21 @@ def served(tmp_path_factory, tmp_path):
     study.close()
 
 
+def loaded(browser):
+    """Wait until the page that replaced the last one has loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _text(el) -> str:
     return " ".join(el.text.split())
 
 
 def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     study, url = served
@@ -81,7 +90,10 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
 
     browser.get(url)
     screenshot("landing")
+    old = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.ID, "start").click()
+    WebDriverWait(browser, 30).until(staleness_of(old))
+    loaded(browser)
     clicks = []  # (page, item, choice, texts shown)
     seen_preparing = False
     while page() != "done":
@@ -89,7 +101,10 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
         screenshot(kind)
         if kind == "preparing":
             seen_preparing = True
-            WebDriverWait(browser, 120, poll_frequency=0.2).until(lambda d: page() != "preparing")  # study.js polls
+            # study.js polls /status and reloads; the page may be replaced mid-check.
+            WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[WebDriverException]) \
+                .until(lambda d: page() != "preparing")
+            loaded(browser)
             continue
         item = browser.find_element(By.NAME, "item").get_attribute("value")
         if kind == "preference":
@@ -106,9 +121,10 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
             assert kind == "description", kind
             choice, shown = "yes", (_text(browser.find_element(By.ID, "description")),)
         clicks.append((kind, item, choice, shown))
+        old = browser.find_element(By.TAG_NAME, "html")
         browser.find_element(By.ID, f"choose-{choice}").click()
-        WebDriverWait(browser, 30).until(lambda d, was=item: not d.find_elements(By.NAME, "item")
-                                         or d.find_element(By.NAME, "item").get_attribute("value") != was)
+        WebDriverWait(browser, 30).until(staleness_of(old))  # the answer's page replaced this one
+        loaded(browser)
     screenshot("done")
 
     # The database holds exactly the clicks, each against what the page showed.
