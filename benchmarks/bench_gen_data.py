@@ -20,7 +20,7 @@ rerun: the extra requests and time, and whether the output is byte-identical. Th
 loop and of gen-data at two sizes (`--rss-requests`), to show memory flat in the number of requests.
 
     fspo-engine bench gen-data [--latency 0.5] [--throughput 0] [--requests 2000] [--concurrency 64,256]
-                               [--users 48] [--kill-at 0.5] [--rss-requests 10000,100000] [--base-url URL]
+                               [--users 2xCAP] [--kill-at 0.5] [--rss-requests 10000,100000] [--base-url URL]
 """
 
 from __future__ import annotations
@@ -292,14 +292,14 @@ def run(args) -> dict:
             if servers.fakes:
                 measure("httpx", "httpx", cap, {**common, "cap": cap, "n": args.requests})
             if not args.no_gen_data:
-                measure("gendata", "gen-data", cap, {**common, "cap": cap, "users": args.users,
+                measure("gendata", "gen-data", cap, {**common, "cap": cap, "users": args.users or 2 * cap,
                                                      "prefs_per_user": args.prefs_per_user, "seed": args.seed,
                                                      "out": str(tmp / f"gd-{cap}")})
         gd = [r for r in result["rows"] if r["variant"] == "gen-data"]
-        per_user = gd[0]["requests"] / args.users if gd else None
+        per_user = gd[0]["requests"] / (args.users or 2 * caps[0]) if gd else None
         if args.kill_at and gd and servers.fakes:
             print(f"  kill -9 at {args.kill_at} of the requests, then resume (cap {caps[0]})", flush=True)
-            result["kill"] = kill_and_resume(args, servers, caps[0], args.users, tmp)
+            result["kill"] = kill_and_resume(args, servers, caps[0], args.users or 2 * caps[0], tmp)
         for n in [int(x) for x in args.rss_requests.split(",") if x]:
             cap = caps[-1]
             row = measure("bare", "bare", cap, {**common, "cap": cap, "n": n})
@@ -320,8 +320,9 @@ def markdown(r: dict) -> str:
     server = (f"real server {a['base_url']}" if a["base_url"] else
               f"{a['servers']} fake server process(es): {a['latency']} s to first token, "
               + (f"{a['throughput']:g} tokens/s shared" if a["throughput"] else "no decode time"))
+    users = a["users"] or "2 x cap"
     lines = [f"{server}; bare loops of {a['requests']} requests of <= {a['max_tokens']} tokens; gen-data with "
-             f"{a['users']} users x {a['prefs_per_user']} prefs; {r['cpus']} CPUs", "",
+             f"{users} users x {a['prefs_per_user']} prefs; {r['cpus']} CPUs", "",
              "| variant | cap | requests | req/s | tokens/s | mean in flight | p95 in flight | of cap | "
              "CPU ms/req | peak RSS MB | cache hits | req/kept pref | h per 1M prefs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--requests", type=int, default=2000, help="requests per bare loop")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of the bare loops' requests")
     p.add_argument("--concurrency", default="64,256", help="comma list of caps")
-    p.add_argument("--users", type=int, default=48, help="gen-data users (~110 requests each with the fake judge)")
+    p.add_argument("--users", type=int, default=None,
+                   help="gen-data users (default 2 x the cap: enough work to fill it; ~23 requests per user)")
     p.add_argument("--prefs-per-user", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kill-at", type=float, default=0.5, help="fraction of requests at which gen-data is killed "
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if args.base_url and not args.model:
         p.error("--base-url needs --model")
-    if not 0 <= args.kill_at < 1 or args.requests < 1 or args.users < 1 or args.servers < 1:
+    if not 0 <= args.kill_at < 1 or args.requests < 1 or (args.users or 1) < 1 or args.servers < 1:
         p.error("--kill-at in [0, 1), --requests, --users and --servers >= 1")
     r = run(args)
     table = markdown(r)
