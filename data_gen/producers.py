@@ -160,13 +160,17 @@ class LLMProducer:
             async def draw(attempt: int):
                 stream = "persona" if attempt == 0 else f"persona-{attempt}"
                 traits = self.schema.sample(unit.domain, user_rng(cfg.seed, unit.domain, unit.index, stream))
-                text = await self._json(
-                    "personas",
-                    prompts.messages("persona", domain_about=d.about, traits=_bullets(traits)),
-                    prompts.PERSONA_SCHEMA,
-                    prompts.check_persona,
-                    unit,
-                )
+                try:
+                    text = await self._json(
+                        "personas",
+                        prompts.messages("persona", domain_about=d.about, traits=_bullets(traits)),
+                        prompts.PERSONA_SCHEMA,
+                        prompts.check_persona,
+                        unit,
+                    )
+                except MalformedReply as exc:
+                    self._note(exc)
+                    raise
                 return text, traits
 
         else:

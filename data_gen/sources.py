@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 from collections import deque
 from dataclasses import dataclass
 from importlib import resources
@@ -207,7 +208,8 @@ async def question_pool(client, cfg, schema: TraitSchema, domain: str, need: int
                     max_tokens=max(cfg.max_tokens, 60 * QUESTIONS_PER_REQUEST),
                     priority=-1.0,
                 )
-            except MalformedReply:
+            except MalformedReply as exc:
+                print(f"warning: {exc} (a batch of questions dropped; more are asked for)", file=sys.stderr)
                 return None
 
         for batch in await asyncio.gather(*(ask(k) for k in batches)):
