@@ -72,11 +72,28 @@ def served(tmp_path_factory, tmp_path):
     study.close()
 
 
-def loaded(browser):
-    """Wait until the page that replaced the last one has loaded."""
+def click_and_wait(browser, element_id: str):
+    """Click, then wait until another page has replaced this one and loaded. The old page is marked with a
+    global that a new document does not have (Chromium may answer a check on a replaced node with an
+    inspector error rather than "stale element", so selenium's staleness_of is not enough)."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    browser.execute_script("window.__studyOldPage = true")
+    browser.find_element(By.ID, element_id).click()
+    WebDriverWait(browser, 30, poll_frequency=0.05, ignored_exceptions=[WebDriverException]).until(
+        lambda d: d.execute_script("return !window.__studyOldPage && document.readyState === 'complete'"))
+
+
+def wait_while_preparing(browser):
+    """The "preparing" page reloads itself (study.js) once the next question is ready."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 120, poll_frequency=0.1, ignored_exceptions=[WebDriverException]).until(
+        lambda d: d.execute_script("return document.readyState === 'complete' && document.body.dataset.page")
+        != "preparing")
 
 
 def _text(el) -> str:
@@ -84,10 +101,7 @@ def _text(el) -> str:
 
 
 def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.expected_conditions import staleness_of
-    from selenium.webdriver.support.ui import WebDriverWait
 
     study, url = served
     shots_dir = tmp_path / "screens"
@@ -102,10 +116,7 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
 
     browser.get(url)
     screenshot("landing")
-    old = browser.find_element(By.TAG_NAME, "html")
-    browser.find_element(By.ID, "start").click()
-    WebDriverWait(browser, 30).until(staleness_of(old))
-    loaded(browser)
+    click_and_wait(browser, "start")
     clicks = []  # (page, item, choice, texts shown)
     seen_preparing = False
     while page() != "done":
@@ -113,10 +124,7 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
         screenshot(kind)
         if kind == "preparing":
             seen_preparing = True
-            # study.js polls /status and reloads; the page may be replaced mid-check.
-            WebDriverWait(browser, 120, poll_frequency=0.2, ignored_exceptions=[WebDriverException]) \
-                .until(lambda d: page() != "preparing")
-            loaded(browser)
+            wait_while_preparing(browser)
             continue
         item = browser.find_element(By.NAME, "item").get_attribute("value")
         if kind == "preference":
@@ -133,10 +141,7 @@ def test_a_participant_clicks_through_the_study(browser, served, tmp_path):
             assert kind == "description", kind
             choice, shown = "yes", (_text(browser.find_element(By.ID, "description")),)
         clicks.append((kind, item, choice, shown))
-        old = browser.find_element(By.TAG_NAME, "html")
-        browser.find_element(By.ID, f"choose-{choice}").click()
-        WebDriverWait(browser, 30).until(staleness_of(old))  # the answer's page replaced this one
-        loaded(browser)
+        click_and_wait(browser, f"choose-{choice}")
     screenshot("done")
 
     # The database holds exactly the clicks, each against what the page showed.
