@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,19 +119,28 @@ def env(tmp_path_factory):
                            answerer=LocalAnswerer(sides, device="cpu", **GEN))
 
 
-@pytest.fixture
-def served(env, tmp_path):
+@contextmanager
+def serving(db: Path, model, data, dataset, sides, answerer, baseline: str = "zero-shot"):
     """A study served in this process on a free port, with its generation worker."""
-    config = StudyConfig(model=str(env.run), data=str(env.data), shots=SHOTS, comparisons=COMPARISONS, **GEN)
-    study = Study(tmp_path / "study.sqlite", config, env.dataset, env.sides[0].description)
-    worker = Worker(study, env.answerer, env.sides, log=lambda msg: None)
+    config = StudyConfig(model=str(model), data=str(data), shots=SHOTS, comparisons=COMPARISONS, baseline=baseline,
+                         **GEN)
+    study = Study(db, config, dataset, sides[0].description)
+    worker = Worker(study, answerer, sides, log=lambda msg: None)
     study.on_onboarded = worker.wake
     worker.start()
     server = StudyServer(study, "127.0.0.1", 0).start()
-    yield SimpleNamespace(study=study, url=server.url, db=study.db)
-    server.stop()
-    worker.stop(timeout=30)
-    study.close()
+    try:
+        yield SimpleNamespace(study=study, url=server.url, db=study.db)
+    finally:
+        server.stop()
+        worker.stop(timeout=30)
+        study.close()
+
+
+@pytest.fixture
+def served(env, tmp_path):
+    with serving(tmp_path / "study.sqlite", env.run, env.data, env.dataset, env.sides, env.answerer) as s:
+        yield s
 
 
 # ---------------------------------------------------------------------------------------- an HTTP participant
@@ -411,6 +421,31 @@ def test_cluster_bootstrap_resamples_participants_not_comparisons():
     # Many people who agree: a tight interval.
     rep = _summarize([person(i, 4, 1) for i in range(30)], {}, seed=0)
     assert rep["ci95"] == [pytest.approx(0.8), pytest.approx(0.8)]
+
+
+def test_a_model_directory_and_another_model_as_the_baseline(env, tmp_path):
+    """--model takes a plain HF directory (no descriptions: no description question); --baseline DIR answers
+    with the same shots as the personalised side."""
+    from helpers import make_tiny_model_dir
+
+    from fspo_engine.engine.winrate import plan_sides
+
+    hf = make_tiny_model_dir(tmp_path / "hf", vocab_size=320)
+    for model, baseline in ((hf, "zero-shot"), (env.run, str(hf))):
+        sides = plan_sides(str(model), baseline, SHOTS, None)
+        with serving(tmp_path / f"{model.name}.sqlite", model, env.data, env.dataset, sides,
+                     LocalAnswerer(sides, device="cpu", **GEN), baseline=baseline) as s:
+            p = Participant(s.url).start()
+            p.run(pick_pattern)
+            comps = rows(s.db, "comparisons")
+            kinds = [k for k, *_ in p.given]
+        assert len(comps) == COMPARISONS and all(c["status"] == "ready" for c in comps)
+        if model == hf:
+            assert "description" not in kinds and all(c["description"] is None for c in comps)
+            assert all("# Example" not in c["baseline_prompt"] for c in comps)
+        else:
+            assert kinds[-1] == "description" and all(c["baseline_description"] is None for c in comps)
+            assert all(c["baseline_prompt"].count("# Example") == SHOTS for c in comps)  # the same shots
 
 
 def test_a_database_keeps_its_study_settings(env, tmp_path):
