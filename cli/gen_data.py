@@ -36,6 +36,14 @@ def _csv(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Fraction of users in the unseen test split.",
 )
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Fraction of users in the validation split (tuning); presets with held-out trait combinations give "
+    "them combinations in neither train nor test.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--label-noise",

@@ -39,6 +39,7 @@ class GenConfig:
     users: int | None = None  # users per domain (200; 2000 with the quickstart preset, 600 with quickstart-easy)
     prefs_per_user: int | None = None  # preference pairs per user (16; 12 with quickstart, 24 with quickstart-easy)
     test_fraction: float = 0.2  # fraction of each domain's users in the unseen `test` split
+    val_fraction: float = 0.0  # fraction in the `val` split (tuning); with held-out combinations, its own ones
     seed: int = 0
     label_noise: float | None = None  # template only: P(swap chosen/rejected) (0.02; 0 for quickstart)
     preset: str | None = None  # "quickstart" / "quickstart-easy": small-vocabulary reviews for the CPU quickstart
@@ -124,6 +125,9 @@ class GenConfig:
             f"--prefs-per-user must be >= 1, not {self.prefs_per_user}",
         )
         need(0.0 <= self.test_fraction < 1.0, f"--test-fraction must be in [0, 1), not {self.test_fraction}")
+        need(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        need(self.test_fraction + self.val_fraction < 1.0,
+             f"--test-fraction + --val-fraction must leave training users, not {self.test_fraction + self.val_fraction}")
         need(0.0 <= self.label_noise <= 0.5, f"--label-noise must be in [0, 0.5], not {self.label_noise}")
         if self.backend != "template":
             need(self.model is not None, f"--backend {self.backend} needs --model")
@@ -207,6 +211,8 @@ class GenConfig:
             record["persona_schema_sha256"] = file_digest(self.persona_schema) if self.persona_schema else None
         if self.ablation is not None:
             record["ablation"] = self.ablation
+        if self.val_fraction:  # absent when 0, so datasets without a validation split keep their manifests
+            record["val_fraction"] = self.val_fraction
         return {"name": "fspo-engine gen-data", "version": 1 if not self.llm else 2, **record}
 
 

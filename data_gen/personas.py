@@ -24,11 +24,20 @@ def user_rng(seed: int, domain: str, index: int, stream: str = "user") -> random
     return random.Random(derive_seed(seed, domain, index, stream))
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """Trait combinations reserved for one split each: test users hold only `test` combinations, val users
+    only `val` ones, and train users neither (empty sets: the split is by user only)."""
+
+    test: frozenset = frozenset()
+    val: frozenset = frozenset()
+
+
 @dataclass
 class User:
     user_id: str
     domain: str
-    split: str  # "train" | "test"
+    split: str  # "train" | "val" | "test"
     description: str
     traits: dict[str, str]
     index: int
@@ -50,9 +59,22 @@ def test_indices(seed: int, domain: str, n_users: int, test_fraction: float) -> 
     return frozenset(random.Random(derive_seed(seed, domain, "split")).sample(range(n_users), k))
 
 
-def make_user(domain: TemplateDomain, seed: int, index: int, split: str, heldout: frozenset) -> User:
+def val_indices(seed: int, domain: str, n_users: int, val_fraction: float, test: frozenset[int]) -> frozenset[int]:
+    """Exactly round(val_fraction * n_users) user indices among those not in `test` (a seeded draw of its own,
+    so adding a validation split leaves the test users as they were)."""
+    k = round(val_fraction * n_users)
+    rest = [i for i in range(n_users) if i not in test]
+    return frozenset(random.Random(derive_seed(seed, domain, "val-split")).sample(rest, min(k, len(rest))))
+
+
+def make_user(domain: TemplateDomain, seed: int, index: int, split: str, heldout: Holdout) -> User:
     rng = user_rng(seed, domain.name, index, "persona")
-    traits = domain.sample_traits(rng, split, heldout)
+    # Domains draw a test user inside the set they are given and a train user outside it: a val user is drawn
+    # inside the val set, a train user outside both.
+    if split == "train":
+        traits = domain.sample_traits(rng, "train", heldout.test | heldout.val)
+    else:
+        traits = domain.sample_traits(rng, "test", heldout.val if split == "val" else heldout.test)
     return User(
         user_id=f"{domain.name}-{index:06d}",
         domain=domain.name,

@@ -60,7 +60,7 @@ from fspo_engine.data_gen.outdir import (
     write_json_atomic,
     write_staged,
 )
-from fspo_engine.data_gen.personas import derive_seed, test_indices
+from fspo_engine.data_gen.personas import Holdout, derive_seed, test_indices, val_indices
 from fspo_engine.data_gen.producers import LLMProducer, Made, TemplateProducer, Unit
 from fspo_engine.data_gen.sources import (
     PersonaBook,
@@ -192,10 +192,11 @@ def make_client(cfg: GenConfig, out: Path):
 def _units(cfg: GenConfig) -> tuple[int, callable]:
     """The number of units and the Unit of a place in the run: domain by domain, users in index order."""
     tests = {name: test_indices(cfg.seed, name, cfg.users, cfg.test_fraction) for name in cfg.domains}
+    vals = {name: val_indices(cfg.seed, name, cfg.users, cfg.val_fraction, tests[name]) for name in cfg.domains}
 
     def unit(order: int) -> Unit:
         name, i = cfg.domains[order // cfg.users], order % cfg.users
-        return Unit(name, i, "test" if i in tests[name] else "train", order)
+        return Unit(name, i, "test" if i in tests[name] else "val" if i in vals[name] else "train", order)
 
     return len(cfg.domains) * cfg.users, unit
 
@@ -231,7 +232,10 @@ class Inputs:
 async def _generate(out: Path, cfg: GenConfig, state: dict, client, inputs: Inputs) -> int:
     """Stage 1: the units not done yet, pipelined (see `_run_units`). -> the preferences this invocation wrote."""
     domains = {name: get_domain(name, cfg.preset) for name in cfg.domains}
-    heldout = {name: d.heldout_combos(cfg.seed, cfg.test_fraction) for name, d in domains.items()}
+    heldout = {}
+    for name, d in domains.items():
+        test = d.heldout_combos(cfg.seed, cfg.test_fraction)
+        heldout[name] = Holdout(test, d.val_combos(cfg.seed, cfg.val_fraction, test))
     state_dir = out / STATE_DIR
     try:
         if cfg.backend == "template":

@@ -19,7 +19,7 @@ from pathlib import Path
 from fspo_engine.engine.errors import FspoError
 
 DATASET_FORMAT = "fspo-prefs/1"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 MAX_REPORTED_ERRORS = 20
 
 

@@ -83,6 +83,10 @@ class TemplateDomain(ABC):
         """Trait combinations reserved for test users (empty: split by user only)."""
         return frozenset()
 
+    def val_combos(self, seed: int, val_fraction: float, test: frozenset) -> frozenset:
+        """Trait combinations reserved for validation users, disjoint from `test` (empty: split by user only)."""
+        return frozenset()
+
     @abstractmethod
     def sample_traits(self, rng: random.Random, split: str, heldout: frozenset) -> dict[str, str]:
         ...

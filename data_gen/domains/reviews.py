@@ -105,6 +105,11 @@ class Reviews(TemplateDomain):
         rng = random.Random(f"{seed}/reviews/heldout")
         return frozenset(rng.sample(combos, k))
 
+    def val_combos(self, seed, val_fraction, test):
+        rest = [c for c in sorted(itertools.product(*(AXES[a] for a in sorted(AXES)))) if c not in test]
+        k = min(max(round(val_fraction * (len(rest) + len(test))), 1), len(rest) - 1) if val_fraction > 0 else 0
+        return frozenset(random.Random(f"{seed}/reviews/val-heldout").sample(rest, k))
+
     def sample_traits(self, rng, split, heldout):
         names = sorted(AXES)
         combos = sorted(itertools.product(*(AXES[a] for a in names)))
@@ -246,8 +251,23 @@ class QuickstartReviews(TemplateDomain):
         assert all(len(QS_AXES[a]) == size for a in names), "orbits need axes of one size"
         starts = [c for c in itertools.product(range(size), repeat=len(names)) if c[0] == 0]
         chosen = random.Random(f"{seed}/reviews-quickstart/heldout").sample(starts, QS_HELDOUT_ORBITS)
+        return self._orbits(chosen)
+
+    def val_combos(self, seed, val_fraction, test):
+        # As many whole orbits as the test users have, drawn among the others.
+        if val_fraction <= 0:
+            return frozenset()
+        size = len(QS_AXES[sorted(QS_AXES)[0]])
+        starts = [c for c in itertools.product(range(size), repeat=len(QS_AXES)) if c[0] == 0]
+        free = [c for c in starts if not self._orbits([c]) & test]
+        return self._orbits(random.Random(f"{seed}/reviews-quickstart/val-heldout").sample(free, QS_HELDOUT_ORBITS))
+
+    def _orbits(self, starts) -> frozenset:
+        """The trait combinations of the orbits (a combination and its cyclic shifts) of `starts`."""
+        names = sorted(QS_AXES)
+        size = len(QS_AXES[names[0]])
         return frozenset(tuple(QS_AXES[a][(i + shift) % size] for a, i in zip(names, c))
-                         for c in chosen for shift in range(size))
+                         for c in starts for shift in range(size))
 
     def sample_traits(self, rng, split, heldout):
         names = sorted(QS_AXES)

@@ -322,3 +322,25 @@ def test_killed_subprocess_then_rerun_matches_uninterrupted_run(tmp_path):
     )
     assert file_bytes(killed) == file_bytes(tmp_path / "whole")
     assert not (killed / STATE_DIR).exists()
+
+
+@pytest.mark.parametrize("preset, domains", [("quickstart", ("reviews",)), (None, ("reviews", "elix"))])
+def test_a_validation_split_holds_users_and_combinations_of_its_own(tmp_path, preset, domains):
+    args = dict(preset=preset, domains=domains, users=300, prefs_per_user=2, seed=4, progress=False)
+    plain = generate_dataset(tmp_path / "plain", **args)
+    result = generate_dataset(tmp_path / "val", val_fraction=0.1, **args)
+    users = read_jsonl(tmp_path / "val" / "users.jsonl")
+    split = {u["user_id"]: u["split"] for u in users}
+    assert sum(s == "val" for s in split.values()) == 30 * len(domains)
+    assert result.manifest["counts"]["val_users"] == 30 * len(domains)
+    assert result.manifest["generator"]["val_fraction"] == 0.1 and "val_fraction" not in plain.manifest["generator"]
+    # The test users are the same users with the same traits: adding a validation split takes from train only.
+    before = {u["user_id"]: u for u in read_jsonl(tmp_path / "plain" / "users.jsonl") if u["split"] == "test"}
+    assert {k: v for k, v in before.items()} == {u["user_id"]: u for u in users if u["split"] == "test"}
+    domain = get_domain("reviews", preset)
+    combos = {s: {tuple(u["traits"][a] for a in sorted(domain.axes)) for u in users
+                  if u["split"] == s and u["domain"] == "reviews"} for s in ("train", "val", "test")}
+    assert combos["val"] and not combos["val"] & combos["train"] and not combos["val"] & combos["test"]
+    assert not combos["test"] & combos["train"]
+    with pytest.raises(DataGenError, match="--test-fraction \\+ --val-fraction"):
+        generate_dataset(tmp_path / "bad", test_fraction=0.6, val_fraction=0.5, progress=False)
