@@ -281,9 +281,9 @@ async def _question_pools(cfg: GenConfig, client, inputs: Inputs) -> dict[str, l
         pools = {d: list(q) for d, q in inputs.question_file.items()}
     else:
         need = pool_size(cfg.users, cfg.prefs_per_user, cfg.questions_per_domain)
+        made = await asyncio.gather(*(question_pool(client, cfg, inputs.schema, d, need) for d in cfg.domains))
         pools = {}
-        for d in cfg.domains:
-            pool, _ = await question_pool(client, cfg, inputs.schema, d, need)
+        for d, (pool, _) in zip(cfg.domains, made):
             if not pool:
                 raise DataGenError(f"no usable question for domain {d!r}: every questions request failed")
             if len(pool) < need:
