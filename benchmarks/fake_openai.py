@@ -74,15 +74,28 @@ _CODAS = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ck"]
 _SMALL = "the a of and to in is for with on that as it by at from this".split()
 
 
+def _make_vocabulary(size: int) -> list[str]:
+    rng, seen = random.Random(0), set()
+    while len(seen) < size:
+        seen.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                         for _ in range(rng.choice((1, 2, 2, 3)))))
+    return sorted(seen)
+
+
+# A fixed vocabulary of the size of an LLM's everyday one, drawn with a skew towards its head (as word
+# frequencies are): text statistics (tf-idf, MinHash) see realistic vocabulary sizes, and 4+ words
+# still make collisions between requests vanishingly rare.
+_VOCAB = _make_vocabulary(8000)
+
+
 def _word(rng: random.Random) -> str:
     if rng.random() < 0.25:
         return rng.choice(_SMALL)
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                   for _ in range(rng.randint(1, 3)))
+    return _VOCAB[int(len(_VOCAB) * rng.random() ** 2)]
 
 
 def words(rng: random.Random, n: int) -> str:
-    """n pseudo-English words (~1300 syllables, 1-3 per word): a few words rarely repeat across requests."""
+    """n pseudo-English words from an 8000-word vocabulary (plus function words)."""
     return " ".join(_word(rng) for _ in range(n))
 
 
