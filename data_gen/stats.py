@@ -21,8 +21,6 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 _WORD = re.compile(r"\w+")
 SAMPLE = 1000  # texts in the TF-IDF samples
 
@@ -42,18 +40,37 @@ def _mix(*hashes: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-def _tfidf(texts: list[str]) -> np.ndarray:
-    """[n, vocab] L2-normalised TF-IDF rows (smoothed idf, as in scikit-learn's default)."""
+def _tfidf(texts: list[str]) -> list[dict[str, float]]:
+    """L2-normalised TF-IDF vectors (smoothed idf, as in scikit-learn's default), sparse: word -> weight. A
+    dense [texts, vocabulary] matrix of a thousand LLM answers can take gigabytes; these take the words."""
     docs = [Counter(_WORD.findall(t.lower())) for t in texts]
-    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
-    x = np.zeros((len(texts), max(len(vocab), 1)))
-    for r, d in enumerate(docs):
-        for w, c in d.items():
-            x[r, vocab[w]] = c
-    df = (x > 0).sum(0)
-    x *= np.log((1 + len(texts)) / (1 + df)) + 1
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
+    df = Counter(w for d in docs for w in d)
+    n = len(texts)
+    out = []
+    for d in docs:
+        v = {w: c * (math.log((1 + n) / (1 + df[w])) + 1) for w, c in d.items()}
+        norm = math.sqrt(math.fsum(x * x for x in v.values()))
+        out.append({w: x / norm for w, x in v.items()} if norm > 0 else {})
+    return out
+
+
+def _dot(a: dict[str, float], b: dict[str, float]) -> float:
+    if len(a) > len(b):
+        a, b = b, a
+    return math.fsum(x * b.get(w, 0.0) for w, x in a.items())
+
+
+def mean_pairwise_cosine(texts: list[str]) -> float:
+    """The mean cosine over all pairs of distinct texts, without the n x n matrix: for unit vectors,
+    sum over i != j of x_i . x_j = |sum_i x_i|^2 - sum_i |x_i|^2."""
+    vectors = _tfidf(texts)
+    total: dict[str, float] = {}
+    for v in vectors:
+        for w, x in v.items():
+            total[w] = total.get(w, 0.0) + x
+    squares = sum(1.0 for v in vectors if v)  # |x_i|^2 is 1, or 0 for a text without words
+    n = len(vectors)
+    return (math.fsum(x * x for x in total.values()) - squares) / (n * (n - 1))
 
 
 class _BottomK:
@@ -157,14 +174,14 @@ class DatasetStats:
         }
         sample = self.responses.items()
         if len(sample) >= 2:
-            x = _tfidf(sample)
-            sim, n = x @ x.T, len(sample)
-            diversity["mean_pairwise_tfidf_cosine"] = round(float((sim.sum() - np.trace(sim)) / (n * (n - 1))), 4)
+            diversity["mean_pairwise_tfidf_cosine"] = round(mean_pairwise_cosine(sample), 4)
         pairs = self.pair_sample.items()
         if pairs:
-            x = _tfidf([c for c, _ in pairs] + [r for _, r in pairs])
+            vectors = _tfidf([c for c, _ in pairs] + [r for _, r in pairs])
             n = len(pairs)
-            diversity["chosen_rejected_tfidf_cosine"] = round(float((x[:n] * x[n:]).sum(1).mean()), 4)
+            diversity["chosen_rejected_tfidf_cosine"] = round(
+                math.fsum(_dot(vectors[i], vectors[n + i]) for i in range(n)) / n, 4
+            )
         return {
             "per_domain": self.per_domain,
             "response_words": {
