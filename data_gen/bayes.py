@@ -31,8 +31,8 @@ class BayesModel:
     """The generator's model of one domain's data; `p_chosen` is the posterior choice on one episode."""
 
     def __init__(self, domain: TemplateDomain, label_noise: float):
-        if not 0.0 <= label_noise < 0.5:
-            raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
+        if not 0.0 <= label_noise <= 0.5:  # 0.5: labels are coins (the random-labels ablation)
+            raise ValueError(f"label_noise must be in [0, 0.5], got {label_noise}")
         self.domain = domain
         self.noise = label_noise
         self.names = sorted(domain.axes)
@@ -120,6 +120,8 @@ def models_for(manifest: dict) -> dict[str, BayesModel]:
     if gen.get("backend") != "template":
         return {}
     noise = float(gen.get("label_noise") or 0.0)
+    if gen.get("ablation") == "random-labels":
+        noise = 0.5  # each label a fair coin whatever the user: the posterior never moves, the reference is 0.5
     domains = manifest.get("domains") or gen.get("domains") or []
     return {name: BayesModel(get_domain(name, gen.get("preset")), noise) for name in domains}
 

@@ -228,3 +228,18 @@ def test_a_training_users_prior_that_lacks_the_users_combination_points_away_fro
     assert model.p_chosen(shots, target, prior=only_far) == 0.5
     with pytest.raises(ValueError, match="trait space"):
         model.prior_of([{"sentiment": "lukewarm"}])
+
+
+def test_random_labels_make_every_label_a_coin_for_the_reference(tmp_path):
+    from fspo_engine.data_gen import generate_dataset
+    from fspo_engine.data_gen.bayes import models_for
+
+    result = generate_dataset(tmp_path / "r", preset="quickstart", users=40, progress=False, ablation="random-labels")
+    model = models_for(result.manifest)["reviews"]
+    assert model.noise == 0.5
+    # Whatever the shots say, the reference is a coin: labels carry nothing about the user.
+    import json
+
+    prefs = [json.loads(line) for line in (tmp_path / "r" / "prefs.jsonl").read_text().splitlines()]
+    shots = [(p["chosen"], p["rejected"]) for p in prefs[:8]]
+    assert model.p_chosen(shots, (prefs[8]["chosen"], prefs[8]["rejected"])) == pytest.approx(0.5)
