@@ -22,15 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs on one --out must then not overlap
     fcntl = None
+from fspo_engine.data_gen.atomic import json_text, remove_stale_temps, write_json_atomic, write_staged  # noqa: F401
 from fspo_engine.data_gen.errors import DataGenError
 
 STATE_DIR = ".gen-state"
@@ -40,45 +39,6 @@ GEN_STATS = "gen_stats.json"  # sidecar: run bookkeeping of the last LLM run, no
 def dumps(record: dict) -> str:
     """One JSON Lines record, as the dataset files hold them (sorted keys, UTF-8 as is)."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
-
-
-def json_text(obj: dict) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2) + "\n"
-
-
-def write_staged(path: Path, chunks: Iterable[str]) -> Path:
-    """Write `chunks` (UTF-8) to a new temp file beside `path`, fsynced; returns the temp file's path, for
-    the caller to `os.replace` onto `path`. The file is created as `open(path, "w")` would create it:
-    mode 0o666 less the umask (tempfile.mkstemp makes 0o600 files, which the rename would hand on to a
-    dataset other users of the machine then cannot read). O_EXCL + a random name keep it unique."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def remove_stale_temps(out: Path, names: Iterable[str]) -> None:
-    """Delete the temp files a killed run staged for `names` in `out` (one writer per directory)."""
-    for name in names:
-        for stale in out.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    os.replace(write_staged(path, [json_text(obj)]), path)
 
 
 @contextlib.contextmanager
