@@ -85,6 +85,14 @@ class ReplyCache:
         self._replies[bytes.fromhex(key)] = (text, int(prompt_tokens), int(completion_tokens))
         self._maybe_flush()
 
+    def discard(self, key: str | None) -> None:
+        """Forget the reply of `key` (one that failed its caller's checks), queued or committed."""
+        if self._db is None or key is None:
+            return
+        k = bytes.fromhex(key)
+        if self._replies.pop(k, None) is None:
+            self._db.execute("DELETE FROM replies WHERE key=?", (k,))
+
     def mark_sent(self, key: str) -> bool:
         """Log that `key` goes on the wire; True when an earlier invocation had sent it and got no reply."""
         if self._db is None:

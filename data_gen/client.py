@@ -58,7 +58,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fspo_engine.data_gen import schema as json_schema
@@ -76,6 +76,7 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
+    key: str | None = field(default=None, compare=False)  # the request's cache key
 
     @property
     def usable(self) -> bool:
@@ -501,11 +502,15 @@ class LLMClient:
 
     async def complete(self, prompt: str | list[int], *, stage: str, model: str | None = None,
                        temperature: float = 0.0, top_p: float | None = None, max_tokens: int = 256,
-                       stop: list[str] | None = None, seed: int | None = None, priority: float = 0.0) -> Reply:
-        """One /v1/completions request: the prompt is sent exactly (text, or token ids where the server takes them)."""
+                       stop: list[str] | None = None, seed: int | None = None, priority: float = 0.0,
+                       stop_token_ids: list[int] | None = None) -> Reply:
+        """One /v1/completions request: the prompt is sent exactly (text, or token ids where the server takes them).
+        `stop_token_ids` (vLLM's and SGLang's extension) goes in the body, and in the cache key, only when given."""
         request = {"kind": "completions", "model": model or self.model, "prompt": prompt,
                    "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
                    "stop": list(stop) if stop else None, "attempt": 0}
+        if stop_token_ids:
+            request["stop_token_ids"] = [int(t) for t in stop_token_ids]
         request["seed"] = derive_seed(self.run_seed, request) if seed is None else int(seed)
         return await self._request(request, stage, priority)
 
@@ -552,6 +557,9 @@ class LLMClient:
                 self._stage(stage).malformed += 1
                 self._total.malformed += 1
                 reason, text = str(exc), reply.text
+                # A reply that fails its schema is not kept: a re-run asks the (maybe fixed) server again
+                # instead of replaying the failure from the cache.
+                self.cache.discard(reply.key)
                 continue
             if keep is not None:
                 keep.append(reply)
@@ -573,12 +581,12 @@ class LLMClient:
         if hit is not None:
             st.cache_hits += 1
             self._total.cache_hits += 1
-            return Reply(*hit, cached=True)
+            return Reply(*hit, cached=True, key=key)
         if key in self._sharing:  # an identical request is on the wire: share its reply
             st.cache_hits += 1
             self._total.cache_hits += 1
             reply = await asyncio.shield(self._sharing[key])
-            return Reply(reply.text, reply.prompt_tokens, reply.completion_tokens, cached=True)
+            return Reply(reply.text, reply.prompt_tokens, reply.completion_tokens, cached=True, key=key)
         future = asyncio.get_running_loop().create_future()
         self._sharing[key] = future
         try:
@@ -590,6 +598,7 @@ class LLMClient:
                 s.tokens_out += reply.completion_tokens
             if reply.usable:
                 self.cache.put(key, reply.text, reply.prompt_tokens, reply.completion_tokens)
+            reply.key = key
             future.set_result(reply)
             return reply
         except asyncio.CancelledError:

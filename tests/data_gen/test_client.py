@@ -491,3 +491,22 @@ def test_the_fakes_consistent_judge_ignores_the_order():
         first, second = (json.loads(consistent_judge(body(*p)))["preferred"] for p in ((x, y), (y, x)))
         assert {first, second} in ({"A", "B"}, {"tie"}) and (first == "tie" or first != second)
     assert consistent_judge({"model": "m", "messages": msg("Task: respond")}) is None
+
+
+def test_a_reply_that_fails_its_schema_is_not_replayed_from_the_cache(fake, tmp_path):
+    """A server that answered garbage and was fixed must be asked again, not read back from the cache."""
+    fake.answer = lambda body: "not json at all"
+
+    async def go():
+        c = client(fake.base_url, cache_dir=tmp_path, malformed_retries=1)
+        try:
+            return await c.chat_json(msg("x"), stage="s", schema={"type": "object"}, schema_name="s")
+        finally:
+            await c.aclose()
+
+    with pytest.raises(MalformedReply):
+        run(go)
+    assert fake.answered == 2
+    fake.answer = None  # fixed: the built-in model answers with an instance of the schema
+    assert isinstance(run(go), dict) and fake.answered == 3  # asked again
+    assert isinstance(run(go), dict) and fake.answered == 3  # then read from the cache
