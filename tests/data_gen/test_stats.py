@@ -69,7 +69,7 @@ def test_counts_and_disagreement_equal_a_brute_force():
     for p in prefs:
         groups.setdefault((p["question"], *sorted((p["chosen"], p["rejected"]))), []).append(p["chosen"])
     rates = []
-    for key, chosen in groups.items():
+    for chosen in groups.values():
         if len(chosen) >= 2:
             pairs = list(combinations(chosen, 2))
             rates.append(sum(a != b for a, b in pairs) / len(pairs))
