@@ -54,10 +54,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run under a SIGINT limit (SIGKILL 10 s
 t0=$SECONDS
 nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
 timeout 15 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1
-if ! "$PY" -c "import fspo_engine.kernels" 2>>"$WORK/install.log"; then
+# Probe a real attribute: fspo_engine.kernels is a namespace package, which any folder of that name would satisfy.
+if ! "$PY" -c "from fspo_engine.kernels.logprobs import linear_logprob_sums" 2>>"$WORK/install.log"; then
     # The editable install failed: expose the top-level folders as the fspo_engine namespace by hand.
     mkdir -p "$SCRATCH/site/fspo_engine"
-    for d in engine kernels data_gen cli benchmarks; do ln -s "$PWD/$d" "$SCRATCH/site/fspo_engine/$d"; done
+    for d in engine kernels data_gen cli benchmarks configs; do ln -s "$PWD/$d" "$SCRATCH/site/fspo_engine/$d"; done
     export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
     echo "install fallback: PYTHONPATH=$SCRATCH/site" | tee -a "$SUMMARY"
 fi

@@ -1,1 +1,1 @@
-import fspo_engine.engine  # noqa: F401  (first: it takes the repository root off sys.path)
+"""fspo_engine.cli: the `fspo-engine` click group (main.py) and one module per command."""

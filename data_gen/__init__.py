@@ -8,7 +8,6 @@ writes the fspo-prefs/1 directory of DESIGN.md (manifest.json, users.jsonl, pref
 `import_dataset` converts the released FSPO datasets into the same format.
 """
 
-import fspo_engine.engine  # noqa: F401  (first: it takes the repository root off sys.path)
 from fspo_engine.data_gen.config import GenConfig
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.importers import import_dataset

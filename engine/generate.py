@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fspo_engine.engine.model import Llama, apply_rope, rope_inv_freq
-from fspo_engine.kernels import prefix_shared_attention
+from fspo_engine.kernels.attention import prefix_shared_attention
 
 
 @dataclass

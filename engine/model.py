@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.kernels import prefix_shared_attention
+from fspo_engine.kernels.attention import prefix_shared_attention
 
 # ----------------------------------------------------------------------------------------------------------
 # Config

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from fspo_engine.engine.packing import PackedBatch, pack_batches
-from fspo_engine.kernels import linear_logprob_sums
+from fspo_engine.kernels.logprobs import linear_logprob_sums
 
 
 def segment_logprobs(model, packed: PackedBatch, impl: str = "auto") -> torch.Tensor:

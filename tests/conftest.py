@@ -5,8 +5,6 @@ import os
 import pytest
 import torch
 
-import fspo_engine.engine  # noqa: F401  (takes the repository root off sys.path before anything imports transformers)
-
 # Must happen before anything imports triton: the kernels then run in the CPU interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():  # must precede the first triton import (tests
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fspo_engine.kernels import attention as A  # noqa: E402
-from fspo_engine.kernels import prefix_shared_attention  # noqa: E402
+from fspo_engine.kernels.attention import prefix_shared_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

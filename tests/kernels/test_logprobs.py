@@ -22,12 +22,12 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported; tests/conftest.py does the same
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fspo_engine.kernels import linear_logprob_sums  # noqa: E402
 from fspo_engine.kernels import logprobs as L  # noqa: E402
 from fspo_engine.kernels.logprobs import (  # noqa: E402
     _segment_sum,
     _segment_sum_sorted,
     _tile_shape,
+    linear_logprob_sums,
     linear_logprob_sums_torch,
 )
 
