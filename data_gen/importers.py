@@ -191,25 +191,15 @@ def _hash_split(key: str, seed: int, test_fraction: float) -> str:
     return "test" if h / 2**64 < test_fraction else "train"
 
 
-def import_dataset(
-    kind: str,
-    files: list[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    split: str = "auto",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict:
+def import_dataset(kind: str, files: list[str | os.PathLike], out_dir: str | os.PathLike, **options) -> dict:
     """Convert official FSPO files of `kind` (roleplay | review | elix) into `out_dir`; returns the manifest.
 
-    `split`: "train" or "test" for every user, or "auto": a file whose name says train/test (or
-    eval) gives its users that split, other files split users by a seeded hash of the user.
-    Re-running an import identical to the dataset already in `out_dir` writes nothing and succeeds.
+    Options are `run_import`'s: `split` "train" or "test" for every user, or "auto" (a file whose name says
+    train/test (or eval) gives its users that split, other files split users by a seeded hash of the user),
+    `test_fraction`, `seed`, `overwrite`. Re-running an import identical to the dataset already in `out_dir`
+    writes nothing and succeeds.
     """
-    return run_import(
-        kind, files, out_dir, split=split, test_fraction=test_fraction, seed=seed, overwrite=overwrite
-    ).manifest
+    return run_import(kind, files, out_dir, **options).manifest
 
 
 def run_import(
@@ -222,7 +212,8 @@ def run_import(
     seed: int = 0,
     overwrite: bool = False,
 ) -> GenResult:
-    """`import_dataset` for the CLI: a GenResult whose `prefs_written` is 0 when there was nothing to do."""
+    """Import the files (see `import_dataset`) -> a GenResult whose `prefs_written` is 0 when there was nothing to
+    do (what the CLI prints)."""
     if kind not in KINDS:
         raise DataGenError(f"--import must be one of {', '.join(KINDS)}, not {kind!r}")
     if split not in ("auto", "train", "test"):
