@@ -32,6 +32,49 @@ def description_option(f):
     return f
 
 
+def generator_options(f):
+    """--generator local|openai and its server options, shared by generate and eval --winrate
+    (engine/remote.py)."""
+    for decorator in reversed([
+        click.option("--generator", default="local", show_default=True, type=click.Choice(["local", "openai"]),
+                     help="local: decode in this process; openai: send each prompt (as token ids) to an "
+                          "OpenAI-compatible /v1/completions server serving the same model, e.g. vLLM."),
+        click.option("--generator-url", default=None,
+                     help="With --generator openai: the server, e.g. http://127.0.0.1:8000/v1 [OPENAI_BASE_URL]."),
+        click.option("--generator-model", default=None,
+                     help="With --generator openai: the model's name on the server (vllm serve DIR: DIR, unless "
+                          "--served-model-name)."),
+        click.option("--generator-api-key-env", "--api-key-env", "generator_api_key_env", default="OPENAI_API_KEY",
+                     show_default=True, help="NAME of the environment variable holding the generation server's "
+                                             "API key (never written anywhere)."),
+        click.option("--generator-concurrency", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Generation requests in flight (a continuous-batching server batches them)."),
+        click.option("--generator-retries", default=5, show_default=True, type=click.IntRange(min=0),
+                     help="Retries of a failed generation request (connection errors, 5xx, 429)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def generator_server(generator: str, url: str | None, model: str | None, api_key_env: str, concurrency: int,
+                     retries: int, flag: str = "--generator"):
+    """The `engine.remote.Server` the options name, or None for local generation; FspoError for a bad mix."""
+    import os
+
+    from fspo_engine.engine.errors import FspoError
+    from fspo_engine.engine.remote import Server
+
+    if generator == "local":
+        if url is not None or model is not None:
+            raise FspoError(f"{flag}-url/{flag}-model go with --generator openai")
+        return None
+    if not model:
+        raise FspoError(f"--generator openai needs {flag}-model NAME (the name the server serves the model under)")
+    if not url and not os.environ.get("OPENAI_BASE_URL"):
+        raise FspoError(f"--generator openai needs {flag}-url URL (e.g. http://127.0.0.1:8000/v1)")
+    return Server(url, model, api_key_env, concurrency, retries, flag=flag)
+
+
 def resolve_description(description: str | None, legacy: bool | None) -> str | None:
     if legacy is None:
         return description
@@ -79,10 +122,18 @@ def resolve_description(description: str | None, legacy: bool | None) -> str | N
 @click.option("--max-description-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0, min_open=True))
+@generator_options
+@click.option("--baseline-generator-url", default=None,
+              help="With --winrate: the baseline's answers from this completions server (with "
+                   "--baseline-generator-model); default: --generator's server for zero-shot and oracle-description, "
+                   "else in this process.")
+@click.option("--baseline-generator-model", default=None, help="The baseline model's name on that server.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, description, legacy_description, winrate,
              baseline, judge, judge_url, judge_model, judge_api_key_env, judge_concurrency, judge_retries, users,
-             per_user, max_new_tokens, max_description_tokens, temperature, top_p, device):
+             per_user, max_new_tokens, max_description_tokens, temperature, top_p, generator, generator_url,
+             generator_model, generator_api_key_env, generator_concurrency, generator_retries, baseline_generator_url,
+             baseline_generator_model, device):
     """Preference accuracy on unseen users for each shot count (JSON + PNG), or with --winrate the winrate of
     the model's answers against a baseline's under a judge."""
     from fspo_engine.engine.checkpoint import check_writable
@@ -95,14 +146,26 @@ def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, descript
     if not winrate:
         for name, value in (("--baseline", baseline), ("--users", users), ("--per-user", per_user),
                             ("--judge-url", judge_url), ("--judge-model", judge_model),
-                            ("--judge", None if judge == "template" else judge)):
+                            ("--judge", None if judge == "template" else judge),
+                            ("--generator", None if generator == "local" else generator),
+                            ("--generator-url", generator_url), ("--generator-model", generator_model),
+                            ("--baseline-generator-url", baseline_generator_url),
+                            ("--baseline-generator-model", baseline_generator_model)):
             if value is not None:
                 raise FspoError(f"{name} is a --winrate option")
     check_writable(out)
     if winrate:
+        servers = dict(generator=generator_server(generator, generator_url, generator_model, generator_api_key_env,
+                                                  generator_concurrency, generator_retries))
+        if (baseline_generator_url is None) != (baseline_generator_model is None):
+            raise FspoError("--baseline-generator-url and --baseline-generator-model go together")
+        if baseline_generator_url is not None:
+            servers["baseline_generator"] = generator_server(
+                "openai", baseline_generator_url, baseline_generator_model, generator_api_key_env,
+                generator_concurrency, generator_retries, flag="--baseline-generator")
         return _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, baseline or "zero-shot",
                         judge, judge_url, judge_model, judge_api_key_env, judge_concurrency, judge_retries, users,
-                        per_user, max_new_tokens, max_description_tokens, temperature, top_p, device)
+                        per_user, max_new_tokens, max_description_tokens, temperature, top_p, device, servers)
 
     from fspo_engine.engine.evaluate import evaluate, write_report
 
@@ -131,7 +194,7 @@ def print_accuracy(report: dict):
 
 def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, baseline, judge, judge_url,
              judge_model, judge_api_key_env, judge_concurrency, judge_retries, users, per_user, max_new_tokens,
-             max_description_tokens, temperature, top_p, device):
+             max_description_tokens, temperature, top_p, device, servers):
     from fspo_engine.engine.errors import FspoError
     from fspo_engine.engine.winrate import run_winrate, write_winrate
 
@@ -145,7 +208,7 @@ def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, 
         judge_api_key_env=judge_api_key_env, judge_concurrency=judge_concurrency, judge_retries=judge_retries,
         cache_dir=out.parent / f".{out.stem}-cache", device=device, max_tokens=max_tokens,
         max_new_tokens=max_new_tokens, max_description_tokens=max_description_tokens, temperature=temperature,
-        top_p=top_p)
+        top_p=top_p, **servers)
     out.parent.mkdir(parents=True, exist_ok=True)
     out_json, png, pairs = write_winrate(report, out, records)
     print_winrate(report)
@@ -155,7 +218,8 @@ def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, 
 def print_winrate(report: dict):
     lo, hi = report["ci95"]
     click.echo(f"{report['shots']}-shot model vs {report['baseline']} ({report['judge']} judge, description: "
-               f"{report['description']}): winrate {report['winrate']:.3f} [95% CI {lo:.3f}, {hi:.3f}]; "
+               f"{report['description']}, answers: {report.get('generator', 'local')} vs "
+               f"{report.get('baseline_generator', 'local')}): winrate {report['winrate']:.3f} [95% CI {lo:.3f}, {hi:.3f}]; "
                f"{report['wins']} wins, {report['ties']} ties ({report['order_flips']} order flips), "
                f"{report['losses']} losses, n = {report['n']}"
                + (f"; {report['malformed']} malformed verdicts left out" if report["malformed"] else ""))

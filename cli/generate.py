@@ -2,13 +2,20 @@
 
     generate --model RUN --data DIR --split test --shots 8 --out answers.jsonl    # every (user, question)
     generate --model RUN --data DIR --user ID [--question TEXT]                  # one answer, printed
+    generate ... --generator openai --generator-url URL --generator-model NAME   # decoded on a vLLM server
+
+With --generator openai the rows are the same rows, in the same order, each with the same "prompt": only the
+decoding runs on the server (engine/remote.py); its replies are cached in `.<out stem>-cache/` beside --out,
+so a killed run resumes without asking again what was answered.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from fspo_engine.cli.eval import description_option, resolve_description
+from fspo_engine.cli.eval import description_option, generator_options, generator_server, resolve_description
 
 
 @click.command("generate")
@@ -33,10 +40,12 @@ from fspo_engine.cli.eval import description_option, resolve_description
 @click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True, help="Shot sampling and token sampling seed.")
 @click.option("--max-tokens", default=8192, show_default=True, help="Prompt + generation budget: oldest shots are dropped past it.")
 @click.option("--show-prompt", is_flag=True, help="With --user: print the rendered few-shot prompt too.")
+@generator_options
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def generate(model, data_dir, out_file, split, users, per_user, user_id, question, shots, description,
              legacy_description, max_new_tokens, max_description_tokens, temperature, top_p, seed, max_tokens,
-             show_prompt, device):
+             show_prompt, generator, generator_url, generator_model, generator_api_key_env, generator_concurrency,
+             generator_retries, device):
     """Generate responses personalised to each user from their labelled preferences."""
     from fspo_engine.engine.episodes import load_dataset
     from fspo_engine.engine.errors import FspoError
@@ -55,6 +64,8 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
         raise FspoError("--users/--per-user go with --out")
     if out_file is not None and (question or show_prompt):
         raise FspoError("--question/--show-prompt go with --user")
+    server = generator_server(generator, generator_url, generator_model, generator_api_key_env, generator_concurrency,
+                              generator_retries)
     if out_file is not None:
         from fspo_engine.engine.checkpoint import check_writable
 
@@ -68,7 +79,7 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
                     max_description_tokens=max_description_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     bos=settings_bos)
     if out_file is None:
-        return _one(dataset, policy_dir, user_id, question, shots, description, settings, show_prompt, device)
+        return _one(dataset, policy_dir, user_id, question, shots, description, settings, show_prompt, device, server)
 
     from fspo_engine.engine.scoring import write_jsonl_atomic
     from fspo_engine.engine.winrate import Side, sample_items, side_answers
@@ -76,7 +87,10 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
     user_list = [u.strip() for u in users.split(",") if u.strip()] if users else None
     items = sample_items(dataset, split, shots, seed, user_list, per_user)
     bos = settings.pop("bos")
-    answers = side_answers(Side("model", policy_dir, shots, description, bos), items, None, device=device, **settings)
+    # Remote replies are cached beside the output (resume after a kill); local answers are not cached.
+    cache_dir = None if server is None else Path(out_file).parent / f".{Path(out_file).stem}-cache"
+    answers = side_answers(Side("model", policy_dir, shots, description, bos, server), items, cache_dir,
+                           device=device, **settings)
     records = [{
         "user_id": ep.user_id,
         "domain": dataset.users[ep.user_id].domain,
@@ -88,6 +102,7 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
         "description": a["description"],
         "response": a["response"],
         "finish_reason": a["finish_reason"],
+        "prompt": a["prompt"],
     } for ep, a in zip(items, answers)]
     write_jsonl_atomic(out_file, records)
     lengths = [r["finish_reason"] for r in records]
@@ -95,7 +110,7 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
                f"({lengths.count('eos')} ended, {lengths.count('length')} cut at --max-new-tokens)", err=True)
 
 
-def _one(dataset, policy_dir, user_id, question, shots, description, settings, show_prompt, device):
+def _one(dataset, policy_dir, user_id, question, shots, description, settings, show_prompt, device, server):
     import dataclasses
 
     from fspo_engine.engine.episodes import render_prompt, sample_episodes
@@ -116,7 +131,12 @@ def _one(dataset, policy_dir, user_id, question, shots, description, settings, s
         episode = dataclasses.replace(episode, shots=tuple(shot_list), target=target)
     if description != "oracle":
         (episode,) = hide_descriptions([episode])
-    gen = load_generator(policy_dir, device=device, **settings)
+    if server is None:
+        gen = load_generator(policy_dir, device=device, **settings)
+    else:
+        from fspo_engine.engine.remote import load_remote_generator
+
+        gen = load_remote_generator(policy_dir, server, **settings)
     (out,) = answer(gen, [episode], description)
     if show_prompt:
         kept = episode.shots[len(episode.shots) - out["shots_used"]:]

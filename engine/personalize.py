@@ -41,6 +41,15 @@ def check_description_mode(mode: str) -> str:
     return mode
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What the model continues: `ids` exactly as fed ([bos] + tok(few-shot prompt) + tok(header)), and
+    `text`, the same without bos (the text those pieces were encoded from; what `generate --out` records)."""
+
+    text: str
+    ids: list[int]
+
+
 def hide_descriptions(episodes: Sequence[Episode]) -> list[Episode]:
     """The episodes without their users' true descriptions (every mode but "oracle" starts here)."""
     return [dataclasses.replace(ep, description="") for ep in episodes]
@@ -65,25 +74,30 @@ class Generator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _prompt(self, shots, question: str, user_description: bool, budget: int) -> tuple[list[int], int]:
-        """Token ids of the few-shot prompt, dropping the oldest shots until `budget` tokens remain for the
-        generation; -> (ids, shots kept)."""
+    def _prompt(self, shots, question: str, user_description: bool, budget: int, header: str) -> tuple[Prompt, int]:
+        """The few-shot prompt followed by `header` (where the generation starts), dropping the oldest shots
+        until `budget` tokens remain for the generation; -> (prompt, shots kept)."""
         shots = list(shots)
         head = [self.tokenizer.bos_id] if self.bos else []
         while True:
-            ids = head + self.tokenizer.encode(render_prompt(shots, question, user_description))
+            text = render_prompt(shots, question, user_description)
+            ids = head + self.tokenizer.encode(text)
             if len(ids) + budget <= self.max_tokens:
-                return ids, len(shots)
+                # Encoded apart, as training encodes the prompt and the target apart.
+                return Prompt(text + header, ids + self.tokenizer.encode(header)), len(shots)
             if not shots:
                 raise FspoError(f"the zero-shot prompt ({len(ids)} tokens) plus {budget} generated tokens does "
                                 f"not fit the budget of {self.max_tokens} tokens")
             shots.pop(0)
 
-    def _run(self, prompts: list[list[int]], max_new: int, stop_strings=(), on_done=None) -> list:
+    def _run(self, prompts: list[Prompt], max_new: int, stop_strings=(), on_done=None) -> list:
+        """Continue every prompt -> one `engine.generate.Generation` per prompt (`text` and `finish_reason`
+        are what callers read). engine/remote.py's RemoteGenerator sends them to a server instead."""
         from fspo_engine.engine.tokenizer import check_ids_fit
 
-        check_ids_fit(self.tokenizer, self.model.config.vocab_size, self.where, prompts)
-        return generate_batch(self.model, prompts, max_new_tokens=max_new, temperature=self.temperature,
+        ids = [p.ids for p in prompts]
+        check_ids_fit(self.tokenizer, self.model.config.vocab_size, self.where, ids)
+        return generate_batch(self.model, ids, max_new_tokens=max_new, temperature=self.temperature,
                               top_p=self.top_p, seed=self.seed, stop_ids=self.stop_ids, stop_strings=stop_strings,
                               decode=self.decode, on_done=on_done)
 
@@ -91,8 +105,7 @@ class Generator:
         """The user description the model infers from each episode's shots (greedy unless sampling was
         asked for), generated after the description task line and cut at the response header."""
         budget = self.max_description_tokens + self.max_new_tokens
-        prompts = [self._prompt(ep.shots, ep.target.question, True, budget)[0] for ep in episodes]
-        prompts = [p + self.tokenizer.encode(DESCRIPTION_HEADER) for p in prompts]
+        prompts = [self._prompt(ep.shots, ep.target.question, True, budget, DESCRIPTION_HEADER)[0] for ep in episodes]
         outs = self._run(prompts, self.max_description_tokens, stop_strings=(RESPONSE_HEADER.strip(),),
                          on_done=on_done)
         return [" ".join(o.text.split()) for o in outs]
@@ -100,18 +113,19 @@ class Generator:
     def respond(self, episodes: Sequence[Episode], descriptions: Sequence[str | None],
                 on_done: Callable | None = None) -> list[dict]:
         """Each episode's response to its target question after its shots (and after the given description,
-        when there is one): one dict per episode with `response`, `finish_reason` and `shots_used`."""
+        when there is one): one dict per episode with `response`, `finish_reason`, `shots_used` and `prompt`
+        (the text the response continued, bos not shown)."""
         prompts, kept = [], []
         for ep, desc in zip(episodes, descriptions):
             budget = self.max_new_tokens + (self.max_description_tokens if desc is not None else 0)
-            ids, n = self._prompt(ep.shots, ep.target.question, desc is not None, budget)
             # The response's prefix exactly as training renders it (render_response), minus the response.
             prefix = render_response("", desc)[: -len("\n")]
-            prompts.append(ids + self.tokenizer.encode(prefix))
+            prompt, n = self._prompt(ep.shots, ep.target.question, desc is not None, budget, prefix)
+            prompts.append(prompt)
             kept.append(n)
         outs = self._run(prompts, self.max_new_tokens, on_done=on_done)
-        return [{"response": o.text.strip(), "finish_reason": o.finish_reason, "shots_used": n}
-                for o, n in zip(outs, kept)]
+        return [{"response": o.text.strip(), "finish_reason": o.finish_reason, "shots_used": n, "prompt": p.text}
+                for o, n, p in zip(outs, kept, prompts)]
 
 
 def load_generator(model_dir, device=None, **settings) -> Generator:
@@ -150,5 +164,5 @@ def answer(gen: Generator, episodes: Sequence[Episode], description: str,
     return out
 
 
-__all__ = ["DESCRIPTION_MODES", "Generator", "answer", "check_description_mode", "default_description_mode",
+__all__ = ["DESCRIPTION_MODES", "Generator", "Prompt", "answer", "check_description_mode", "default_description_mode",
            "hide_descriptions", "load_generator"]

@@ -13,11 +13,15 @@ order; a tie counts half a win. Judges:
 
     template   datasets made by the template generator: the generator's own scoring rule of the user's
                traits, applied to what `domain.read_attrs` reads in each response (offline, exact)
-    openai     any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp), through gen-data's
-               client (data_gen/backends.py: reply cache, retries, key from the environment)
+    openai     any OpenAI-compatible chat-completions server (vLLM, SGLang, llama.cpp), through the project's
+               one LLM client (data_gen/client.py: json_schema replies, reply cache, retries, key from the
+               environment), asked exactly as gen-data's labeler asks
 
-The judge's reply cache and the generations cache make a killed run resume without re-asking answered
-pairs or regenerating answers. Same seeds, same results.
+Either side's answers may come from a completions server instead of this process (a `Side` with a
+`server`, engine/remote.py): the same prompts, so a paper-size table runs on vLLM.
+
+The judge's reply cache, the remote generations' reply cache and the answers cache make a killed run
+resume without re-asking answered pairs or regenerating answers. Same seeds, same results.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from pathlib import Path
 from fspo_engine.data_gen.bayes import models_for
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.labeler import Decision, judge_both_orders, judge_messages, parse_verdict
+from fspo_engine.data_gen.prompts import JUDGE_SCHEMA
 from fspo_engine.engine.checkpoint import atomic_write_text
 from fspo_engine.engine.episodes import Dataset, Episode, sample_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.personalize import answer, default_description_mode, hide_descriptions, load_generator
+from fspo_engine.engine.remote import Server, load_remote_generator
 
 BASELINES = ("zero-shot", "oracle-description")
 JUDGES = ("template", "openai")
@@ -53,6 +59,7 @@ class Side:
     shots: int
     description: str  # "none" | "generated" | "oracle"
     bos: bool = True  # the prompt starts with bos, as the run trained (data.bos)
+    server: Server | None = None  # generate on this completions server (engine/remote.py), else in-process
 
 
 def plan_sides(model: str, baseline: str, shots: int, description: str | None) -> tuple[Side, Side]:
@@ -105,10 +112,13 @@ def sample_items(dataset: Dataset, split: str, shots: int, seed: int, users: lis
 def side_answers(side: Side, items: list[Episode], cache_dir: Path | None, *, device=None, progress=True,
                  **settings) -> list[dict]:
     """`answer` for every item from `side`'s point of view, cached under `cache_dir` by everything that
-    decides the answers (model files, items, settings): a resumed run does not generate them again."""
+    decides the answers (model files, items, settings, the served model's name): a resumed run does not
+    generate them again. A side with a `server` generates there, its replies cached one by one under
+    `cache_dir / "generate"` (a killed run re-asks only what was in flight)."""
     from tqdm.auto import tqdm
 
-    eps = [dataclasses.replace(ep, shots=ep.shots[len(ep.shots) - side.shots:] if side.shots else ())
+    # The newest `side.shots` of each item's shots; all of them when the user has fewer.
+    eps = [dataclasses.replace(ep, shots=ep.shots[max(0, len(ep.shots) - side.shots):] if side.shots else ())
            for ep in items]
     if side.description != "oracle":
         eps = hide_descriptions(eps)
@@ -121,7 +131,11 @@ def side_answers(side: Side, items: list[Episode], cache_dir: Path | None, *, de
                 return cached["answers"]
         except (OSError, ValueError):
             pass  # a damaged cache file: generate again
-    gen = load_generator(side.model_dir, device=device, bos=side.bos, **settings)
+    if side.server is None:
+        gen = load_generator(side.model_dir, device=device, bos=side.bos, **settings)
+    else:
+        gen = load_remote_generator(side.model_dir, side.server, None if cache_dir is None else cache_dir / "generate",
+                                    bos=side.bos, **settings)
     with tqdm(total=len(eps), desc=f"generate ({side.name})", unit="answer", leave=False,
               disable=None if progress else True) as bar:
         out = answer(gen, eps, side.description, on_done=bar.update)
@@ -137,6 +151,8 @@ def _answers_key(side: Side, eps: list[Episode], settings: dict) -> str:
     blob = {"model": str(side.model_dir.resolve()), "files": files, "description": side.description, "bos": side.bos,
             "items": [[ep.episode_id, [s.pref_id for s in ep.shots], ep.description] for ep in eps],
             "settings": settings}
+    if side.server is not None:  # not the URL: any server of the same model gives the same answers
+        blob["served_model"] = side.server.model
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -170,21 +186,32 @@ class ChatJudge:
 
     def __init__(self, url: str | None, model: str, api_key_env: str, cache_dir: Path | None,
                  concurrency: int = 16, timeout_s: float = 60.0, max_retries: int = 5):
-        from fspo_engine.data_gen.backends import OpenAIBackend
+        from fspo_engine.data_gen.client import LLMClient
 
         try:
-            self.backend = OpenAIBackend(model=model, base_url=url, api_key_env=api_key_env, concurrency=concurrency,
-                                         timeout_s=timeout_s, max_retries=max_retries, cache_dir=cache_dir)
+            import openai  # noqa: F401
+        except ImportError:
+            raise FspoError("--judge openai needs the openai package: pip install 'fspo-engine[llm]'") from None
+        try:
+            self.client = LLMClient(model=model, base_urls=url, api_key_env=api_key_env, concurrency=concurrency,
+                                    timeout_s=timeout_s, max_retries=max_retries, cache_dir=cache_dir)
         except DataGenError as exc:
             raise FspoError(str(exc)) from None
         self.model = model
 
     async def verdict(self, user, question: str, a: str, b: str) -> str:
-        return await self.backend.chat_json(judge_messages(user.description, question, a, b), parse_verdict,
-                                            what="judge", model=self.model, temperature=0.0, max_tokens=200)
+        # The request gen-data's labeler sends (data_gen/labeler.py Judge.pair): the same schema and settings.
+        try:
+            return await self.client.chat_json(judge_messages(user.description, question, a, b), stage="judge",
+                                               schema=JUDGE_SCHEMA, schema_name="judge_verdict",
+                                               check=parse_verdict, temperature=0.0, max_tokens=200)
+        finally:
+            # Committed as each verdict arrives (the cache batches a second's worth otherwise): a killed run
+            # re-asks only what was in flight. One SQLite commit is cheap beside a judge's reply.
+            self.client.flush()
 
     async def aclose(self):
-        await self.backend.aclose()
+        await self.client.aclose()
 
 
 async def _judge_all(judge, dataset: Dataset, items: list[Episode], ours: list[dict], theirs: list[dict],
@@ -225,10 +252,13 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
                 description: str | None = None, judge_url: str | None = None, judge_model: str | None = None,
                 judge_api_key_env: str = "OPENAI_API_KEY", judge_concurrency: int = 16, judge_retries: int = 5,
                 cache_dir: Path | None = None, device=None, progress: bool = True,
+                generator: Server | None = None, baseline_generator: Server | None = None,
                 **generation) -> tuple[dict, list[dict]]:
     """Generate both sides' answers, judge every pair both ways, and sum up: -> (report, per-pair records).
     `generation`: Generator settings (max_new_tokens, temperature, top_p, max_tokens, ...); the seed is
-    both the episode sampler's and the token sampler's."""
+    both the episode sampler's and the token sampler's. `generator`: the model's answers come from this
+    completions server; `baseline_generator`: the baseline's (default: `generator` when the baseline is the
+    same model, zero-shot or oracle-description; else the baseline runs in this process)."""
     from fspo_engine.engine.episodes import load_dataset
     from fspo_engine.engine.evaluate import description_accuracy
 
@@ -236,6 +266,10 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
         raise FspoError(f"--judge: expected one of {', '.join(JUDGES)}, got {judge!r}")
     dataset = load_dataset(data)
     ours_side, their_side = plan_sides(model, baseline, shots, description)
+    if baseline_generator is None and their_side.model_dir == ours_side.model_dir:
+        baseline_generator = generator
+    ours_side = dataclasses.replace(ours_side, server=generator)
+    their_side = dataclasses.replace(their_side, server=baseline_generator)
     if judge == "template":
         the_judge = TemplateJudge(dataset)
     else:
@@ -254,6 +288,7 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
         "model": str(ours_side.model_dir), "baseline": their_side.name, "baseline_model": str(their_side.model_dir),
         "baseline_shots": their_side.shots, "baseline_description": their_side.description,
         "judge": judge if judge == "template" else f"openai:{judge_model}", "shots": shots,
+        "generator": _generator_name(ours_side), "baseline_generator": _generator_name(their_side),
         "description": ours_side.description, "split": split, "seed": seed, "data": str(dataset.root),
     })
     models = models_for(dataset.manifest)
@@ -264,6 +299,10 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
                 "question": ep.target.question, "model": x, "baseline": y, "votes": d.votes, "verdict": d.kind}
                for ep, x, y, d in zip(items, ours, theirs, decisions)]
     return report, records
+
+
+def _generator_name(side: Side) -> str:
+    return "local" if side.server is None else f"openai:{side.server.model}"
 
 
 # --- the numbers ------------------------------------------------------------------------------------
@@ -336,6 +375,6 @@ def plot_winrate(report: dict, out_png: Path):
     os.replace(tmp, out_png)
 
 
-__all__ = ["BASELINES", "JUDGES", "ChatJudge", "Side", "TemplateJudge", "judge_pairs", "plan_sides",
+__all__ = ["BASELINES", "JUDGES", "ChatJudge", "Server", "Side", "TemplateJudge", "judge_pairs", "plan_sides",
            "run_winrate", "sample_items", "side_answers", "summarize", "tally", "wilson_interval",
            "write_winrate"]

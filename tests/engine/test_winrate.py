@@ -1,5 +1,6 @@
 """eval --winrate: judges asked in both orders, position bias counted as ties, the template judge, the CLI
-contract, bad inputs as one line each, and a killed judge run that resumes from its cache."""
+contract, bad inputs as one line each, a killed judge run that resumes from its cache, and users with fewer
+preferences than the shots asked for."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from fake_llm import FakeLLMServer
 from helpers import make_tiny_model_dir
 
+from fspo_engine.benchmarks.fake_openai import FakeOpenAI
 from fspo_engine.data_gen.domains import get_domain
 from fspo_engine.data_gen.domains.base import N_DRAWS
 from fspo_engine.data_gen.labeler import Decision
@@ -26,9 +27,11 @@ from fspo_engine.engine.episodes import load_dataset
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.winrate import (
     ChatJudge,
+    Side,
     TemplateJudge,
     judge_pairs,
     sample_items,
+    side_answers,
     tally,
     wilson_interval,
 )
@@ -54,6 +57,11 @@ def cli(*args):
 
     res = CliRunner().invoke(main, list(map(str, args)))
     return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
+def _judge_texts(server) -> list[str]:
+    """The user message of every chat request the fake server received: what the judge was shown."""
+    return [b["messages"][-1]["content"] for b in server.seen if "messages" in b]
 
 
 def _answers(texts):
@@ -84,11 +92,11 @@ def test_position_biased_judge_gives_only_ties_and_both_orders_are_asked(qs_data
     dataset, items = _items(qs_data)
     ours = _answers([f"ours {i}" for i in range(len(items))])
     theirs = _answers([f"theirs {i}" for i in range(len(items))])
-    with FakeLLMServer() as server:
-        server.reply = lambda messages: json.dumps({"reason": "first", "preferred": "A"})
+    with FakeOpenAI(answer=lambda body: json.dumps({"reason": "first", "preferred": "A"})) as server:
         judge = ChatJudge(server.base_url, "judge-m", "FSPO_TEST_NO_KEY", tmp_path / "cache")
         decisions = judge_pairs(judge, dataset, items, ours, theirs, progress=False)
-        seen = [m for _, m in server.seen]
+        seen = _judge_texts(server)
+        assert all(b["response_format"]["type"] == "json_schema" for b in server.seen)  # gen-data's judge request
     t = tally(decisions)
     assert t["winrate"] == 0.5 and t["ties"] == len(items) == t["order_flips"] and t["wins"] == t["losses"] == 0
     for i, ep in enumerate(items):
@@ -104,15 +112,14 @@ def test_a_judge_that_prefers_a_marker_gives_the_expected_wins(qs_data, tmp_path
     ours = _answers(["[good] a", "[good] b", "[good] c", "plain d", "plain e"])
     theirs = _answers(["plain a", "plain b", "[good] c", "[good] d", "plain e"])
 
-    def reply(messages):
-        text = messages[-1]["content"]
+    def reply(body):
+        text = body["messages"][-1]["content"]
         a = re.search(r"Response A: (.*)", text).group(1)
         b = re.search(r"Response B: (.*)", text).group(1)
         verdict = "tie" if ("[good]" in a) == ("[good]" in b) else "A" if "[good]" in a else "B"
         return json.dumps({"reason": "marker", "preferred": verdict})
 
-    with FakeLLMServer() as server:
-        server.reply = reply
+    with FakeOpenAI(answer=reply) as server:
         judge = ChatJudge(server.base_url, "judge-m", "FSPO_TEST_NO_KEY", None)
         t = tally(judge_pairs(judge, dataset, items, ours, theirs, progress=False))
     assert (t["wins"], t["ties"], t["losses"]) == (2, 2, 1) and t["winrate"] == pytest.approx(3 / 5)
@@ -200,8 +207,7 @@ def test_bad_inputs_are_one_line(case, qs_data, model_dir, tmp_path):
         judge = ["--judge", "openai", "--judge-model", "m", "--judge-url", f"http://127.0.0.1:{_closed_port()}/v1",
                  "--judge-retries", "0"]
     elif case == "garbage judge":
-        server = FakeLLMServer().__enter__()
-        server.reply = lambda messages: "I refuse to answer in JSON."
+        server = FakeOpenAI(answer=lambda body: "I refuse to answer in JSON.").__enter__()
         judge = ["--judge", "openai", "--judge-model", "m", "--judge-url", server.base_url]
     elif case == "oracle baseline without descriptions":
         extra = ["--baseline", "oracle-description"]
@@ -223,7 +229,7 @@ def test_bad_inputs_are_one_line(case, qs_data, model_dir, tmp_path):
 def test_killed_judge_run_resumes_from_its_cache(qs_data, model_dir, tmp_path):
     """kill -9 mid-judging; the re-run asks only the pairs the first run had no answer for."""
     out = tmp_path / "w.json"
-    with FakeLLMServer(delay_s=0.15) as server:
+    with FakeOpenAI(delay_s=0.15) as server:
         args = [sys.executable, "-m", "fspo_engine.cli.main", "eval", "--model", str(model_dir), "--data",
                 str(qs_data), "--winrate", "--judge", "openai", "--judge-model", "m", "--judge-url", server.base_url,
                 "--judge-concurrency", "1", "--shots", "2", "--per-user", "3", "--max-new-tokens", "4", "--out",
@@ -235,18 +241,18 @@ def test_killed_judge_run_resumes_from_its_cache(qs_data, model_dir, tmp_path):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        first = [m for _, m in server.seen]
+        first = _judge_texts(server)
         assert 6 <= len(first) < 2 * 12, len(first)  # killed part-way through 12 pairs x 2 orders
         res = subprocess.run(args, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
-        second = [m for _, m in server.seen][len(first):]
+        second = _judge_texts(server)[len(first):]
         # What an uncached run asks: a new --out has a new cache. Two orders of a pair whose answers are equal
         # read the same, so this set may hold fewer than 2 x 12 prompts.
         fresh_args = args[:-1] + [str(tmp_path / "fresh.json")]
         assert subprocess.run(fresh_args, capture_output=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == 0
-        everything = {m for _, m in server.seen[len(first) + len(second):]}
+        everything = set(_judge_texts(server)[len(first) + len(second):])
     # Nothing answered before is asked again, but for the one request in flight (--judge-concurrency 1) that
     # the server may have answered as the client died; together the two runs asked exactly what a whole run asks.
     assert len(set(first) & set(second)) <= 1
@@ -256,10 +262,23 @@ def test_killed_judge_run_resumes_from_its_cache(qs_data, model_dir, tmp_path):
 
 def test_chat_judge_cancels_the_rest_when_the_server_refuses(qs_data, tmp_path):
     dataset, items = _items(qs_data)
-    with FakeLLMServer() as server:
+    with FakeOpenAI() as server:
         server.script = [401] * 100
         judge = ChatJudge(server.base_url, "judge-m", "FSPO_TEST_NO_KEY", None, concurrency=2)
         with pytest.raises(FspoError, match="refused"):
             judge_pairs(judge, dataset, items, _answers(["a"] * len(items)), _answers(["b"] * len(items)),
                         progress=False)
         assert server.requests < 2 * len(items)  # the first refusal stops the run
+
+
+def test_a_user_with_fewer_preferences_than_shots_keeps_all_of_them(qs_data, model_dir):
+    """--shots 8 where each user has 5 other preferences: every answer is given after all 5 (the newest
+    `side.shots` of them, counted from the end, must not go negative and drop some)."""
+    dataset = load_dataset(qs_data)
+    items = sample_items(dataset, "test", 8, seed=0, per_user=1)
+    assert {len(ep.shots) for ep in items} == {5}
+    out = side_answers(Side("model", model_dir, 8, "none"), items, None, device="cpu", progress=False,
+                       max_new_tokens=2)
+    assert [a["shots_used"] for a in out] == [5] * len(items)
+    assert all(a["prompt"].startswith("# Example 1\n") and "# Example 5\n" in a["prompt"] and
+               "# Example 6\n" not in a["prompt"] for a in out)
