@@ -14,7 +14,15 @@ by side in one run, on one random Llama and the same prompts:
 Greedy everywhere, no stop ids, exactly `--new-tokens` tokens per prompt, so every variant does the same
 work; the outputs of `batched` and `one_by_one` are checked equal token for token.
 
+`--generator openai` puts the remote path (engine/remote.py, what `generate --generator openai` runs) beside
+`batched` and `one_by_one` instead of transformers: each prompt goes as token ids through LLMClient to a
+FakeOpenAI /v1/completions server on 127.0.0.1, in this process, whose `complete` hook decodes it with the
+same weights, one request at a time (the test server of tests/engine/test_remote.py); its tokens are checked
+equal to `batched`'s. On a CPU this measures the price of the HTTP path around an unbatched decoder, not a
+serving engine: vLLM's continuous batching and paged attention on a GPU are where a server pays off.
+
     fspo-engine bench generate [--prompts 64] [--prompt-tokens 20-300] [--new-tokens 32] [--size small]
+    fspo-engine bench generate --generator openai [--concurrency 16]
 """
 
 from __future__ import annotations
@@ -80,7 +88,12 @@ def run(args) -> dict:
         results["one_by_one"] = t
         if [g.ids for g in batched] != [g.ids for g in one]:
             raise SystemExit("batched and one-by-one generations differ: the benchmark compares unequal work")
-
+    if args.generator == "openai":
+        remote, results["openai"] = _remote(ours, prompts, new, args.concurrency)
+        if remote != [g.ids for g in batched]:
+            raise SystemExit("the server's generations differ from batched ones: the benchmark compares unequal work")
+        return _report(args, prompts, new, results)
+    with torch.inference_mode():
         def hf_all():
             for i in range(0, len(prompts), args.hf_batch):
                 chunk = prompts[i:i + args.hf_batch]
@@ -91,12 +104,35 @@ def run(args) -> dict:
                             do_sample=False)
 
         _, results["hf_batched"] = _timed(hf_all)
+    return _report(args, prompts, new, results)
+
+
+def _remote(model, prompts: list[list[int]], new: int, concurrency: int) -> tuple[list[list[int]], float]:
+    """`prompts` through engine/remote.py to a FakeOpenAI whose hook decodes with `model`, one request at a time:
+    (the ids it generated, in order; seconds)."""
+    from fspo_engine.benchmarks.fake_openai import FakeOpenAI
+    from fspo_engine.engine.generate import generate_batch
+    from fspo_engine.engine.personalize import Prompt
+    from fspo_engine.engine.remote import RemoteGenerator, Server
+
+    def complete(body):  # the server: one prompt's greedy continuation, its ids as the text
+        (g,) = generate_batch(model, [body["prompt"]], max_new_tokens=body["max_tokens"])
+        return {"text": " ".join(map(str, g.ids)), "completion_tokens": len(g.ids)}
+
+    with FakeOpenAI(complete=complete, record=False) as server:
+        gen = RemoteGenerator(None, None, (), max_new_tokens=new,
+                              server=Server(server.base_url, "bench", concurrency=concurrency))
+        out, seconds = _timed(lambda: gen._run([Prompt("", p) for p in prompts], new))
+    return [[int(t) for t in g.text.split()] for g in out], seconds
+
+
+def _report(args, prompts, new: int, results: dict) -> dict:
     tokens = len(prompts) * new
     return {"args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
             "torch": torch.__version__, "threads": torch.get_num_threads(), "generated_tokens": tokens,
             "prompt_tokens": sum(map(len, prompts)),
-            "variants": {k: {"seconds": s, "tokens_per_s": tokens / s, "speedup_vs_batched": results["batched"] / s}
-                         for k, s in results.items()}}
+            "variants": {k: {"seconds": s, "tokens_per_s": tokens / s, "rows_per_s": len(prompts) / s,
+                             "speedup_vs_batched": results["batched"] / s} for k, s in results.items()}}
 
 
 def markdown(r: dict) -> str:
@@ -104,9 +140,10 @@ def markdown(r: dict) -> str:
     lines = [f"{a['prompts']} prompts of {a['prompt_tokens'][0]}-{a['prompt_tokens'][1]} tokens "
              f"({r['prompt_tokens']} in all), {a['new_tokens']} new tokens each, `{a['size']}` model, "
              f"{r['threads']} threads, torch {r['torch']}", "",
-             "| variant | seconds | generated tokens/s | time vs batched |", "|---|---:|---:|---:|"]
+             "| variant | seconds | rows/s | generated tokens/s | time vs batched |", "|---|---:|---:|---:|---:|"]
     for name, v in r["variants"].items():
-        lines.append(f"| {name} | {v['seconds']:.2f} | {v['tokens_per_s']:.0f} | {1 / v['speedup_vs_batched']:.2f}x |")
+        lines.append(f"| {name} | {v['seconds']:.2f} | {v['rows_per_s']:.1f} | {v['tokens_per_s']:.0f} | "
+                     f"{1 / v['speedup_vs_batched']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -118,8 +155,8 @@ def plot(r: dict, path: Path):
 
     names = list(r["variants"])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.bar(names, [r["variants"][n]["tokens_per_s"] for n in names], color=["tab:blue", "tab:gray", "tab:orange"])
-    ax.set_ylabel("generated tokens / s")
+    ax.bar(names, [r["variants"][n]["rows_per_s"] for n in names], color=["tab:blue", "tab:gray", "tab:orange"])
+    ax.set_ylabel("rows (prompts answered) / s")
     ax.set_title(f"generation, {r['args']['prompts']} prompts, {r['args']['size']} model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -134,10 +171,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--hf-batch", type=int, default=16, help="prompts per transformers generate call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator", choices=["local", "openai"], default="local",
+                   help="openai: the remote path against a test completions server in place of transformers")
+    p.add_argument("--concurrency", type=int, default=16, help="--generator openai: requests in flight")
     p.add_argument("--out", default="bench_out/generate")
     args = p.parse_args(argv)
-    if args.prompts < 2 or args.new_tokens < 1 or args.hf_batch < 1:
-        p.error("--prompts >= 2, --new-tokens >= 1 and --hf-batch >= 1")
+    if args.prompts < 2 or args.new_tokens < 1 or args.hf_batch < 1 or args.concurrency < 1:
+        p.error("--prompts >= 2, --new-tokens >= 1, --hf-batch >= 1 and --concurrency >= 1")
     r = run(args)
     table = markdown(r)
     print(table)

@@ -339,3 +339,15 @@ def test_bench_generate_smoke(tmp_path):
     assert all(v["seconds"] > 0 for v in r["variants"].values())
     assert json.loads((tmp_path / "generate.json").read_text())["variants"].keys() == r["variants"].keys()
     assert (tmp_path / "generate.png").stat().st_size > 0 and "| batched |" in (tmp_path / "generate.md").read_text()
+
+
+def test_bench_generate_openai_smoke(tmp_path):
+    """`bench generate --generator openai`: the remote path against a completions server decoding with the same
+    weights, beside batched and one-by-one (its tokens checked equal to batched's), rows/s for each."""
+    from fspo_engine.benchmarks import bench_generate
+
+    r = bench_generate.main(["--size", "tiny", "--prompts", "4", "--prompt-tokens", "3-30", "--new-tokens", "3",
+                             "--generator", "openai", "--concurrency", "2", "--out", str(tmp_path)])
+    assert set(r["variants"]) == {"batched", "one_by_one", "openai"}
+    assert all(v["rows_per_s"] > 0 for v in r["variants"].values())
+    assert "| openai |" in (tmp_path / "generate.md").read_text()
