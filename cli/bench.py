@@ -12,7 +12,8 @@ BENCHMARKS = {
     "packing": "tokens and attention FLOPs per episode: prefix-shared packing vs the official padded layout",
     "train": "a whole training step: fspo-engine's packed path vs the official padded path",
     "checkpoint": "per-rank cost of a checkpoint into FSDP2 (sharded read) and its optimizer out (per-rank shards)",
-    "generate": "batched generation vs one prompt at a time vs transformers generate (same weights, same work)",
+    "generate": "batched generation vs one prompt at a time vs transformers generate (same weights, same work); "
+    "--generator openai: vs the remote path against a completions server",
     "gen-data": "LLM client and gen-data against a fake continuous-batching server: in flight vs the cap, client "
     "CPU per request, req/s, resume overhead after kill -9, peak RSS at two sizes",
     "compile-report": "no GPU: every Triton kernel compiled for sm_90 at its shipped configs (registers, spills, "
