@@ -38,7 +38,7 @@ else:  # pragma: no cover
 @dataclass
 class ModelSection:
     name: str = "tiny"  # a named size (tiny, 1B, 3B, 8B) trained from scratch, or an HF Llama directory
-    dtype: str = "auto"  # parameter dtype: auto (fp32 on CPU, bf16 autocast with fp32 master weights on GPU), float32, bfloat16
+    dtype: str = "auto"  # parameter dtype: auto (fp32 on CPU, bf16 autocast with fp32 master weights on GPU), float32, bfloat16, float64 (numerics checks: the golden run)
     save_dtype: str = "auto"  # stage finals' weights: auto (as the checkpoints: what a later stage starts from), source (the source checkpoint's dtype), float32, bfloat16, float16
     attention_impl: str = "auto"  # auto (Triton on CUDA), triton, torch
     logprob_impl: str = "auto"  # fused log-prob op: auto (Triton on CUDA), triton, torch
@@ -200,8 +200,8 @@ class TrainConfig:
                            ("model.logprob_impl", self.model.logprob_impl)):
             if value not in ("auto", "triton", "torch"):
                 bad(key, f"must be auto, triton or torch, got {value!r}")
-        if self.model.dtype not in ("auto", "float32", "bfloat16"):
-            bad("model.dtype", f"must be auto, float32 or bfloat16, got {self.model.dtype!r}")
+        if self.model.dtype not in ("auto", "float32", "bfloat16", "float64"):
+            bad("model.dtype", f"must be auto, float32, bfloat16 or float64, got {self.model.dtype!r}")
         if self.model.save_dtype not in ("auto", "source", "float32", "bfloat16", "float16"):
             bad("model.save_dtype", f"must be auto, source, float32, bfloat16 or float16, got {self.model.save_dtype!r}")
         if self.model.name in _named_sizes() and self.model.hidden_size:

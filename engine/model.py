@@ -223,8 +223,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 and cast back before the weight, as HF Llama does (bf16 parity).
-        xf = x.float()
+        # Normalise in fp32 (fp64 stays fp64) and cast back before the weight, as HF Llama does (bf16 parity).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -232,10 +232,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in fp32, with linear or llama3 scaling."""
+def rope_inv_freq(cfg: LlamaConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32 (or `dtype`), with linear or llama3 scaling."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=dtype, device=device) / d))
     s = cfg.rope_scaling
     if not s:
         return inv_freq
@@ -336,8 +336,9 @@ class Llama(nn.Module):
         """One packed row: all arguments [T] ints -> final-normed hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)  # (T, H)
         # RoPE tables from the row's own positions (both branches continue from the context length).
-        inv_freq = rope_inv_freq(self.config, device=input_ids.device)  # (D/2,)
-        freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, D/2), fp32 as in HF
+        rope_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 as in HF; a float64 model's in fp64
+        inv_freq = rope_inv_freq(self.config, device=input_ids.device, dtype=rope_dtype)  # (D/2,)
+        freqs = position_ids.to(rope_dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
@@ -356,7 +357,9 @@ class Llama(nn.Module):
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                w = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+                # fp32 draws (a float64 model's in fp64: torch draws fp32 normals with vectorised code that
+                # rounds differently on CPUs without AVX2, and the golden run must match on every CPU).
+                w = torch.randn(p.shape, generator=gen, dtype=torch.promote_types(p.dtype, torch.float32)) * std
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     w /= math.sqrt(2 * self.config.num_hidden_layers)  # residual branches (GPT-2 scaling)
                 p.copy_(w)
@@ -366,7 +369,8 @@ def build_model(cfg: LlamaConfig, dtype=torch.float32, device="cpu", seed: int =
     """A freshly initialised model: built on the meta device, then materialised once in place."""
     with torch.device("meta"):
         model = Llama(cfg)
-    model = model.to_empty(device=device)
+    # Initialised in fp32 (bf16 is cast after), a float64 model in fp64 (see init_weights).
+    model = model.to_empty(device=device).to(torch.promote_types(dtype, torch.float32))
     model.init_weights(seed)
     return model.to(dtype)
 

@@ -22,7 +22,8 @@ from fspo_engine.kernels.logprobs import linear_logprob_sums
 
 
 def segment_logprobs(model, packed: PackedBatch, impl: str = "auto") -> torch.Tensor:
-    """Sum of log p(response token) for every segment (episode, branch) of a packed row -> fp32 [S].
+    """Sum of log p(response token) for every segment (episode, branch) of a packed row -> fp32 [S] (fp64 for a
+    float64 model).
     Differentiable (the trainer calls this under autograd)."""
     hidden = model(packed.input_ids, packed.position_ids, packed.doc_ids, packed.branch_ids)  # (T, H)
     h = hidden.index_select(0, packed.target_rows)  # (N, H): the last context row appears once per branch
@@ -35,9 +36,14 @@ def segment_logprobs(model, packed: PackedBatch, impl: str = "auto") -> torch.Te
     return linear_logprob_sums(h, w, packed.targets, packed.segment_ids, packed.num_segments, impl=impl)
 
 
+def logprob_dtype(model) -> torch.dtype:
+    """The log-probs' dtype: fp32 (the fused op's output whatever the weights' dtype), fp64 for a float64 model."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
 class EpisodeLogprobs(NamedTuple):
-    chosen: torch.Tensor  # [E] fp32: sum of log p over the chosen response tokens (eos included)
-    rejected: torch.Tensor  # [E] fp32
+    chosen: torch.Tensor  # [E] fp32 (fp64 for a float64 model): sum of log p over the chosen response tokens (eos included)
+    rejected: torch.Tensor  # [E] fp32 (fp64)
     chosen_tokens: torch.Tensor  # [E] long
     rejected_tokens: torch.Tensor  # [E] long
     episodes: list[int]  # the episode index (into the list given to pack_batches) of each row of the above
@@ -98,15 +104,16 @@ def score_share(
 
 
 def _score_rows(model, rows: list[PackedBatch], E: int, impl: str, device, on_row) -> EpisodeLogprobs:
-    chosen = torch.zeros(E, dtype=torch.float32)
-    rejected = torch.zeros(E, dtype=torch.float32)
+    dtype = logprob_dtype(model)
+    chosen = torch.zeros(E, dtype=dtype)
+    rejected = torch.zeros(E, dtype=dtype)
     chosen_n = torch.zeros(E, dtype=torch.long)
     rejected_n = torch.zeros(E, dtype=torch.long)
     for row in rows:
         out = episode_logprobs(model, row.to(device), impl)
         idx = torch.tensor(out.episodes, dtype=torch.long)
-        chosen[idx] = out.chosen.float().cpu()
-        rejected[idx] = out.rejected.float().cpu()
+        chosen[idx] = out.chosen.cpu()
+        rejected[idx] = out.rejected.cpu()
         chosen_n[idx] = out.chosen_tokens.cpu()
         rejected_n[idx] = out.rejected_tokens.cpu()
         if on_row is not None:

@@ -250,7 +250,7 @@ class Trainer:
     # ------------------------------------------------------------------ models
 
     def _param_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
+        return {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(self.cfg.model.dtype, torch.float32)
 
     def _final_dtype(self) -> torch.dtype:
         """Stage finals' dtype (model.save_dtype). By default the master weights' (what the checkpoints hold):
@@ -541,11 +541,11 @@ class Trainer:
         share, rows = rank_rows(episodes, pack, self.rank, self.world)
         for row, real in rows:
             idx = row.episodes
-            ref = torch.tensor([ref_table[share[i].episode_id] for i in idx], dtype=torch.float32, device=dev)
             row = row.to(dev)
             with self._autocast():
                 out = episode_logprobs(model, row, impl=cfg.model.logprob_impl)
-            pc, pr = out.chosen.float(), out.rejected.float()
+            pc, pr = out.chosen, out.rejected  # fp32 (fp64 for a float64 model)
+            ref = torch.tensor([ref_table[share[i].episode_id] for i in idx], dtype=pc.dtype, device=dev)
             rc, rr = ref[:, 0], ref[:, 1]
             if cfg.pref.length_normalize:
                 ct, rt = out.chosen_tokens.to(dev), out.rejected_tokens.to(dev)

@@ -14,7 +14,7 @@ from fspo_engine.engine.episodes import parse_shots, sample_episodes, tokenize_e
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
 from fspo_engine.engine.packing import pack_batches
-from fspo_engine.engine.scoring import EpisodeLogprobs, episode_logprobs
+from fspo_engine.engine.scoring import EpisodeLogprobs, episode_logprobs, logprob_dtype
 from fspo_engine.engine.tokenizer import check_ids_fit
 
 
@@ -62,11 +62,12 @@ class Validator:
                     out = episode_logprobs(model, row.to(dev), impl=cfg.model.logprob_impl)
                 if real:  # share[i] is episodes[i * world + rank]
                     idx = torch.tensor(row.episodes, dtype=torch.long) * self.world + self.rank
-                    parts.append((idx, out.chosen.float().cpu(), out.rejected.float().cpu(),
+                    parts.append((idx, out.chosen.cpu(), out.rejected.cpu(),
                                   out.chosen_tokens.cpu(), out.rejected_tokens.cpu()))  # fmt: skip
         model.train()
         E = len(episodes)
-        pc, pr = torch.zeros(E), torch.zeros(E)
+        dtype = logprob_dtype(model)
+        pc, pr = torch.zeros(E, dtype=dtype), torch.zeros(E, dtype=dtype)
         ct, rt = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
         for rank_parts in all_gather_objects(parts):
             for idx, c, r, cn, rn in rank_parts:
@@ -79,7 +80,7 @@ class Validator:
             logp, tokens = (torch.cat([pc, pr]), torch.cat([ct, rt])) if both else (pc, ct)
             loss = sft_loss(logp.double(), tokens, cfg.pref_ft.reduction).item()
             return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E, **oracle}
-        rc, rr = ref.chosen.float(), ref.rejected.float()
+        rc, rr = ref.chosen, ref.rejected
         if cfg.pref.length_normalize:
             pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
             rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)

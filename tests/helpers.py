@@ -1,7 +1,10 @@
-"""Shared test helpers: tiny random HF Llama directories (with a tokenizer) and tiny preference datasets.
+"""Shared test helpers: tiny random HF Llama directories (with a tokenizer), tiny preference datasets and the
+`fspo-engine` command line.
 
     model_dir = make_tiny_model_dir(tmp_path / "model", vocab_size=320, tie=False, seed=0)
     data_dir = write_dataset(tmp_path / "data", *synthetic_records(n_users=4, prefs_per_user=6))
+    data_dir = write_fixture(tmp_path / "data")          # the trainer tests' learnable dataset
+    res = cli("train", "--data", str(data_dir), "--out", str(run), *SMALL)
 
 Everything is built offline from fixed seeds; a model directory takes ~1-2 s (sentencepiece training).
 """
@@ -9,7 +12,10 @@ Everything is built offline from fixed seeds; a model directory takes ~1-2 s (se
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,6 +93,48 @@ def write_dataset(path, users: list[dict], prefs: list[dict], manifest: dict | N
     write_jsonl(path / "users.jsonl", users)
     write_jsonl(path / "prefs.jsonl", prefs)
     return path
+
+
+def write_fixture(root, users=16, prefs_per_user=8, seed=0, everyone_upbeat=False) -> Path:
+    """A small dataset with one clear trait: half the users prefer upbeat replies, half gloomy ones
+    (or, with `everyone_upbeat`, a preference learnable without reading the shots)."""
+    r = random.Random(seed)
+    up, down = "great lovely superb bright happy".split(), "awful dull poor grey sad".split()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    us, ps = [], []
+    for u in range(users):
+        likes_up = everyone_upbeat or u % 2 == 0
+        us.append({"user_id": f"u{u:02d}", "domain": "reviews", "split": "test" if u >= users - 4 else "train",
+                   "description": f"prefers {'upbeat' if likes_up else 'gloomy'} replies",
+                   "traits": {"tone": "upbeat" if likes_up else "gloomy"}})
+        for k in range(prefs_per_user):
+            a = " ".join(r.choice(up) for _ in range(3))
+            b = " ".join(r.choice(down) for _ in range(3))
+            c, d = (a, b) if likes_up else (b, a)
+            ps.append({"pref_id": f"u{u:02d}-{k}", "user_id": f"u{u:02d}", "question": f"how was item {k}?",
+                       "chosen": c, "rejected": d})
+    (root / "manifest.json").write_text(json.dumps({"format": "fspo-prefs/1", "domains": ["reviews"], "seed": seed,
+                                                    "generator": {}, "counts": {"users": users, "prefs": len(ps)}}))
+    (root / "users.jsonl").write_text("".join(json.dumps(x) + "\n" for x in us))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ps))
+    return root
+
+
+# A from-scratch model small enough for CPU tests, on `write_fixture`'s data.
+SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=2", "--set", "model.vocab_size=400",
+         "--set", "batch.episodes=6", "--set", "data.max_tokens=512", "--shots", "1-3",
+         "--set", "run.progress=false"]
+
+
+def cli(*args, timeout=600) -> subprocess.CompletedProcess:
+    """`fspo-engine ARGS...` in a subprocess (one thread: results as on any machine's single core)."""
+    return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:
