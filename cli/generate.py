@@ -49,8 +49,8 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
     """Generate responses personalised to each user from their labelled preferences."""
     from fspo_engine.engine.episodes import load_dataset
     from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.evaluate import resolve_models, run_setting
     from fspo_engine.engine.personalize import default_description_mode
+    from fspo_engine.engine.rundir import load_run
 
     if legacy_description is not None and description is not None:
         raise FspoError("--user-description/--no-user-description: give --description instead, not both")
@@ -71,10 +71,11 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
 
         check_writable(out_file)
     dataset = load_dataset(data_dir)
-    policy_dir, _ = resolve_models(model)
+    run = load_run(model)
+    policy_dir = run.policy
     if description is None:
-        description = default_description_mode(bool(run_setting(model, "data", "user_description")))
-    settings_bos = bool(run_setting(model, "data", "bos", True))
+        description = default_description_mode(run.config.data.user_description)
+    settings_bos = run.config.data.bos
     settings = dict(max_tokens=max_tokens, max_new_tokens=max_new_tokens,
                     max_description_tokens=max_description_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     bos=settings_bos)

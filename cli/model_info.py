@@ -17,11 +17,11 @@ def model_info(model_dir: str, context: int, check_weights: bool):
     policy)."""
     from dataclasses import asdict
 
-    from fspo_engine.engine.evaluate import resolve_models
     from fspo_engine.engine.model import check_weights as check_model_weights
     from fspo_engine.engine.model import read_config
+    from fspo_engine.engine.rundir import load_run
 
-    model_dir, _ = resolve_models(model_dir)
+    model_dir = load_run(model_dir).policy
     cfg = read_config(model_dir)
     if check_weights:  # headers only: names and shapes of every tensor, no weights read
         check_model_weights(model_dir, cfg)

@@ -80,10 +80,11 @@ def score(
         tokenize_episodes,
     )
     from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.evaluate import resolve_models, run_setting, stop_ids
+    from fspo_engine.engine.generate import turn_stop_ids
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.packing import pack_batches, packing_stats
     from fspo_engine.engine.personalize import Generator, default_description_mode, hide_descriptions
+    from fspo_engine.engine.rundir import load_run
     from fspo_engine.engine.scoring import score_episodes, write_jsonl_atomic
     from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
@@ -94,11 +95,11 @@ def score(
         raise FspoError(f"--max-tokens: must be >= 16, got {max_tokens}")
     dataset = load_dataset(data_dir)
     description = resolve_description(description, legacy_description)
+    run = load_run(model_dir)  # a run directory scores its final policy, rendered as the run trained
     if description is None:
-        description = default_description_mode(bool(run_setting(model_dir, "data", "user_description")))
-    bos = bool(run_setting(model_dir, "data", "bos", True))
-    truncate = run_setting(model_dir, "data", "truncate", "drop_oldest_shots")
-    model_dir, _ = resolve_models(model_dir)  # a run directory scores its final policy
+        description = default_description_mode(run.config.data.user_description)
+    bos, truncate = run.config.data.bos, run.config.data.truncate
+    model_dir = run.policy
     tokenizer = load_tokenizer(model_dir)
     episodes = sample_episodes(dataset, None if split == "all" else split, shots_spec, seed=seed, epoch=0)
     if not episodes:
@@ -109,7 +110,7 @@ def score(
     device = pick_device(device)
     model = load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
     if description == "generated":
-        gen = Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
+        gen = Generator(model, tokenizer, turn_stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
                         max_tokens=max_tokens, max_new_tokens=0, bos=bos, where=str(model_dir))
         with tqdm(total=len(episodes), unit="ep", desc="describe", file=sys.stderr, disable=None) as bar:
             inferred = gen.describe(episodes, on_done=bar.update)

@@ -57,4 +57,4 @@ def train(data_dir, out_dir, model_name, config_file, stage, shots, max_steps, s
         raise
     if trainer.is_main:
         for s, info in result.items():
-            click.echo(f"{s}: {trainer.out / info['final']}")
+            click.echo(f"{s}: {trainer.out / info.final}")

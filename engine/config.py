@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fspo_engine.engine.episodes import parse_shots
 from fspo_engine.engine.errors import FspoError
 
 if sys.version_info >= (3, 11):
@@ -209,8 +210,6 @@ class TrainConfig:
             if self.model.hidden_size % heads:
                 bad("model.hidden_size", f"must be a multiple of {self.model.name}'s {heads} attention heads, "
                                          f"got {self.model.hidden_size}")  # fmt: skip
-        from fspo_engine.engine.episodes import parse_shots
-
         try:
             shots = parse_shots(self.data.shots)
         except FspoError as exc:
@@ -297,12 +296,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         tree.setdefault(section, {})[key] = value
     _apply(cfg, tree, "command line")
     cfg.validate(where)
-    if cfg.model.name not in _named_sizes() and Path(cfg.model.name).is_dir():
-        from fspo_engine.engine.evaluate import resolve_models  # a run directory starts from its final policy
-
-        # One spelling per directory ("m/", "./m", "/abs/m"): config.toml holds it, and --resume compares
-        # config.toml, possibly from another working directory.
-        cfg.model.name = str(resolve_models(cfg.model.name)[0].resolve())
     return cfg
 
 

@@ -11,6 +11,9 @@ import os
 import torch
 import torch.nn as nn
 
+from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.model import meta_model
+
 
 def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
     """Per-block activation checkpointing (recompute in backward) and per-block torch.compile, in place.
@@ -56,8 +59,6 @@ def die_with_launcher():
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     """The --device a user asked for (default: cuda when available, else cpu), checked to exist here."""
-    from fspo_engine.engine.errors import FspoError
-
     if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -144,9 +145,6 @@ def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_
     import torch.distributed as dist
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, Shard
-
-    from fspo_engine.engine.errors import FspoError
-    from fspo_engine.engine.model import meta_model
 
     model, by_file = meta_model(model_dir, attention_impl)
     model = parallelize(model.to(dtype), activation_checkpointing, compile, mixed_precision, device.type)

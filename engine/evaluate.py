@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from fspo_engine.data_gen.bayes import models_for
-from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.checkpoint import atomic_write_text
 from fspo_engine.engine.distributed import pick_device
 from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.generate import turn_stop_ids
 from fspo_engine.engine.model import load_model
 from fspo_engine.engine.personalize import (
     Generator,
@@ -33,35 +33,9 @@ from fspo_engine.engine.personalize import (
     default_description_mode,
     hide_descriptions,
 )
+from fspo_engine.engine.rundir import load_run
 from fspo_engine.engine.scoring import score_episodes
 from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
-
-
-def resolve_models(model: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(policy dir, reference dir or None) for a run directory or a plain HF model directory."""
-    model = Path(model)
-    if not model.is_dir():
-        raise FspoError(f"{model}: not a model directory")
-    run_json = model / "run.json"
-    if run_json.is_file():
-        try:
-            info = json.loads(run_json.read_text(encoding="utf-8"))
-            order = [s for s in info.get("stage_order", []) if s in info.get("stages", {})]
-            policy = model / info["stages"][order[-1]]["final"] if order else None
-            ref = info.get("reference") if order and order[-1] != "pref-ft" else None
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # torn or hand-edited run.json
-            raise FspoError(f"{run_json}: unreadable ({type(exc).__name__}: {exc})") from None
-        if policy is None:
-            raise FspoError(f"{model}: the run has no finished stage yet")
-        ref_dir = None if ref is None else (Path(ref) if Path(ref).is_absolute() else model / ref)
-        for d in (policy, ref_dir):
-            # A run's models are sealed with checksums: refuse a damaged one rather than score garbage.
-            if d is not None and (d / ckpt.MARKER).is_file() and (why := ckpt.verify(d)) is not None:
-                raise FspoError(f"{d}: damaged model ({why})")
-        return policy, ref_dir
-    if not (model / "config.json").is_file():
-        raise FspoError(f"{model}: neither a run directory (run.json) nor a model directory (config.json)")
-    return model, None
 
 
 def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_tokens: int = 8192, seed: int = 0,
@@ -76,17 +50,17 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
     reference; not scaled by β (training's rewards/margin is β·h)."""
     from tqdm.auto import tqdm
 
+    run = load_run(model)
     if length_normalize is None:
-        length_normalize = bool(run_setting(model, "pref", "length_normalize"))
+        length_normalize = run.config.pref.length_normalize
     if description is None:
-        description = default_description_mode(bool(run_setting(model, "data", "user_description")))
+        description = default_description_mode(run.config.data.user_description)
     check_description_mode(description)
     # Render episodes as the run trained on them (the released recipe's runs have no bos, cut prompts' starts).
-    bos, truncate = bool(run_setting(model, "data", "bos", True)), run_setting(model, "data", "truncate",
-                                                                             "drop_oldest_shots")
+    bos, truncate = run.config.data.bos, run.config.data.truncate
 
     device = pick_device(device)
-    policy_dir, ref_dir = resolve_models(model)
+    policy_dir, ref_dir = run.policy, run.reference
     dataset = load_dataset(data)
     tokenizer = load_tokenizer(policy_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -101,7 +75,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         if description != "oracle":
             eps = hide_descriptions(eps)
         if description == "generated":
-            gen = Generator(policy, tokenizer, stop_ids=stop_ids(policy_dir, tokenizer.eos_id, policy.config.eos_token_id),
+            gen = Generator(policy, tokenizer, stop_ids=turn_stop_ids(policy_dir, tokenizer.eos_id, policy.config.eos_token_id),
                             max_tokens=max_tokens, max_description_tokens=max_description_tokens, max_new_tokens=0,
                             bos=bos, where=str(policy_dir))
             with tqdm(total=len(eps), desc=f"describe {n}-shot", unit="ep", leave=False,
@@ -201,44 +175,11 @@ def description_accuracy(dataset, episodes, models) -> float:
     return float(np.mean(fractions))
 
 
-def stop_ids(model_dir, eos_id: int, config_eos) -> tuple[int, ...]:
-    """Every id that ends a turn: the tokenizer's eos, config.json's eos_token_id and generation_config.json's
-    (Llama 3 instruct models end turns with <|eot_id|>, listed there beside <|end_of_text|>)."""
-    ids = [eos_id]
-    sources = [config_eos]
-    gen_cfg = Path(model_dir) / "generation_config.json"
-    if gen_cfg.is_file():
-        try:
-            sources.append(json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id"))
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            pass  # a broken generation_config.json only loses its extra stop ids
-    for src in sources:
-        for i in src if isinstance(src, list) else [src]:
-            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
-                ids.append(i)
-    return tuple(ids)
-
-
 def _margin(lp, length_normalize: bool) -> torch.Tensor:
     """chosen - rejected log-prob per episode: sums, or means over each response's tokens."""
     if length_normalize:
         return lp.chosen / lp.chosen_tokens.clamp(min=1) - lp.rejected / lp.rejected_tokens.clamp(min=1)
     return lp.chosen - lp.rejected
-
-
-def run_setting(model: str | os.PathLike, section: str, key: str, default=False):
-    """A setting of the run that `model` is (its config.toml), e.g. ("data", "user_description"): scoring a
-    run the way it trained. `default` for a plain model directory, or a key the run's config predates."""
-    model = Path(model)
-    cfg = model / "config.toml"
-    if not (model / "run.json").is_file() or not cfg.is_file():
-        return default
-    from fspo_engine.engine.config import tomllib
-
-    try:
-        return tomllib.loads(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, default)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FspoError(f"{cfg}: unreadable ({exc})") from None
 
 
 def write_report(report: dict, out_json: Path, out_png: Path | None = None):

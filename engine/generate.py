@@ -29,16 +29,37 @@ How a batch runs (`generate_batch`):
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fspo_engine.engine.model import Llama, apply_rope, rope_inv_freq
 from fspo_engine.kernels.attention import prefix_shared_attention
+
+
+def turn_stop_ids(model_dir, eos_id: int, config_eos) -> tuple[int, ...]:
+    """Every id that ends a turn, for `stop_ids`: the tokenizer's eos, config.json's eos_token_id
+    (`config_eos`) and generation_config.json's (Llama 3 instruct models end turns with <|eot_id|>, listed
+    there beside <|end_of_text|>)."""
+    ids = [eos_id]
+    sources = [config_eos]
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            sources.append(json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id"))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass  # a broken generation_config.json only loses its extra stop ids
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
 
 
 @dataclass

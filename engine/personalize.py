@@ -21,9 +21,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
+from fspo_engine.engine.distributed import pick_device
 from fspo_engine.engine.episodes import Episode, render_prompt, render_response
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.generate import generate_batch
+from fspo_engine.engine.generate import generate_batch, turn_stop_ids
+from fspo_engine.engine.model import load_model
+from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
 DESCRIPTION_MODES = ("none", "generated", "oracle")
 DESCRIPTION_HEADER = "## User Description\n"
@@ -93,8 +98,6 @@ class Generator:
     def _run(self, prompts: list[Prompt], max_new: int, stop_strings=(), on_done=None) -> list:
         """Continue every prompt -> one `engine.generate.Generation` per prompt (`text` and `finish_reason`
         are what callers read). engine/remote.py's RemoteGenerator sends them to a server instead."""
-        from fspo_engine.engine.tokenizer import check_ids_fit
-
         ids = [p.ids for p in prompts]
         check_ids_fit(self.tokenizer, self.model.config.vocab_size, self.where, ids)
         return generate_batch(self.model, ids, max_new_tokens=max_new, temperature=self.temperature,
@@ -130,17 +133,10 @@ class Generator:
 
 def load_generator(model_dir, device=None, **settings) -> Generator:
     """A Generator over the model in `model_dir` (HF format), on `device` (bf16 on CUDA, fp32 elsewhere)."""
-    import torch
-
-    from fspo_engine.engine.distributed import pick_device
-    from fspo_engine.engine.evaluate import stop_ids
-    from fspo_engine.engine.model import load_model
-    from fspo_engine.engine.tokenizer import load_tokenizer
-
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev).eval()
-    return Generator(model, tokenizer, stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
+    return Generator(model, tokenizer, turn_stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
                      where=str(model_dir), **settings)
 
 

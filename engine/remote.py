@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.generate import Generation
+from fspo_engine.engine.generate import Generation, turn_stop_ids
+from fspo_engine.engine.model import read_config
 from fspo_engine.engine.personalize import Generator, Prompt
+from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
 
 # A refusal of the request's shape (FastAPI/pydantic servers answer 422), not of the model or the key.
 _SHAPE_REFUSED = (400, 422)
@@ -141,10 +143,6 @@ def _refused_status(exc) -> int | None:
 def load_remote_generator(model_dir, server: Server, cache_dir: Path | None = None, **settings) -> RemoteGenerator:
     """A RemoteGenerator for the model in `model_dir` served by `server`: only the tokenizer and config.json are
     read here (the server holds the weights)."""
-    from fspo_engine.engine.evaluate import stop_ids
-    from fspo_engine.engine.model import read_config
-    from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer
-
     try:
         import openai  # noqa: F401
     except ImportError:
@@ -152,7 +150,7 @@ def load_remote_generator(model_dir, server: Server, cache_dir: Path | None = No
     tokenizer = load_tokenizer(model_dir)
     config = read_config(model_dir)
     check_ids_fit(tokenizer, config.vocab_size, str(model_dir))
-    return RemoteGenerator(None, tokenizer, stop_ids(model_dir, tokenizer.eos_id, config.eos_token_id),
+    return RemoteGenerator(None, tokenizer, turn_stop_ids(model_dir, tokenizer.eos_id, config.eos_token_id),
                            where=str(model_dir), server=server, cache_dir=cache_dir, **settings)
 
 

@@ -1,4 +1,5 @@
-"""The run directory of `fspo-engine train --out`: who may write it, and its bookkeeping files.
+"""The run directory of `fspo-engine train --out`: who may write it, its bookkeeping files, and how the other
+commands read it (`load_run`).
 
     config.toml            the resolved config (a resumed run must match it)
     run.json               stages done, their final models, which model is the reference
@@ -12,6 +13,10 @@
 One run writes it at a time: the trainer holds an exclusive flock on the directory for its life (rank 0
 under torchrun), and only then removes what a killed run left half-written. A directory that is not a run
 is never adopted, and one that holds nothing worth resuming is removed after a failed start.
+
+    run = load_run("runs/r1")     # or a plain HF model directory
+    run.policy, run.reference     # the model to evaluate and, after IPO/DPO, its reference
+    run.config.data.bos           # the run's TrainConfig (the defaults for a plain directory)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fspo_engine.engine import checkpoint as ckpt
@@ -31,6 +37,93 @@ STAGES = ("pref-ft", "ipo", "dpo")  # each with checkpoints/<stage>/ and its fin
 
 # Keys a resumed run may change: they decide what is logged, shown or kept, not what is trained.
 _FREE_ON_RESUME = ("progress", "tensorboard", "keep_last", "log_every", "eval_every", "eval_episodes")
+
+
+@dataclass
+class StageRecord:
+    """A finished stage, as run.json records it."""
+
+    final: str  # the stage's final model (an HF directory), relative to the run directory
+    steps: int  # optimiser steps trained
+    checkpoint: str = ""  # the sealed checkpoint the final was published from, relative to the run directory
+
+
+@dataclass
+class RunInfo:
+    """run.json: what the run has done. Written by the trainer (rank 0) after each stage; read by `load_run`."""
+
+    data: str  # the dataset directory the run started on
+    data_fp: str | None  # its files' fingerprint: a resumed run must see the same data (None: an older run.json)
+    stages: dict[str, StageRecord] = field(default_factory=dict)  # finished stages by name
+    stage_order: list[str] = field(default_factory=list)  # the stages of the latest `train` command, in order
+    reference: str | None = None  # IPO/DPO's reference model: relative to the run directory, or absolute
+
+    @classmethod
+    def read(cls, path: Path) -> RunInfo:
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+                raise ValueError("expected an object with a 'stages' object")
+            stages = {name: StageRecord(final=str(s["final"]), steps=int(s.get("steps", 0)),
+                                        checkpoint=str(s.get("checkpoint", "")))
+                      for name, s in raw["stages"].items()}  # fmt: skip
+            order = raw.get("stage_order", [])
+            if not isinstance(order, list) or not all(isinstance(s, str) for s in order):
+                raise ValueError("'stage_order' must be a list of stage names")
+            reference = raw.get("reference")
+            if reference is not None and not isinstance(reference, str):
+                raise ValueError("'reference' must be a path or null")
+            return cls(data=str(raw.get("data", "")), data_fp=raw.get("data_fp"), stages=stages, stage_order=order,
+                       reference=reference)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:  # torn or hand-edited
+            raise FspoError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+    def text(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @property
+    def last_stage(self) -> str | None:
+        """The latest command's last finished stage: the model the run stands for."""
+        done = [s for s in self.stage_order if s in self.stages]
+        return done[-1] if done else None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A model directory as `eval`, `score`, `generate` and `--winrate` see it: a run directory (run.json) or a
+    plain HF model directory."""
+
+    policy: Path  # the model to evaluate: the run's last finished stage's final model, or the directory itself
+    reference: Path | None  # the reference model of an IPO/DPO run's policy; None after Pref-FT and for a plain directory
+    config: TrainConfig  # config.toml: how the run rendered its episodes (the defaults for a plain directory)
+    info: RunInfo | None  # run.json; None for a plain directory
+
+
+def load_run(model: str | os.PathLike) -> Run:
+    """The run (or plain HF model directory) `model`. Raises FspoError for anything else, for a run with no
+    finished stage and for a damaged (checksum-failing) final or reference model."""
+    model = Path(model)
+    if not model.is_dir():
+        raise FspoError(f"{model}: not a model directory")
+    if not (model / "run.json").is_file():
+        if not (model / "config.json").is_file():
+            raise FspoError(f"{model}: neither a run directory (run.json) nor a model directory (config.json)")
+        return Run(policy=model, reference=None, config=TrainConfig(), info=None)
+    info = RunInfo.read(model / "run.json")
+    last = info.last_stage
+    if last is None:
+        raise FspoError(f"{model}: the run has no finished stage yet")
+    policy = model / info.stages[last].final
+    reference = None
+    if last != "pref-ft" and info.reference is not None:
+        reference = Path(info.reference) if Path(info.reference).is_absolute() else model / info.reference
+    for d in (policy, reference):
+        # A run's models are sealed with checksums: refuse a damaged one rather than score garbage.
+        if d is not None and (d / ckpt.MARKER).is_file() and (why := ckpt.verify(d)) is not None:
+            raise FspoError(f"{d}: damaged model ({why})")
+    config_path = model / "config.toml"
+    config = load_config(config_path) if config_path.is_file() else TrainConfig()
+    return Run(policy=policy, reference=reference, config=config, info=info)
 
 
 class RunDir:
@@ -95,27 +188,22 @@ class RunDir:
             os.close(self._lock_fd)  # releases the run directory's lock
             self._lock_fd = None
 
-    def read_info(self, data_root: Path, data_fp: str) -> dict:
+    def read_info(self, data_root: Path, data_fp: str) -> RunInfo:
         """run.json, or a new run's: a resumed run must see the data it started on (`data_fp`), or it cannot
         reproduce the uninterrupted run."""
         p = self.out / "run.json"
         if not p.is_file():
-            return {"stages": {}, "reference": None, "data": str(data_root), "data_fp": data_fp}
-        try:
-            info = json.loads(p.read_text(encoding="utf-8"))
-            if not isinstance(info, dict) or not isinstance(info.get("stages"), dict):
-                raise ValueError("expected an object with a 'stages' object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise FspoError(f"{p}: unreadable ({exc})") from None
-        if info.get("data_fp", data_fp) != data_fp:
-            raise FspoError(f"{data_root}: not the dataset this run started on ({info.get('data')}); "
+            return RunInfo(data=str(data_root), data_fp=data_fp)
+        info = RunInfo.read(p)
+        if info.data_fp not in (None, data_fp):
+            raise FspoError(f"{data_root}: not the dataset this run started on ({info.data}); "
                             "--resume needs the same data")  # fmt: skip
-        info.setdefault("data_fp", data_fp)
+        info.data_fp = data_fp
         return info
 
-    def write_info(self, info: dict):
+    def write_info(self, info: RunInfo):
         if self.is_main:
-            ckpt.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2, sort_keys=True))
+            ckpt.atomic_write_text(self.out / "run.json", info.text())
 
     def append_metrics(self, record: dict):
         if self.is_main:

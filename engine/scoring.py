@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from fspo_engine.engine.distributed import rank_rows
 from fspo_engine.engine.packing import PackedBatch, pack_batches
 from fspo_engine.kernels.logprobs import linear_logprob_sums
 
@@ -93,8 +94,6 @@ def score_share(
     """`score_episodes` of this rank's share, `episodes[rank::world]`, with a model sharded over the ranks
     (FSDP2). Every forward is a collective, so every rank runs as many as the busiest rank (`rank_rows`):
     the extra ones repeat a row and are discarded. Called by every rank."""
-    from fspo_engine.engine.distributed import rank_rows
-
     share, rows = rank_rows(episodes, lambda eps: pack_batches(eps, max_tokens), rank, world)
     out = _score_rows(model, [r for r, real in rows if real], len(share), impl, device, on_row)
     for row, real in rows:

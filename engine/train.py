@@ -19,6 +19,7 @@ they would send a reader of the loop through four files (nanoGPT's and torchtita
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -67,7 +68,7 @@ from fspo_engine.engine.model import (
 from fspo_engine.engine.optim import lr_at, make_optimizer
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
-from fspo_engine.engine.rundir import STAGES, RunDir
+from fspo_engine.engine.rundir import STAGES, RunDir, StageRecord, load_run
 from fspo_engine.engine.scoring import episode_logprobs, score_episodes, segment_logprobs
 from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer, train_tokenizer
 from fspo_engine.engine.validate import Validator
@@ -186,6 +187,10 @@ class Trainer:
             if not Path(cfg.model.name).is_dir():
                 raise FspoError(f"{cfg.model.name}: neither a named size ({', '.join(NAMED_SIZES)}) nor a model "
                                 "directory")  # fmt: skip
+            # A run directory starts from its final policy. One spelling per directory ("m/", "./m", "/abs/m"):
+            # config.toml holds it, and --resume compares config.toml, possibly from another working directory.
+            source = str(load_run(cfg.model.name).policy.resolve())
+            self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=source))
             check_weights(cfg.model.name)
             self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
             self.source_dtype = stored_dtype(cfg.model.name)
@@ -317,34 +322,34 @@ class Trainer:
             return parallelize(model, m.activation_checkpointing, m.compile, mixed_precision=self.autocast)
         return apply_ac_and_compile(model, m.activation_checkpointing, m.compile)
 
-    def _weights_of(self, info: dict) -> Path:
+    def _weights_of(self, info: StageRecord) -> Path:
         """Where a later stage reads a finished stage's weights (its initial policy and its reference): the
         final, or, when finals are cast (model.save_dtype), the master weights of the stage's last checkpoint
         that the final was cast from, so that the cast never rounds away what the stage learned."""
         if self._final_dtype() != self._param_dtype():
-            sealed = self.out / info.get("checkpoint", "")
-            if info.get("checkpoint") and ckpt.verify(sealed) is None:
+            sealed = self.out / info.checkpoint
+            if info.checkpoint and ckpt.verify(sealed) is None:
                 return sealed / "model"
             self.log(f"{sealed}: not a whole checkpoint; the next stage starts from the cast final")
-        return self.out / info["final"]
+        return self.out / info.final
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ stages
 
-    def run(self, stage: str = "all", max_steps: int | None = None) -> dict:
+    def run(self, stage: str = "all", max_steps: int | None = None) -> dict[str, StageRecord]:
         stages = stages_for(stage, self.cfg.pref.loss)
-        self.run_info["stage_order"] = stages
+        self.run_info.stage_order = stages
         result = {}
         policy_dir = None
-        earlier = self.run_info["stages"].get("pref-ft")
-        if stages[0] != "pref-ft" and earlier and ckpt.verify(self.out / earlier["final"]) is None:
+        earlier = self.run_info.stages.get("pref-ft")
+        if stages[0] != "pref-ft" and earlier and ckpt.verify(self.out / earlier.final) is None:
             policy_dir = self._weights_of(earlier)  # `--stage ipo` after `--stage pref-ft` in the same run
         for s in stages:
-            done = self.run_info["stages"].get(s)
-            if done and (self.out / done["final"]).is_dir() and ckpt.verify(self.out / done["final"]) is None:
-                self.log(f"[{s}] already complete: {self.out / done['final']}")
+            done = self.run_info.stages.get(s)
+            if done and (self.out / done.final).is_dir() and ckpt.verify(self.out / done.final) is None:
+                self.log(f"[{s}] already complete: {self.out / done.final}")
                 policy_dir = self._weights_of(done)
                 result[s] = done
                 continue
@@ -355,7 +360,7 @@ class Trainer:
         barrier()  # no rank tears the process group down while another still works (gloo aborts then)
         return result
 
-    def _run_stage(self, stage: str, init_dir: Path | None, max_steps: int | None) -> dict:
+    def _run_stage(self, stage: str, init_dir: Path | None, max_steps: int | None) -> StageRecord:
         cfg = self.cfg
         plan = EpisodePlan(self.dataset, self.tokenizer, cfg, stage)
         total, peak_lr = self._stage_steps(stage, max_steps, plan)
@@ -440,7 +445,7 @@ class Trainer:
         if name in NAMED_SIZES and init_dir is None:
             raise FspoError(f"--stage {stage} from scratch has no reference model: run pref-ft first "
                             "(--stage all) or pass --model with a Pref-FT'd HF directory")
-        self.run_info["reference"] = str(ref_dir.relative_to(self.out)) if ref_dir.is_relative_to(self.out) \
+        self.run_info.reference = str(ref_dir.relative_to(self.out)) if ref_dir.is_relative_to(self.out) \
             else str(ref_dir.resolve())
         self.run_dir.write_info(self.run_info)
         return ref_dir
@@ -484,14 +489,14 @@ class Trainer:
         return ckpt.save(stage_dir, step, model, optimizer, self.tokenizer_dir, self._param_dtype(),
                          self.cfg.run.keep_last, self.rank, self.world)
 
-    def _publish(self, stage: str, total: int, last_ckpt: Path, model) -> dict:
+    def _publish(self, stage: str, total: int, last_ckpt: Path, model) -> StageRecord:
         """The stage's final model `RUN/<stage>/`: its last checkpoint's, cast to model.save_dtype (checkpoints
         keep the master weights), published atomically and recorded in run.json."""
-        info = {"final": stage, "steps": total, "checkpoint": str(last_ckpt.relative_to(self.out))}
+        info = StageRecord(final=stage, steps=total, checkpoint=str(last_ckpt.relative_to(self.out)))
         if self.is_main:
             cast = self._final_dtype() if self._final_dtype() != self._param_dtype() else None
             ckpt.publish(last_ckpt / "model", self.out / stage, cast, model.config)
-            self.run_info["stages"][stage] = info
+            self.run_info.stages[stage] = info
             self.run_dir.write_info(self.run_info)
         barrier()
         self.log(f"[{stage}] done: {self.out / stage}")

@@ -41,10 +41,12 @@ from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.labeler import Decision, judge_both_orders, judge_messages, parse_verdict
 from fspo_engine.data_gen.prompts import JUDGE_SCHEMA
 from fspo_engine.engine.checkpoint import atomic_write_text
-from fspo_engine.engine.episodes import Dataset, Episode, sample_episodes
+from fspo_engine.engine.episodes import Dataset, Episode, load_dataset, sample_episodes
 from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.evaluate import description_accuracy
 from fspo_engine.engine.personalize import answer, default_description_mode, hide_descriptions, load_generator
 from fspo_engine.engine.remote import Server, load_remote_generator
+from fspo_engine.engine.rundir import load_run
 
 BASELINES = ("zero-shot", "oracle-description")
 JUDGES = ("template", "openai")
@@ -64,12 +66,10 @@ class Side:
 
 def plan_sides(model: str, baseline: str, shots: int, description: str | None) -> tuple[Side, Side]:
     """(the model's side, the baseline's side) for `eval --winrate`."""
-    from fspo_engine.engine.evaluate import resolve_models, run_setting
-
-    policy_dir, _ = resolve_models(model)
-    trained_with = bool(run_setting(model, "data", "user_description"))
+    run = load_run(model)
+    policy_dir, bos = run.policy, run.config.data.bos
+    trained_with = run.config.data.user_description
     mode = description or default_description_mode(trained_with)
-    bos = bool(run_setting(model, "data", "bos", True))
     ours = Side("model", policy_dir, shots, mode, bos)
     if baseline == "zero-shot":
         return ours, Side("zero-shot", policy_dir, 0, mode, bos)
@@ -80,10 +80,9 @@ def plan_sides(model: str, baseline: str, shots: int, description: str | None) -
         if mode == "oracle":
             raise FspoError("--baseline oracle-description against --description oracle compares a model with itself")
         return ours, Side("oracle-description", policy_dir, shots, "oracle", bos)
-    other_dir, _ = resolve_models(baseline)
-    return ours, Side(str(baseline), other_dir, shots,
-                      default_description_mode(bool(run_setting(baseline, "data", "user_description"))),
-                      bool(run_setting(baseline, "data", "bos", True)))
+    other = load_run(baseline)
+    return ours, Side(str(baseline), other.policy, shots, default_description_mode(other.config.data.user_description),
+                      other.config.data.bos)
 
 
 def sample_items(dataset: Dataset, split: str, shots: int, seed: int, users: list[str] | None = None,
@@ -259,9 +258,6 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
     both the episode sampler's and the token sampler's. `generator`: the model's answers come from this
     completions server; `baseline_generator`: the baseline's (default: `generator` when the baseline is the
     same model, zero-shot or oracle-description; else the baseline runs in this process)."""
-    from fspo_engine.engine.episodes import load_dataset
-    from fspo_engine.engine.evaluate import description_accuracy
-
     if judge not in JUDGES:
         raise FspoError(f"--judge: expected one of {', '.join(JUDGES)}, got {judge!r}")
     dataset = load_dataset(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -118,9 +119,13 @@ def test_importing_data_gen_loads_no_engine_module():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools builds in the source tree (build/), and a stale build/ there would put
+    # files deleted since into the wheel.
+    src, out = tmp_path_factory.mktemp("src") / "fspo-engine", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__",
+                                                             "bench_out", "runs", "*.whl"))  # fmt: skip
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(out), str(ROOT)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                          str(out), str(src)], capture_output=True, text=True, timeout=600)  # fmt: skip
     if res.returncode != 0:
         pytest.fail(f"pip wheel failed: {res.stderr[-3000:]}")
     (whl,) = out.glob("*.whl")
@@ -154,3 +159,26 @@ def test_a_normal_install_imports_from_the_repository_root(wheel, tmp_path):
         res = _run_from_root(python, first, second + "\nimport fspo_engine.kernels.logprobs as L\n"
                              f"assert L.__file__.startswith({str(purelib)!r}), L.__file__")  # fmt: skip
         assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_engine_has_no_import_cycles():
+    """Counting function-local imports too: then none of them can be there to dodge a cycle."""
+    modules = {p.stem for p in (ROOT / "engine").glob("*.py")} - {"__init__"}
+    graph = {m: {name.split(".")[2] for _, name in _imported_modules(ROOT / "engine" / f"{m}.py")
+                 if name.startswith("fspo_engine.engine.") and name.split(".")[2] in modules} - {m}
+             for m in modules}  # fmt: skip
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(m):], m])}")
+        if m in done:
+            return
+        path.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(modules):
+        visit(m)
