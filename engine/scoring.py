@@ -51,13 +51,18 @@ class EpisodeLogprobs(NamedTuple):
 
 
 def episode_logprobs(model, packed: PackedBatch, impl: str = "auto") -> EpisodeLogprobs:
-    """(chosen, rejected) log-prob sums per episode of a packed row (episodes with exactly two responses)."""
+    """(chosen, rejected) log-prob sums per episode of a packed row: episodes with exactly two responses, or
+    with the chosen one only (Pref-FT on chosen responses: `rejected` is then empty)."""
     # Checked on host-side metadata: no device sync.
-    if packed.max_branches != 2 or packed.num_segments != 2 * len(packed.episodes):
-        raise ValueError("episode_logprobs needs exactly two responses per episode; use segment_logprobs")
+    k = packed.max_branches
+    if k not in (1, 2) or packed.num_segments != k * len(packed.episodes):
+        raise ValueError("episode_logprobs needs two responses per episode (or the chosen one only); "
+                         "use segment_logprobs")  # fmt: skip
     seg = segment_logprobs(model, packed, impl)
-    # Segments are numbered episode by episode, branches ascending: chosen = even, rejected = odd.
     tokens = packed.seg_tokens.to(seg.device)
+    if k == 1:
+        return EpisodeLogprobs(seg, seg[:0], tokens, tokens[:0], list(packed.episodes))
+    # Segments are numbered episode by episode, branches ascending: chosen = even, rejected = odd.
     return EpisodeLogprobs(seg[0::2], seg[1::2], tokens[0::2], tokens[1::2], list(packed.episodes))
 
 

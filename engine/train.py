@@ -54,7 +54,7 @@ from fspo_engine.engine.episodes import (
     tokenize_episodes,
 )
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics
+from fspo_engine.engine.losses import preference_inputs, reward_metrics, sft_denominator, stage_loss
 from fspo_engine.engine.metrics import StageProgress, TensorBoard, mfu, plot_loss_curve, progress_bar
 from fspo_engine.engine.model import (
     NAMED_SIZES,
@@ -69,7 +69,7 @@ from fspo_engine.engine.optim import lr_at, make_optimizer
 from fspo_engine.engine.packing import PackItem, pack_batches
 from fspo_engine.engine.reference import ReferenceCache, fingerprint_files, model_fingerprint
 from fspo_engine.engine.rundir import STAGES, RunDir, StageRecord, load_run
-from fspo_engine.engine.scoring import episode_logprobs, score_episodes, segment_logprobs
+from fspo_engine.engine.scoring import episode_logprobs, score_episodes
 from fspo_engine.engine.tokenizer import check_ids_fit, load_tokenizer, train_tokenizer
 from fspo_engine.engine.validate import Validator
 
@@ -204,7 +204,7 @@ class Trainer:
             self.close(failed=True)  # the run directory's lock too: a corrected retry in this process works
             raise
         self.autocast = self.device.type == "cuda" and cfg.model.dtype == "auto"
-        self.validator = Validator(cfg, self.dataset, self.tokenizer, self.device, self.autocast, log=self.log)
+        self.validator = Validator(cfg, self.dataset, self.tokenizer, self.device, self._autocast, log=self.log)
 
     def _check_vocab(self, tokenizer, vocab_size: int):
         """Every id the training texts and the episode format encode to fits the model's embedding."""
@@ -505,71 +505,57 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _train_step(self, stage: str, model, episodes: list, ref_table: dict) -> dict:
-        """Forward/backward over micro-batches (packed rows) summing exactly to the global-batch loss."""
-        cfg = self.cfg
-        E = len(episodes)
-        dev = self.device
-        # Under torchrun each rank takes every world-th episode of the global batch. FSDP2 averages
-        # gradients over ranks, so each rank's loss is scaled by the world size: the average of the
-        # ranks' gradients is then the gradient of the global-batch loss.
-        scale = float(self.world)
-        pack = lambda eps: pack_batches(eps, cfg.data.max_tokens)  # noqa: E731
-        if stage == "pref-ft":
+        """Forward/backward over micro-batches (packed rows) whose losses sum exactly to the global-batch loss.
+        The step's numbers stay on the device until one read at the end: no sync per micro-batch."""
+        cfg, dev = self.cfg, self.device
+        pref_ft = stage == "pref-ft"
+        denominator = None
+        if pref_ft:
             # pref_ft.targets = chosen packs [context | chosen] blocks; both packs [context | chosen | rejected],
             # the rejected branch trained on too (the released code's SFT targets).
             both = cfg.pref_ft.targets == "both"
             items = [PackItem(ep.prompt_ids, ep.responses if both else [ep.chosen_ids], ep.episode_id)
                      for ep in episodes]  # fmt: skip
-            total_targets = sum(len(r) for it in items for r in it.responses)
-            # sft_loss's denominator for the whole batch, so that the rows' parts sum to the batch's loss.
-            denom = total_targets if cfg.pref_ft.reduction == "mean" else sum(len(it.responses) for it in items)
-            nll_sum, chosen_nll, n_tokens = 0.0, 0.0, 0
-            _, rows = rank_rows(items, pack, self.rank, self.world)
-            for row, real in rows:
-                row = row.to(dev)
-                with self._autocast():
-                    seg = segment_logprobs(model, row, impl=cfg.model.logprob_impl)
-                nll = -seg.sum()
-                (nll / denom * (scale if real else 0.0)).backward()
-                if real:
-                    nll_sum += nll.item()
-                    chosen_nll -= seg[row.seg_branch == 1].sum().item()
-                    n_tokens += row.num_tokens
-            nll_sum, chosen_nll, n_tokens = all_reduce_sum([nll_sum, chosen_nll, float(n_tokens)])
-            # nll_per_token is the chosen responses' whatever the targets: comparable across pref_ft settings.
-            return {"loss": nll_sum / denom, "nll_per_token": chosen_nll / sum(len(ep.chosen_ids) for ep in episodes),
-                    "_tokens": n_tokens}
-        # IPO / DPO
-        beta = cfg.pref.beta
-        stats = {k: [] for k in ("pc", "pr", "rc", "rr")}
-        loss_sum, n_tokens = 0.0, 0
-        share, rows = rank_rows(episodes, pack, self.rank, self.world)
+            # The whole batch's denominator, so that the rows' losses sum to the batch's (sft_loss).
+            denominator = sft_denominator(torch.tensor([len(r) for it in items for r in it.responses]),
+                                          cfg.pref_ft.reduction)  # fmt: skip
+        else:
+            items = episodes
+        # Under torchrun each rank takes every world-th episode of the global batch. FSDP2 averages
+        # gradients over ranks, so each rank's loss is scaled by the world size: the average of the
+        # ranks' gradients is then the gradient of the global-batch loss.
+        scale = float(self.world)
+        share, rows = rank_rows(items, lambda eps: pack_batches(eps, cfg.data.max_tokens), self.rank, self.world)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # fp64: as exact as summing on the host
+        chosen_nll = torch.zeros((), dtype=torch.float64, device=dev)
+        pairs, n_tokens = [], 0  # IPO/DPO: each row's (π_c, π_r, ref_c, ref_r), [4, E_row]
         for row, real in rows:
-            idx = row.episodes
-            row = row.to(dev)
             with self._autocast():
-                out = episode_logprobs(model, row, impl=cfg.model.logprob_impl)
-            pc, pr = out.chosen, out.rejected  # fp32 (fp64 for a float64 model)
-            ref = torch.tensor([ref_table[share[i].episode_id] for i in idx], dtype=pc.dtype, device=dev)
-            rc, rr = ref[:, 0], ref[:, 1]
-            if cfg.pref.length_normalize:
-                ct, rt = out.chosen_tokens.to(dev), out.rejected_tokens.to(dev)
-                pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
-                rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
-            if stage == "ipo":  # the stage names its loss (pref.loss only picks the stage of --stage all)
-                part = ipo_loss(pc, pr, rc, rr, beta)
+                out = episode_logprobs(model, row.to(dev), impl=cfg.model.logprob_impl)
+            if pref_ft:
+                loss = stage_loss(stage, cfg, out, denominator=denominator)
             else:
-                part = dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)
-            loss = part * (len(idx) / E)  # mean over the row -> its share of the global-batch mean
+                ref = torch.tensor([ref_table[share[i].episode_id] for i in row.episodes], dtype=out.chosen.dtype,
+                                   device=dev)  # fmt: skip
+                ref = out._replace(chosen=ref[:, 0], rejected=ref[:, 1])
+                # The row's mean, weighted by its share of the global batch: the rows sum to the batch's mean.
+                loss = stage_loss(stage, cfg, out, ref) * (len(row.episodes) / len(episodes))
             (loss * (scale if real else 0.0)).backward()
             if not real:
                 continue
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             n_tokens += row.num_tokens
-            for k, v in zip(("pc", "pr", "rc", "rr"), (pc, pr, rc, rr)):
-                stats[k].append(v.detach())
-        loss_sum, n_tokens = all_reduce_sum([loss_sum, float(n_tokens)])
-        pc, pr, rc, rr = (all_gather_cat(torch.cat(stats[k])) for k in ("pc", "pr", "rc", "rr"))
-        rec = {"loss": loss_sum, **reward_metrics(pc, pr, rc, rr, beta),
-               "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(), "_tokens": n_tokens}
-        return rec
+            if pref_ft:
+                chosen_nll -= out.chosen.detach().sum()
+            else:
+                pairs.append(torch.stack(preference_inputs(out, ref, cfg.pref.length_normalize)).detach())
+        if pref_ft:
+            loss, nll, n_tokens = all_reduce_sum([*torch.stack([loss_sum, chosen_nll]).tolist(), float(n_tokens)])
+            # nll_per_token is the chosen responses' whatever the targets: comparable across pref_ft settings.
+            return {"loss": loss, "nll_per_token": nll / sum(len(ep.chosen_ids) for ep in episodes), "_tokens": n_tokens}
+        pc, pr, rc, rr = (all_gather_cat(t) for t in torch.cat(pairs, dim=1))
+        rewards = reward_metrics(pc, pr, rc, rr, cfg.pref.beta)
+        values = torch.stack([t.double() for t in (loss_sum, *rewards.values(), pc.mean(), pr.mean())]).tolist()
+        loss, n_tokens = all_reduce_sum([values[0], float(n_tokens)])
+        return {"loss": loss, **dict(zip(rewards, values[1:5])), "logps/chosen": values[5], "logps/rejected": values[6],
+                "_tokens": n_tokens}

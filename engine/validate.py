@@ -3,7 +3,8 @@ test users, who are never trained on."""
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -12,15 +13,18 @@ from fspo_engine.engine.dataset import Dataset
 from fspo_engine.engine.distributed import all_gather_objects, rank_rows, world
 from fspo_engine.engine.episodes import parse_shots, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
-from fspo_engine.engine.losses import dpo_loss, ipo_loss, normalise_by_length, reward_metrics, sft_loss
+from fspo_engine.engine.losses import preference_inputs, reward_metrics, stage_loss
 from fspo_engine.engine.packing import pack_batches
 from fspo_engine.engine.scoring import EpisodeLogprobs, episode_logprobs, logprob_dtype
 from fspo_engine.engine.tokenizer import check_ids_fit
 
 
 class Validator:
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, tokenizer, device: torch.device, autocast: bool,
-                 log=print):
+    """The held-out episodes of a run and the policy's metrics on them. `autocast`: the trainer's autocast
+    context (the held-out forwards run at the training precision)."""
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, tokenizer, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager], log=print):
         self.cfg, self.dataset, self.tokenizer, self.device, self.autocast = cfg, dataset, tokenizer, device, autocast
         self.rank, _, self.world = world()
         self.log = log
@@ -52,13 +56,12 @@ class Validator:
         for IPO/DPO, the implicit rewards (`eval/rewards/accuracy`: FSPO's held-out preference accuracy). Every
         rank scores its share (padded like a training step: FSDP2's collectives must line up); no RNG is drawn."""
         cfg, dev = self.cfg, self.device
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         share, rows = rank_rows(episodes, lambda eps: pack_batches(eps, cfg.data.max_tokens), self.rank, self.world)
         parts = []
         model.eval()
         with torch.no_grad():
             for row, real in rows:
-                with autocast:
+                with self.autocast():
                     out = episode_logprobs(model, row.to(dev), impl=cfg.model.logprob_impl)
                 if real:  # share[i] is episodes[i * world + rank]
                     idx = torch.tensor(row.episodes, dtype=torch.long) * self.world + self.rank
@@ -74,18 +77,12 @@ class Validator:
                 pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
         nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
         # A description run's held-out episodes carry the users' true descriptions: say so in every record.
-        oracle = {"eval/description": "oracle"} if cfg.data.user_description else {}
-        if stage == "pref-ft":
-            both = cfg.pref_ft.targets == "both"
-            logp, tokens = (torch.cat([pc, pr]), torch.cat([ct, rt])) if both else (pc, ct)
-            loss = sft_loss(logp.double(), tokens, cfg.pref_ft.reduction).item()
-            return {"eval/loss": loss, "eval/nll_per_token": nll, "eval/episodes": E, **oracle}
-        rc, rr = ref.chosen, ref.rejected
-        if cfg.pref.length_normalize:
-            pc, pr = normalise_by_length(pc, ct), normalise_by_length(pr, rt)
-            rc, rr = normalise_by_length(rc, ct), normalise_by_length(rr, rt)
-        beta = cfg.pref.beta
-        loss = ipo_loss(pc, pr, rc, rr, beta) if stage == "ipo" else \
-            dpo_loss(pc, pr, rc, rr, beta, cfg.pref.label_smoothing)  # fmt: skip
-        return {"eval/loss": loss.item(), "eval/nll_per_token": nll, "eval/episodes": E, **oracle,
-                **{f"eval/{k}": v for k, v in reward_metrics(pc, pr, rc, rr, beta).items()}}
+        rec = {"eval/nll_per_token": nll, "eval/episodes": E,
+               **({"eval/description": "oracle"} if cfg.data.user_description else {})}
+        if stage == "pref-ft":  # in fp64: E episodes' sums
+            policy = EpisodeLogprobs(pc.double(), pr.double(), ct, rt, list(range(E)))
+            return {"eval/loss": stage_loss(stage, cfg, policy).item(), **rec}
+        policy = EpisodeLogprobs(pc, pr, ct, rt, list(range(E)))
+        rewards = reward_metrics(*preference_inputs(policy, ref, cfg.pref.length_normalize), cfg.pref.beta)
+        return {"eval/loss": stage_loss(stage, cfg, policy, ref).item(), **rec,
+                **{f"eval/{k}": v.item() for k, v in rewards.items()}}
