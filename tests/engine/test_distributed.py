@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import SMALL, write_fixture
+from helpers import SMALL, write_fixture
 
 from fspo_engine.engine import checkpoint as ckpt
 

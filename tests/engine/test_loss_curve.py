@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_train import SMALL, cli, read_metrics, write_fixture
+from helpers import SMALL, cli, read_metrics, write_fixture
 
 CURVE = Path(__file__).resolve().parents[1] / "data" / "loss_curve_tiny.json"
 KEYS = ("loss", "grad_norm", "rewards/margin")  # not accuracy: a discrete count can flip on float noise
