@@ -238,11 +238,14 @@ async def _generate(out: Path, cfg: GenConfig, state: dict, client, inputs: Inpu
         heldout[name] = Holdout(test, d.val_combos(cfg.seed, cfg.val_fraction, test))
     state_dir = out / STATE_DIR
     try:
-        if cfg.backend == "template":
-            producer = TemplateProducer(cfg, domains, heldout)
-        else:
-            producer = await _llm_producer(cfg, domains, heldout, client, state_dir, state, inputs)
+        # StateFiles first: opening it truncates the files to the last commit, and the LLM producer replays
+        # the committed personas from them (a killed run's uncommitted tail would put the persona turn ahead
+        # of the units still to run, and make their personas duplicates of themselves).
         with StateFiles(out, state) as files:
+            if cfg.backend == "template":
+                producer = TemplateProducer(cfg, domains, heldout)
+            else:
+                producer = await _llm_producer(cfg, domains, heldout, client, state_dir, state, inputs)
             return await _run_units(cfg, state, producer, files, client)
     finally:
         if client is not None:
@@ -268,8 +271,13 @@ async def _llm_producer(cfg, domains, heldout, client, state_dir: Path, state: d
             write_json_atomic(state_dir / "state.json", state)
     dedup = cfg.dedup_threshold if cfg.personas == "llm" else None
     books = {d: PersonaBook(0, dedup_threshold=dedup, seed=cfg.seed, domain=d) for d in cfg.domains}
+    replayed = 0
     for rec in read_committed(state_dir, "personas.jsonl"):  # truncated to the committed units by StateFiles
         books[rec["domain"]].replay(rec["persona"])
+        replayed += 1
+    if replayed != state["done"]:  # one line per committed unit: anything else is a damaged state
+        raise DataGenError(f"{state_dir}: personas.jsonl holds {replayed} units, the state {state['done']}; "
+                           "pass --overwrite to start over")
     return LLMProducer(
         cfg, domains, client, heldout=heldout, books=books, schema=inputs.schema, questions=questions,
         persona_file=inputs.persona_file,

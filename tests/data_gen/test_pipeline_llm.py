@@ -366,6 +366,31 @@ def test_kill_9_then_the_same_command_gives_the_same_bytes(tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_9_before_the_first_commit_then_resume(tmp_path):
+    """Killed before any commit (the default 30 s window): the appended, uncommitted users are dropped and
+    the re-run replays none of their personas (it once waited forever for a persona turn that had moved)."""
+    with spawn(delay_s=0.05) as fake:
+        def cmd(out):
+            return [*CLI, "--backend", "openai", "--base-url", fake.base_url, "--model", "m", "--users", "80",
+                    "--prefs-per-user", "4", "--concurrency", "32", "--seed", "6", "--out", str(out), "--no-progress"]
+
+        subprocess.run(cmd(tmp_path / "a"), check=True, capture_output=True, timeout=300)
+        total = fake.stats()["requests"]
+        fake.reset_stats()
+        proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while fake.stats()["requests"] < total * 3 // 4 and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = json.loads((tmp_path / "b" / ".gen-state" / "state.json").read_text())
+        # Nothing committed, but more than a write buffer of users appended (what the re-run must drop).
+        assert state["done"] == 0 and (tmp_path / "b" / ".gen-state" / "personas.jsonl").stat().st_size > 0
+        subprocess.run(cmd(tmp_path / "b"), check=True, capture_output=True, timeout=120)
+    for name in FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_two_servers_one_killed_mid_run_loses_nothing(tmp_path):
     with FakeOpenAI(answer=persona_aware) as one:
         run(one, tmp_path / "ref", users=16)
