@@ -108,6 +108,7 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
     if out.exists() and not out.is_dir():
         raise DataGenError(f"{out}: exists and is not a directory")
     created = not out.exists()
+    fresh_cache = not (out / ".llm-cache").exists()
     # Read the user's files and build the model (hf) or client before creating anything: a bad --personas,
     # --questions, --persona-schema or --model leaves no directory behind.
     inputs = Inputs.load(cfg)
@@ -117,8 +118,9 @@ def generate_dataset(out_dir: str | os.PathLike, **options) -> GenResult:
         with locked_dir(out):
             return _generate_locked(out, cfg, backend, inputs)
     except BaseException:
-        if created:
+        if fresh_cache:
             _drop_empty_cache(out / ".llm-cache")
+        if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a failed first run leaves no empty directory either
         raise

@@ -227,10 +227,10 @@ class LLMProducer:
             self._views[question] = asyncio.ensure_future(self._shared_views(question, unit))
         return asyncio.shield(self._views[question])
 
-    async def _for_persona(self, question: str, description: str, unit: Unit) -> str:
+    async def _for_persona(self, question: str, description: str, unit: Unit, model: int = 0) -> str:
         return await self._text(
             "responses", prompts.messages("persona_respond", question=question, description=description), unit,
-            self._gen_model(0),
+            self._gen_model(model),
         )
 
     async def _pair(self, unit: Unit, persona: Persona, question: str, draws: list[int]):
@@ -244,7 +244,7 @@ class LLMProducer:
                 raise MalformedReply("persona: no earlier user's persona to contrast with (the domain's first user)")
             own, other = await asyncio.gather(
                 self._for_persona(question, persona.description, unit),
-                self._for_persona(question, persona.swap_description, unit),
+                self._for_persona(question, persona.swap_description, unit, model=1),
             )
             texts = [(own, "own persona"), (other, "other persona")]
         else:

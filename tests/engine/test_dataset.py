@@ -84,7 +84,7 @@ def test_every_bad_record_is_reported_with_path_and_line(tmp_path):
     u, p = d / "users.jsonl", d / "prefs.jsonl"
     expected = [
         (f"{u}:2: malformed JSON", None),
-        (f"{u}:3: field 'split' must be one of train, test", None),
+        (f"{u}:3: field 'split' must be one of train, val, test", None),
         (f"{u}:4: field 'domain' must be a string, got an integer", None),
         (f"{u}:6: duplicate user_id 'u1' (first on line 1)", None),
         (f"{u}:7: expected a JSON object, got a list", None),
