@@ -36,10 +36,10 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-
-    from fspo_engine.kernels.interpret import loop_bound
-except ImportError:  # pragma: no cover - triton is a Linux dependency; the torch path still works
+except ImportError:  # pragma: no cover - triton is a Linux dependency; the plain-torch path still works
     triton = None
+
+from fspo_engine.kernels.interpret import INTERPRET, loop_bound
 
 _IMPLS = ("auto", "triton", "torch")
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs K >= 16; no d-masking inside the kernels
@@ -162,8 +162,14 @@ def _torch_plan(doc_ids, branch_ids, hq):
     return plan
 
 
+# ----------------------------------------------------------------------------------------------------
+# Test oracle (tests only: not a path of the op)
+# ----------------------------------------------------------------------------------------------------
+
+
 def reference_attention(q, k, v, doc_ids, branch_ids, scale=None):
-    """Dense float64 oracle for tests (materialises [Hq, T, T]: small T only). Returns float64."""
+    """TESTS ONLY: the dense float64 oracle the tests compare both paths with (materialises [Hq, T, T]:
+    small T only). Returns float64."""
     T, hq, d = q.shape
     g = hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -205,6 +211,12 @@ class BlockRuns:
     part_lo: torch.Tensor
     part_hi: torch.Tensor
     order: torch.Tensor  # [n_rows] int32: rows by decreasing tile count, the launch order
+
+    def launch_args(self) -> dict:
+        """The runs as the kernels take them (their FULL_*, PART_*, ORDER and stride_lists arguments)."""
+        return {"FULL_NUM": self.full_num, "FULL_LO": self.full_lo, "FULL_HI": self.full_hi,
+                "PART_NUM": self.part_num, "PART_LO": self.part_lo, "PART_HI": self.part_hi, "ORDER": self.order,
+                "stride_lists": self.full_lo.stride(0)}  # fmt: skip
 
     def blocks(self, row: int, which: str = "full") -> list[int]:
         """The blocks of one row's runs, expanded (tests and debugging; one host sync per call)."""
@@ -739,10 +751,6 @@ _TUNED: dict = {}
 _FORCE: dict = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pick_config(kind, q, k, run):
     """The config for `kind`: forced, interpreter default, cached, or chosen now among the candidates.
 
@@ -754,7 +762,7 @@ def _pick_config(kind, q, k, run):
     """
     if kind in _FORCE:
         return _FORCE[kind]
-    if _interpreting() or not q.is_cuda:
+    if INTERPRET or not q.is_cuda:
         return _INTERPRET_CONFIG
     tune = "0" not in (os.environ.get("FSPO_AUTOTUNE"), os.environ.get("FSPO_ATTN_AUTOTUNE"))
     T, hq, d = q.shape
@@ -796,19 +804,26 @@ def _check_int32_offsets(**tensors):
             )
 
 
+def _strides(**tensors) -> dict:
+    """The row and head strides of [T, H, D] tensors as the kernels name them: q -> stride_qt, stride_qh
+    (D has unit stride)."""
+    return {f"stride_{name}{axis}": t.stride(i) for name, t in tensors.items() for i, axis in enumerate("th")}
+
+
+def _meta(q, k, cfg: KernelConfig) -> dict:
+    """The compile-time arguments every attention kernel takes, and the launch's warps and stages."""
+    return {"GROUP": q.shape[1] // k.shape[1], "HEAD_DIM": q.shape[2], "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n, "PRECISION": _precision(q.dtype), "INTERPRET": INTERPRET,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
+
+
 def _launch_fwd(q, k, v, doc_ids, branch_ids, scale, o, lse, cfg):
-    T, hq, d = q.shape
+    T, hq, _ = q.shape
     runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
     grid = (hq, triton.cdiv(T, cfg.block_m))  # axis 0 varies fastest: heavy rows of all heads first
     _fwd_kernel[grid](
-        q, k, v, o, lse, doc_ids, branch_ids,
-        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
-        runs.full_lo.stride(0),
-        T, scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=_precision(q.dtype), INTERPRET=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v, o, lse, doc_ids, branch_ids, **runs.launch_args(), T=T, qk_scale=scale * _LOG2E,
+        **_strides(q=q, k=k, v=v, o=o), **_meta(q, k, cfg),
     )  # fmt: skip
 
 
@@ -826,36 +841,24 @@ def attention_forward(q, k, v, doc_ids, branch_ids, scale):
 
 
 def _launch_dkdv(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dk, dv, cfg):
-    T, hq, d = q.shape
+    T = q.shape[0]
     runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "k")
     grid = (k.shape[1], triton.cdiv(T, cfg.block_n))
     _dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, doc_ids, branch_ids,
-        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
-        runs.full_lo.stride(0),
-        T, scale * _LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=_precision(q.dtype), INTERPRET=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v, do, lse, delta, dk, dv, doc_ids, branch_ids, **runs.launch_args(),
+        T=T, qk_scale=scale * _LOG2E, sm_scale=scale,
+        **_strides(q=q, k=k, v=v, d=do, dk=dk, dv=dv), **_meta(q, k, cfg),
     )  # fmt: skip
 
 
 def _launch_dq(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dq, cfg):
-    T, hq, d = q.shape
+    T, hq, _ = q.shape
     runs = _cached_block_runs(doc_ids, branch_ids, cfg.block_m, cfg.block_n, "q")
     grid = (hq, triton.cdiv(T, cfg.block_m))  # axis 0 varies fastest: heavy rows of all heads first
     _dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, doc_ids, branch_ids,
-        runs.full_num, runs.full_lo, runs.full_hi, runs.part_num, runs.part_lo, runs.part_hi, runs.order,
-        runs.full_lo.stride(0),
-        T, scale * _LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1),
-        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=_precision(q.dtype), INTERPRET=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v, do, lse, delta, dq, doc_ids, branch_ids, **runs.launch_args(),
+        T=T, qk_scale=scale * _LOG2E, sm_scale=scale,
+        **_strides(q=q, k=k, v=v, d=do, dq=dq), **_meta(q, k, cfg),
     )  # fmt: skip
 
 
@@ -868,9 +871,7 @@ def attention_backward(q, k, v, o, lse, do, doc_ids, branch_ids, scale):
         return dq, dk, dv
     delta = torch.empty((hq, T), device=q.device, dtype=torch.float32)
     block = 64
-    _bwd_delta_kernel[(triton.cdiv(T, block), hq)](
-        o, do, delta, T, o.stride(0), o.stride(1), do.stride(0), do.stride(1), HEAD_DIM=d, BLOCK_M=block
-    )
+    _bwd_delta_kernel[(triton.cdiv(T, block), hq)](o, do, delta, T=T, **_strides(o=o, d=do), HEAD_DIM=d, BLOCK_M=block)
     run = lambda cfg: _launch_dkdv(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dk, dv, cfg)  # noqa: E731
     run(_pick_config("dkdv", q, k, run))
     run = lambda cfg: _launch_dq(q, k, v, do, lse, delta, doc_ids, branch_ids, scale, dq, cfg)  # noqa: E731
@@ -898,7 +899,7 @@ def _triton_unsupported(q) -> str | None:
     """Why the Triton path cannot take these inputs (None when it can)."""
     if triton is None:
         return "triton is not installed"
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not INTERPRET:
         return f"the Triton path needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
     if q.shape[2] not in _TRITON_HEAD_DIMS:
         return f"the Triton path supports head dims {_TRITON_HEAD_DIMS}, got {q.shape[2]}"
@@ -909,7 +910,7 @@ def _triton_unsupported(q) -> str | None:
 
 # Under torch.compile the op stays eager (one graph break): its id caches and launch logic are Python.
 @torch.compiler.disable
-def prefix_shared_attention(q, k, v, doc_ids, branch_ids, scale=None, impl="auto"):
+def prefix_shared_attention(q, k, v, doc_ids, branch_ids, scale=None, *, impl="auto"):
     """Attention over a packed row with the doc/branch mask of DESIGN.md.
 
     q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0), doc_ids/branch_ids [T] int -> [T, Hq, D].

@@ -1,4 +1,9 @@
-"""What the Triton interpreter (TRITON_INTERPRET=1, the CPU tests) needs to run the kernels' own loops.
+"""The one switch between the Triton interpreter (TRITON_INTERPRET=1, the CPU tests) and compiled kernels, and
+what the interpreter needs to run the kernels' own loops.
+
+`INTERPRET` is read once, at import, as `triton.jit` reads TRITON_INTERPRET when it decorates a kernel: the
+kernels and the launch code around them (tile sizes, device checks) then always agree. Set the variable
+before anything imports triton (tests/conftest.py does).
 
 The kernels' loops have bounds that are only known on the device: a count or a run of tile indices loaded
 from memory, a vocab range computed from the program id. Compiled, `for i in range(lo, hi)` takes such
@@ -11,11 +16,15 @@ the kernels needed an interpreter-only `while` copy of every loop, and CI never 
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - the plain-torch paths still work
+except ImportError:  # pragma: no cover - triton is a Linux dependency; the plain-torch paths still work
     triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if triton is not None:
 
@@ -28,3 +37,6 @@ if triton is not None:
         if INTERPRET:
             return x.handle.data.item()
         return x
+
+else:  # pragma: no cover
+    loop_bound = None

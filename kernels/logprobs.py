@@ -14,20 +14,9 @@ pair holds ~21 GB of fp32 logits on the plain path). Neither path here ever hold
   all rows, and the two gradient GEMMs of that tile run on cuBLAS. Fixed order, no atomics:
   bitwise-deterministic outputs and gradients.
 
-No loss-in-forward variant (the loss's gradients computed inside the forward, as chunked-loss libraries
-do), because it does not pay here, measured (`bench kernels`, variants loss_fwd and loss_fwd_4x):
-* IPO/DPO cannot use it: a pair's gradient needs both branch sums, i.e. a full vocab pass over the pair's
-  rows, before any dlogits exist. So it would have to recompute the logits, which is what this backward
-  does, or hold them for whole pairs ([pair rows, V] fp32: ~0.3 GB for 600 response rows at V=128k).
-* SFT (linear in the sums) can skip the recompute: 3 GEMM passes instead of 4. But the loop must then run
-  row chunks outside and the whole vocab inside, and an fp32 [V, H] grad-weight is read and written once
-  per row chunk. On 2 CPU cores at T=4096, V=32000, fp32, two runs gave:
-  - H=1024, same tile memory as ours: 1.27-1.32x slower;
-  - H=1024, 4x the tile memory: 0.83-0.94x ours' time, at 1.8x its extra memory;
-  - H=256, either budget: 1.02-1.21x ours (slower).
-  On a GPU under the issue's 2% memory budget (~300-row chunks at V=128k, H=4096), the grad-weight
-  traffic is ~55 GB, ~11 ms at 4.8 TB/s, against ~6.5 ms for the GEMM pass saved: a loss (a model, not a
-  measurement; the GPU run of bench kernels times loss_fwd too).
+No loss-in-forward variant (the loss's gradients computed inside the forward): IPO/DPO cannot use it (a
+pair's gradient needs both branch sums first), and for SFT it measured no faster (benchmarks/RESULTS.md,
+"Design notes: kernels").
 
 Only rows with a target (!= -100) AND a segment (!= -1) count; they are compacted first, so the other
 rows cost no matmul work. Segment sums accumulate in fp64 in a fixed order on every device (not
@@ -41,6 +30,14 @@ import os
 import warnings
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency; the plain-torch path still works
+    triton = None
+
+from fspo_engine.kernels.interpret import INTERPRET, loop_bound
 
 IGNORE_INDEX = -100
 # Plain path: bytes of one fp32 logits tile plus one temporary of the same size. CPU, 16 MiB: tiles of
@@ -58,7 +55,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Input checks (shared by both paths; everything is checked before any launch)
 
 
-def _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64: bool):
+def _check_inputs(hidden, weight, targets, segment_ids, num_segments, *, allow_fp64: bool):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden: expected a [N, H] tensor, got {_describe(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -316,9 +313,8 @@ class _TorchLinearLogprobSums(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_logprob_sums_torch(
-    hidden, weight, targets, segment_ids, num_segments: int, chunk_bytes: int | None = None
-):
+def linear_logprob_sums_torch(hidden, weight, targets, segment_ids, num_segments: int, *,
+                              chunk_bytes: int | None = None):
     """Plain-torch path of `linear_logprob_sums` (CPU, reference, fallback); also accepts float64.
 
     chunk_bytes: memory for one logits tile (and its temporary); default 16 MiB on CPU, 128 MiB on CUDA.
@@ -342,27 +338,15 @@ def linear_logprob_sums_torch(
 # Each output element is reduced in a fixed order, with no atomics: deterministic.
 # Cost: 4 GEMM-sized passes of n x V x H (forward; recompute; the two gradient GEMMs) against the plain
 # path's 3, plus one 16-bit write and two reads of each dlogits tile; extra memory O(n x H) fp32 plus one
-# tile, never O(n x V) or an fp32 [V, H].
-# (The first version fused the gradient GEMMs into Triton too, with fp32 [rows, H] / [cols, H] partials
-# read and written through global memory once per tile: memory-bound, about 2x the GEMMs at H = 4096 by
-# its traffic, and 5 passes; replaced before it met a GPU.)
-
-try:
-    import triton
-    import triton.language as tl
-
-    from fspo_engine.kernels.interpret import loop_bound
-except ImportError:  # e.g. macOS: the plain path still works
-    triton = None
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# tile, never O(n x V) or an fp32 [V, H]. (Why the gradient GEMMs are not fused into Triton:
+# benchmarks/RESULTS.md, "Design notes: kernels".)
 
 
 def _check_triton_device(hidden):
     if triton is None:
         raise ValueError("hidden: the triton path needs the `triton` package; use impl='torch'")
-    if hidden.is_cuda == _INTERPRET:
-        need = "CPU tensors (TRITON_INTERPRET=1 was set at import)" if _INTERPRET else "CUDA tensors"
+    if hidden.is_cuda == INTERPRET:
+        need = "CPU tensors (TRITON_INTERPRET=1 was set at import)" if INTERPRET else "CUDA tensors"
         raise ValueError(f"hidden: the triton path here runs on {need}, got {hidden.device}")
 
 
@@ -375,7 +359,7 @@ if triton is not None:
 
     def _autotune(configs, key, reset_to_zero=None):
         # The interpreter runs one small config: benchmarking configs there would take minutes.
-        if _INTERPRET:
+        if INTERPRET:
             configs = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1)]
         return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero,
                                prune_configs_by={"early_config_prune": _pinned})  # fmt: skip
@@ -569,11 +553,11 @@ def _split_plan(v: int, n: int, slots: int) -> tuple[int, int]:
     return _split_plan_cached(v, tuple(_cdiv(max(n, 1), bn) for bn in block_ns), slots)
 
 
-def _launch_args(h, w):
-    # The interpreter's bf16 tl.dot is wrong: upcast there. fp32 inputs get IEEE fp32 products.
-    dot_fp32 = _INTERPRET and h.dtype == torch.bfloat16
-    ieee = h.dtype == torch.float32 or dot_fp32
-    return {"DOT_FP32": dot_fp32, "IEEE": ieee}
+def _dot_flags(h) -> dict:
+    """The kernels' tl.dot flags for inputs of h's dtype: the interpreter's bf16 tl.dot is wrong, so it
+    upcasts there (DOT_FP32); fp32 inputs get IEEE fp32 products."""
+    dot_fp32 = INTERPRET and h.dtype == torch.bfloat16
+    return {"DOT_FP32": dot_fp32, "IEEE": h.dtype == torch.float32 or dot_fp32}
 
 
 def _triton_forward(h, w, t):
@@ -584,8 +568,11 @@ def _triton_forward(h, w, t):
     plse = torch.empty(nsplit, n, dtype=torch.float32, device=h.device)
     tlogit = torch.zeros(n, dtype=torch.float32, device=h.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), nsplit)
-    _fwd_kernel[grid](h, w, t, plse, tlogit, n, V, H, v_per_split, h.stride(0), w.stride(0),
-                      triton.next_power_of_2(n), INTERPRET=_INTERPRET, **_launch_args(h, w))  # fmt: skip
+    _fwd_kernel[grid](
+        h, w, t, plse, tlogit,  # in: rows, weight, targets; out: partial lse per split, target logits
+        n=n, V=V, H=H, V_PER_SPLIT=v_per_split, stride_h=h.stride(0), stride_w=w.stride(0),
+        N_BUCKET=triton.next_power_of_2(n), INTERPRET=INTERPRET, **_dot_flags(h),
+    )  # fmt: skip
     lse = torch.logsumexp(plse, dim=0)  # combines the splits in a fixed order
     return tlogit - lse, lse
 
@@ -603,12 +590,12 @@ MIN_DLOGITS_COLS = 4096
 
 def _dlogits_cols(n: int, v: int, element_size: int) -> int:
     """Vocab columns of one backward tile (see DLOGITS_TILE_BYTES)."""
-    if _INTERPRET:
+    if INTERPRET:
         return min(v, 384)  # several tiles even for the tests' small shapes
     return min(v, max(MIN_DLOGITS_COLS, DLOGITS_TILE_BYTES // (element_size * max(n, 1)) // 128 * 128))
 
 
-def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
+def _triton_backward(h, w, t, lse, g, *, need_h: bool, need_w: bool):
     """Gradients of sum_n g[n] * logp[n] w.r.t. h [n, H] (fp32) and w [V, H] (w's dtype), or None.
 
     Vocab tiles of all n rows: dlogits from `_dlogits_kernel`, then dh += dlogits @ W[tile] (fp32
@@ -624,13 +611,16 @@ def _triton_backward(h, w, t, lse, g, need_h: bool, need_w: bool):
     d = torch.empty(n, cols, dtype=h.dtype, device=h.device)
     dh = torch.zeros(n, H, dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.empty(V, H, dtype=w.dtype, device=h.device) if need_w else None
-    args = _launch_args(h, w)
+    flags = _dot_flags(h)
     for c0 in range(0, V, cols):
         width = min(cols, V - c0)
         tile = d[:, :width]
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))  # noqa: B023
-        _dlogits_kernel[grid](h, w, t, lse, g, tile, n, c0, width, V, H, h.stride(0), w.stride(0), d.stride(0),
-                              triton.next_power_of_2(n), **args)  # fmt: skip
+        _dlogits_kernel[grid](
+            h, w, t, lse, g, tile,  # in: rows, weight, targets, lse, upstream gradients; out: this tile
+            n=n, c0=c0, cols=width, V=V, H=H, stride_h=h.stride(0), stride_w=w.stride(0), stride_d=d.stride(0),
+            N_BUCKET=triton.next_power_of_2(n), **flags,
+        )  # fmt: skip
         if need_h:
             _mm_acc(tile, w[c0 : c0 + width], out=dh)
         if need_w and scale is None:
@@ -665,7 +655,7 @@ class _TritonLinearLogprobSums(torch.autograd.Function):
         dh = dw = None
         if rows.numel() and (need_h or need_w):
             g = grad_out.float().index_select(0, s).contiguous()  # [n] upstream gradient per row
-            dh, dw = _triton_backward(h, w, t, lse, g, need_h, need_w)
+            dh, dw = _triton_backward(h, w, t, lse, g, need_h=need_h, need_w=need_w)
         grad_hidden = grad_weight = None
         if need_h:
             grad_hidden = torch.zeros(ctx.num_rows, h.shape[1], dtype=h.dtype, device=h.device)
@@ -680,7 +670,7 @@ class _TritonLinearLogprobSums(torch.autograd.Function):
 # Public API
 
 
-def linear_logprob_sums(hidden, weight, targets, segment_ids, num_segments: int, impl: str = "auto"):
+def linear_logprob_sums(hidden, weight, targets, segment_ids, num_segments: int, *, impl: str = "auto"):
     """Per-segment sums of target log-probs under the lm_head, without materialising the logits.
 
     hidden [N, H] (the gathered target rows), weight [V, H] (lm_head), targets [N] int (-100 = no
@@ -703,7 +693,7 @@ def linear_logprob_sums(hidden, weight, targets, segment_ids, num_segments: int,
         raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
     if impl == "auto":
         on_cuda = isinstance(hidden, torch.Tensor) and hidden.is_cuda
-        impl = "triton" if on_cuda and triton is not None and not _INTERPRET else "torch"
+        impl = "triton" if on_cuda and triton is not None and not INTERPRET else "torch"
     if impl == "torch":
         return linear_logprob_sums_torch(hidden, weight, targets, segment_ids, num_segments)
     _check_inputs(hidden, weight, targets, segment_ids, num_segments, allow_fp64=False)

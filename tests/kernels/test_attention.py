@@ -289,7 +289,7 @@ def test_untimed_config_is_first_that_launches(monkeypatch):
     # the first fwd tiles in shared memory), cached per shape key.
     from types import SimpleNamespace
 
-    monkeypatch.setattr(A, "_interpreting", lambda: False)
+    monkeypatch.setattr(A, "INTERPRET", False)
     monkeypatch.setattr(A, "_TUNED", {})
     q = SimpleNamespace(
         shape=(100, 4, 128), dtype=torch.float32, is_cuda=True, device=SimpleNamespace(index=0)

@@ -218,7 +218,7 @@ def test_forward_split_plan_fills_an_h200(n):
 
 
 def test_backward_tiles_stay_wide(monkeypatch):
-    monkeypatch.setattr(L, "_INTERPRET", False)
+    monkeypatch.setattr(L, "INTERPRET", False)
     assert L._dlogits_cols(4096, 128256, 2) == 4096  # the 32 MiB budget
     assert L._dlogits_cols(16384, 128256, 2) == L.MIN_DLOGITS_COLS == 4096  # not 1024
     assert L._dlogits_cols(100, 128256, 2) == 128256  # few rows: the whole vocab in one tile
