@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 MODELS = {  # (query heads, kv heads, head dim) of the Llama sizes the engine trains
     "1B": (32, 8, 64),
     "3B": (24, 8, 128),
@@ -187,7 +189,7 @@ def run_gpu_variant(name, episodes, hq, hkv, d, dtype, warmup, reps, profile_out
     peak = torch.cuda.max_memory_allocated() - base
     ms = time_gpu(step, warmup, reps)
     if profile_out is not None:
-        profile_out.write_text(_profile_table(step))
+        write_text_atomic(profile_out, _profile_table(step))
     del step
     return ms, peak / 2**20
 
@@ -293,6 +295,8 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fspo_engine.engine.metrics import save_figure
+
     rows = list(dict.fromkeys(r["row"] for r in results))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4))
@@ -308,8 +312,7 @@ def plot(results, path):
     ax.set_title("prefix-shared attention on FSPO rows")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None):
@@ -424,15 +427,9 @@ def _write_all(results: list, meta: dict, out: Path, quiet: bool = False):
     md = markdown(results, meta)
     if not quiet:
         print(md)
-    _write_atomic(out / "attention.json", json.dumps({"meta": meta, "results": results}, indent=2))
-    _write_atomic(out / "attention.md", md)
+    write_text_atomic(out / "attention.json", json.dumps({"meta": meta, "results": results}, indent=2))
+    write_text_atomic(out / "attention.md", md)
     plot(results, out / "attention.png")
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 SIZES = {  # HF config keys; random weights are written once per run unless --model is given
     "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2),
@@ -137,7 +139,7 @@ def worker(variant: str, model_dir: str, dtype: torch.dtype, out: Path):
     for name in (f"optim{rank}.pt", "optim.pt" if rank == 0 else ""):  # written to be timed, not kept
         if name:
             (out / name).unlink(missing_ok=True)
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    write_text_atomic(out / f"rank{rank}.json", json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -225,12 +227,14 @@ def main(argv=None):
               + ("GPU peaks." if cuda else "host peaks.")]
     table = "\n".join(lines)
     print(table)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "results.json", json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_text_atomic(out / "results.md", table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fspo_engine.engine.metrics import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ours = {VARIANTS[0], VARIANTS[2]}
@@ -246,8 +250,7 @@ def main(argv=None):
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"checkpoints in and out of FSDP2 on {args.nproc} ranks (blue: fspo-engine)")
     fig.tight_layout()
-    fig.savefig(out / "checkpoint.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "checkpoint.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 # sm_90 (H100 / H200) limits per SM.
 REGS_PER_SM = 65536
 REG_UNIT = 256  # registers are allocated per warp in units of 256
@@ -374,20 +376,14 @@ def main(argv: list[str] | None = None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(records, grid, meta)
-    _write_atomic(out / "compile-report.json", json.dumps(records, indent=1))
-    _write_atomic(out / "compile-report-grid.json", json.dumps({"meta": meta, "grid": grid}, indent=1))
-    _write_atomic(out / "compile-report.md", md)
+    write_text_atomic(out / "compile-report.json", json.dumps(records, indent=1))
+    write_text_atomic(out / "compile-report-grid.json", json.dumps({"meta": meta, "grid": grid}, indent=1))
+    write_text_atomic(out / "compile-report.md", md)
     print(md)
     bad = [r for r in records if "error" in r or r.get("spills") or not r.get("fits_shared", True)]
     if bad:
         print(f"{len(bad)} configs fail to compile, spill or overflow shared memory", file=sys.stderr)
     return records
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 SIZES = {
     # ~the quickstart's model, and a model whose matmuls dominate the per-token overheads on a CPU.
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -153,14 +155,15 @@ def plot(r: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fspo_engine.engine.metrics import save_figure
+
     names = list(r["variants"])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.bar(names, [r["variants"][n]["rows_per_s"] for n in names], color=["tab:blue", "tab:gray", "tab:orange"])
     ax.set_ylabel("rows (prompts answered) / s")
     ax.set_title(f"generation, {r['args']['prompts']} prompts, {r['args']['size']} model")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None):
@@ -183,8 +186,8 @@ def main(argv: list[str] | None = None):
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(r, indent=2))
-    (out / "generate.md").write_text(table + "\n")
+    write_text_atomic(out / "generate.json", json.dumps(r, indent=2))
+    write_text_atomic(out / "generate.md", table + "\n")
     plot(r, out / "generate.png")
     print(f"\nwrote {out / 'generate.json'}, {out / 'generate.md'}, {out / 'generate.png'}")
     return r

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 # Most telling first: a step timeout cuts the tail.
 VARIANTS = ("ours", "floor", "ours_torch", "naive", "liger", "cce", "cce_nofilter", "compiled", "loss_fwd",
             "loss_fwd_4x")  # fmt: skip
@@ -241,7 +243,7 @@ def run_gpu(variant, t, h, v, dtype, reps, profile_out=None):
                 text = f"forward vocab splits {nsplit} x {cols}\n{profile_table(fn, inputs)}"
             except Exception as exc:  # noqa: BLE001 - the profile is extra; the timing stands without it
                 text = f"profiler failed: {type(exc).__name__}: {exc}"
-            profile_out.write_text(f"T={t} H={h} V={v} {dtype}\n{text}\n")
+            write_text_atomic(profile_out, f"T={t} H={h} V={v} {dtype}\n{text}\n")
         inputs[0].grad = inputs[1].grad = None
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -340,6 +342,8 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fspo_engine.engine.metrics import save_figure
+
     shapes = sorted({(r["T"], r["H"], r["V"]) for r in results})
     variants = [v for v in VARIANTS if any(r["variant"] == v and "skipped" not in r for r in results)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -364,8 +368,7 @@ def plot(results, path):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"linear_logprob_sums vs alternatives (V={shapes[0][2] if shapes else '?'})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _ints(text):
@@ -440,8 +443,8 @@ def write(results, gpu, out: Path):
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     if gpu:
         meta.update(gpu_meta())
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (out / "kernels.md").write_text(f"{meta}\n\n{table(results, gpu)}\n")
+    write_text_atomic(out / "kernels.json", json.dumps({"meta": meta, "results": results}, indent=2))
+    write_text_atomic(out / "kernels.md", f"{meta}\n\n{table(results, gpu)}\n")
     plot(results, out / "kernels.png")
 
 

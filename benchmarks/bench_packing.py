@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.engine.packing import (
     PackItem,
     attention_pairs_official,
@@ -127,6 +128,8 @@ def plot(results: list[dict], batch: int, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fspo_engine.engine.metrics import save_figure
+
     shots = [r["shots"] for r in results]
     x = np.arange(len(shots))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -145,8 +148,7 @@ def plot(results: list[dict], batch: int, path: Path):
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -183,8 +185,8 @@ def main(argv: list[str] | None = None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "packing.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    (out / "packing.md").write_text(table + "\n")
+    write_text_atomic(out / "packing.json", json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_text_atomic(out / "packing.md", table + "\n")
     plot(results, batches[0], out / "packing.png")
     print(f"\nwrote {out / 'packing.json'}, {out / 'packing.md'}, {out / 'packing.png'}")
     return results

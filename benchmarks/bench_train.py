@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
+
 SIZES = {
     # CPU-friendly: runs in seconds on 2 cores.
     "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -191,13 +193,15 @@ def main(argv=None):
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "variant"},
+    write_text_atomic(out / "results.json", json.dumps({"args": {k: v for k, v in vars(args).items() if k != "variant"},
                                                   "results": results}, indent=2))
-    (out / "results.md").write_text(table + "\n")
+    write_text_atomic(out / "results.md", table + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fspo_engine.engine.metrics import save_figure
 
     results = [r for r in results if "failed" not in r]
     if not results:
@@ -211,8 +215,7 @@ def main(argv=None):
     axes[1].set_ylabel(f"peak MiB ({results[0]['peak_kind']})")
     fig.suptitle("one IPO training step")
     fig.tight_layout()
-    fig.savefig(out / "train.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "train.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def score(
     from fspo_engine.engine.checkpoint import check_writable
     from fspo_engine.engine.distributed import pick_device
     from fspo_engine.engine.episodes import (
+        RenderOptions,
         episode_stats,
         load_dataset,
         parse_shots,
@@ -115,8 +116,8 @@ def score(
         with tqdm(total=len(episodes), unit="ep", desc="describe", file=sys.stderr, disable=None) as bar:
             inferred = gen.describe(episodes, on_done=bar.update)
         episodes = [dataclasses.replace(ep, description=d) for ep, d in zip(episodes, inferred)]
-    tokenized = tokenize_episodes(episodes, tokenizer, max_tokens=max_tokens, user_description=description != "none",
-                                  bos=bos, truncate=truncate)
+    options = RenderOptions(user_description=description != "none", bos=bos, truncate=truncate)
+    tokenized = tokenize_episodes(episodes, tokenizer, max_tokens=max_tokens, options=options)
     check_ids_fit(tokenizer, model.config.vocab_size, model_dir,
                   (t.prompt_ids + t.chosen_ids + t.rejected_ids for t in tokenized))  # fmt: skip
 

@@ -59,6 +59,21 @@ def write_text_atomic(path: Path, text: str | Iterable[str]) -> None:
     os.replace(write_staged(path, [text] if isinstance(text, str) else text), path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (safetensors blobs, images)."""
+    path = Path(path)
+    tmp, fd = _new_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Replace `path` with `obj` as JSON (`json_text`)."""
     write_text_atomic(path, json_text(obj))

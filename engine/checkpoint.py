@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import atomic_path, fsync_dir, write_text_atomic
 from fspo_engine.engine.distributed import (
     all_gather_objects,
     barrier,
@@ -57,30 +58,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str):
-    """Write a small text file atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_writable(path: str | os.PathLike, what: str = "--out"):
@@ -114,7 +91,7 @@ def seal(directory: Path):
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER]
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": digest}
              for p, digest in zip(paths, _sha256_files(paths))}  # fmt: skip
-    atomic_write_text(directory / MARKER, json.dumps({"files": files}, indent=1, sort_keys=True))
+    write_text_atomic(directory / MARKER, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def verify(directory: Path) -> str | None:
@@ -161,7 +138,7 @@ def finish_checkpoint(stage_dir: Path, step: int, tmp: Path, keep_last: int) -> 
     """Seal the built `tmp`, rename it into place as step-N, prune old checkpoints; -> the checkpoint."""
     final = stage_dir / f"step-{step:09d}"
     seal(tmp)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same step (after a resume): replace the old copy
         old = stage_dir / f".old-step-{step:09d}-{os.getpid()}"
         os.replace(final, old)
@@ -169,7 +146,7 @@ def finish_checkpoint(stage_dir: Path, step: int, tmp: Path, keep_last: int) -> 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(stage_dir)
+    fsync_dir(stage_dir)
     # Checkpoints past this step are an abandoned future: the run resumed from an older one because these
     # were broken. Left in place they would count as the newest and prune every checkpoint written now.
     kept = [c for c in list_checkpoints(stage_dir) if step_of(c) <= step]
@@ -224,9 +201,8 @@ def optimizer_shard_path(ckpt: Path, rank: int, world: int) -> Path:
 
 def save_train_state(path: Path, state: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_train_state(path: Path) -> dict:
@@ -266,7 +242,7 @@ def _flatten_py_state(st):
 # A training stage's checkpoints
 
 
-def save(stage_dir: Path, step: int, model, optimizer, tokenizer_dir: Path, dtype: torch.dtype, keep_last: int,
+def save(stage_dir: Path, step: int, model, optimizer, tokenizer_dir: Path, *, dtype: torch.dtype, keep_last: int,
          rank: int = 0, world: int = 1) -> Path:
     """Checkpoint step `step` of a stage into `stage_dir`; -> the checkpoint. A collective under torchrun:
     every rank calls it.

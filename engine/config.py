@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fspo_engine.engine.episodes import parse_shots
+from fspo_engine.engine.episodes import RenderOptions, parse_shots
 from fspo_engine.engine.errors import FspoError
 
 if sys.version_info >= (3, 11):
@@ -63,10 +63,10 @@ class DataSection:
     bos: bool = True  # prompt starts with the tokenizer's bos (the released loader adds no special tokens)
     rejected_description: str = "shared"  # with user_description, the rejected branch's: shared (the user's) or rejected_persona (the pref's, as released)
 
-    def tokenize_options(self) -> dict:
-        """The rendering and truncation keys that `episodes.tokenize_episodes` takes."""
-        return {"user_description": self.user_description, "bos": self.bos, "truncate": self.truncate,
-                "rejected_description": self.rejected_description}
+    def render_options(self) -> RenderOptions:
+        """The rendering and truncation keys, as `episodes.tokenize_episodes` takes them."""
+        return RenderOptions(user_description=self.user_description, bos=self.bos, truncate=self.truncate,
+                             rejected_description=self.rejected_description)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.model import meta_model
 
 
-def apply_ac_and_compile(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
+def apply_ac_and_compile(model: nn.Module, *, activation_checkpointing: bool, compile: bool) -> nn.Module:
     """Per-block activation checkpointing (recompute in backward) and per-block torch.compile, in place.
 
     Returns the module to call for training (the same model): `checkpoint_wrapper` strips its own prefix from
@@ -97,7 +97,7 @@ def init_distributed(device_type: str) -> torch.device:
     return device
 
 
-def parallelize(model: nn.Module, activation_checkpointing: bool = False, compile: bool = False,
+def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, compile: bool = False,
                 mixed_precision: bool = False, device_type: str | None = None) -> nn.Module:
     """FSDP2 (`fully_shard`) over a 1-D mesh of all ranks: each block is a unit, then the root.
 
@@ -115,7 +115,7 @@ def parallelize(model: nn.Module, activation_checkpointing: bool = False, compil
     except ImportError:  # torch < 2.6 kept it under _composable
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-    apply_ac_and_compile(model, activation_checkpointing, compile)
+    apply_ac_and_compile(model, activation_checkpointing=activation_checkpointing, compile=compile)
     device_type = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
@@ -132,7 +132,7 @@ def state_dict_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
-def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_impl: str = "auto",
+def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, *, attention_impl: str = "auto",
                  activation_checkpointing: bool = False, compile: bool = False,
                  mixed_precision: bool = False) -> nn.Module:
     """`load_model` + `parallelize` for a torchrun job, without any rank ever holding the whole model.
@@ -147,7 +147,8 @@ def load_sharded(model_dir, dtype: torch.dtype, device: torch.device, attention_
     from torch.distributed.tensor import DTensor, Shard
 
     model, by_file = meta_model(model_dir, attention_impl)
-    model = parallelize(model.to(dtype), activation_checkpointing, compile, mixed_precision, device.type)
+    model = parallelize(model.to(dtype), activation_checkpointing=activation_checkpointing, compile=compile,
+                        mixed_precision=mixed_precision, device_type=device.type)
     model.to_empty(device=device)
     rank, world = dist.get_rank(), dist.get_world_size()
     params = {state_dict_name(name): p for name, p in model.named_parameters()}  # a tied lm_head: one entry

@@ -255,6 +255,23 @@ TRUNCATE = ("drop_oldest_shots", "keep_start")
 REJECTED_DESCRIPTION = ("shared", "rejected_persona")
 
 
+@dataclass(frozen=True)
+class RenderOptions:
+    """How episodes become token ids (a run's `[data]` keys of the same names: `DataSection.render_options()`)."""
+
+    user_description: bool = False  # targets start with "## User Description" (the task line says so too)
+    bos: bool = True  # the prompt starts with the tokenizer's bos (the released loader adds no special tokens)
+    truncate: str = "drop_oldest_shots"  # over the budget: drop_oldest_shots, or keep_start (cut the prompt's end)
+    rejected_description: str = "shared"  # with user_description, the rejected branch's: shared or rejected_persona
+
+    def __post_init__(self):
+        if self.truncate not in TRUNCATE:
+            raise FspoError(f"truncate must be {' or '.join(TRUNCATE)}, got {self.truncate!r}")
+        if self.rejected_description not in REJECTED_DESCRIPTION:
+            raise FspoError(f"rejected_description must be {' or '.join(REJECTED_DESCRIPTION)}, got "
+                            f"{self.rejected_description!r}")  # fmt: skip
+
+
 @dataclass
 class TokenizedEpisode:
     """Token ids of one episode: prompt = [bos] + tok(prompt) (tok(prompt) with bos=False); each response =
@@ -313,30 +330,21 @@ def _keep_start(episode: Episode, prompt: list[int], chosen: list[int], rejected
     return prompt[:keep], len(prompt) - keep
 
 
-def tokenize_episode(
-    episode: Episode,
-    tokenizer,
-    max_tokens: int | None = None,
-    user_description: bool = False,
-    *,
-    bos: bool = True,
-    truncate: str = "drop_oldest_shots",
-    rejected_description: str = "shared",
-) -> TokenizedEpisode:
+def tokenize_episode(episode: Episode, tokenizer, max_tokens: int | None = None,
+                     options: RenderOptions = RenderOptions()) -> TokenizedEpisode:
     """Render and tokenize one episode so that its packed block (prompt + chosen + rejected) fits in
-    `max_tokens`. The responses are never cut. `truncate`:
+    `max_tokens`. The responses are never cut. `options.truncate`:
     - "drop_oldest_shots" (DESIGN.md): drop whole shots, oldest first; the target question is never cut, and
       an episode that does not fit even with zero shots is an FspoError naming it.
     - "keep_start" (the released code's truncation mode): keep the prompt's first tokens, cutting its end
       (the target question first, then the newest shots), as the released `keep_start` keeps a prompt's first
       `max_prompt_length` tokens; here as many as leave room for both responses.
-    `bos`: the prompt starts with the tokenizer's bos (the released loader adds no special tokens)."""
-    if truncate not in TRUNCATE:
-        raise FspoError(f"truncate must be {' or '.join(TRUNCATE)}, got {truncate!r}")
-    chosen_text, rejected_text = target_texts(episode, user_description, rejected_description)
+    `options.bos`: the prompt starts with the tokenizer's bos (the released loader adds no special tokens)."""
+    user_description = options.user_description
+    chosen_text, rejected_text = target_texts(episode, user_description, options.rejected_description)
     chosen = tokenizer.encode(chosen_text) + [tokenizer.eos_id]
     rejected = tokenizer.encode(rejected_text) + [tokenizer.eos_id]
-    head = [tokenizer.bos_id] if bos else []
+    head = [tokenizer.bos_id] if options.bos else []
     shots = list(episode.shots)
     cut = 0
     while True:
@@ -344,7 +352,7 @@ def tokenize_episode(
         total = len(prompt) + len(chosen) + len(rejected)
         if max_tokens is None or total <= max_tokens:
             break
-        if truncate == "keep_start":
+        if options.truncate == "keep_start":
             prompt, cut = _keep_start(episode, prompt, chosen, rejected, max_tokens)
             break
         if not shots:
@@ -367,30 +375,19 @@ def tokenize_episode(
     )
 
 
-def tokenize_episodes(
-    episodes: Sequence[Episode],
-    tokenizer,
-    max_tokens: int | None = None,
-    user_description: bool = False,
-    *,
-    bos: bool = True,
-    truncate: str = "drop_oldest_shots",
-    rejected_description: str = "shared",
-) -> list[TokenizedEpisode]:
+def tokenize_episodes(episodes: Sequence[Episode], tokenizer, max_tokens: int | None = None,
+                      options: RenderOptions = RenderOptions()) -> list[TokenizedEpisode]:
     """`tokenize_episode` for each episode; every episode that cannot fit is reported in one FspoError.
 
     All texts are first encoded in one batch (fast tokenizers run it in parallel); only episodes over the
     budget go through `tokenize_episode`.
     """
-    options = {"bos": bos, "truncate": truncate, "rejected_description": rejected_description}
-    if truncate not in TRUNCATE:
-        raise FspoError(f"truncate must be {' or '.join(TRUNCATE)}, got {truncate!r}")
-    targets = [target_texts(ep, user_description, rejected_description) for ep in episodes]
-    texts = [render_prompt(ep.shots, ep.target.question, user_description) for ep in episodes]
+    targets = [target_texts(ep, options.user_description, options.rejected_description) for ep in episodes]
+    texts = [render_prompt(ep.shots, ep.target.question, options.user_description) for ep in episodes]
     texts += [c for c, _ in targets] + [r for _, r in targets]
     encode_batch = getattr(tokenizer, "encode_batch", None)
     ids = encode_batch(texts) if encode_batch else [tokenizer.encode(t) for t in texts]
-    head = [tokenizer.bos_id] if bos else []
+    head = [tokenizer.bos_id] if options.bos else []
     n = len(episodes)
     out, errors = [], []
     for i, ep in enumerate(episodes):
@@ -412,7 +409,7 @@ def tokenize_episodes(
             )
             continue
         try:
-            out.append(tokenize_episode(ep, tokenizer, max_tokens, user_description, **options))
+            out.append(tokenize_episode(ep, tokenizer, max_tokens, options))
         except FspoError as exc:
             errors.append(str(exc))
     if errors:  # one line: the episodes fail for one reason (the budget), the first names it

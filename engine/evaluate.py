@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.data_gen.bayes import models_for
-from fspo_engine.engine.checkpoint import atomic_write_text
 from fspo_engine.engine.distributed import pick_device
-from fspo_engine.engine.episodes import load_dataset, sample_episodes, tokenize_episodes
+from fspo_engine.engine.episodes import RenderOptions, load_dataset, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.generate import turn_stop_ids
+from fspo_engine.engine.metrics import save_figure
 from fspo_engine.engine.model import load_model
 from fspo_engine.engine.personalize import (
     Generator,
@@ -57,7 +57,8 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         description = default_description_mode(run.config.data.user_description)
     check_description_mode(description)
     # Render episodes as the run trained on them (the released recipe's runs have no bos, cut prompts' starts).
-    bos, truncate = run.config.data.bos, run.config.data.truncate
+    bos = run.config.data.bos
+    options = RenderOptions(user_description=description != "none", bos=bos, truncate=run.config.data.truncate)
 
     device = pick_device(device)
     policy_dir, ref_dir = run.policy, run.reference
@@ -82,8 +83,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
                       disable=None if progress else True) as bar:
                 inferred = gen.describe(eps, on_done=bar.update)
             eps = [dataclasses.replace(ep, description=d) for ep, d in zip(eps, inferred)]
-        tok = tokenize_episodes(eps, tokenizer, max_tokens=max_tokens, user_description=description != "none",
-                                bos=bos, truncate=truncate)
+        tok = tokenize_episodes(eps, tokenizer, max_tokens=max_tokens, options=options)
         for m, where in ((policy, policy_dir), (ref, ref_dir)):
             if m is not None:
                 check_ids_fit(tokenizer, m.config.vocab_size, where,
@@ -183,7 +183,7 @@ def _margin(lp, length_normalize: bool) -> torch.Tensor:
 
 
 def write_report(report: dict, out_json: Path, out_png: Path | None = None):
-    atomic_write_text(out_json, json.dumps(report, indent=2))
+    write_text_atomic(out_json, json.dumps(report, indent=2))
     if out_png is not None:
         plot_accuracy(report, out_png)
 
@@ -213,7 +213,4 @@ def plot_accuracy(report: dict, out_png: Path):
     ax.set_title(f"{report['split']} users, {report['method'].replace('_', ' ')}"
                  + ("" if desc == "none" else f", {desc} description"))
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png, dpi=110)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from fspo_engine.data_gen.atomic import atomic_path
 from fspo_engine.engine.distributed import world
 from fspo_engine.engine.errors import FspoError
 
@@ -135,10 +135,20 @@ def plot_metrics(metrics_path: Path, out_png: Path):
             ax2.set_ylim(0, 1)
             ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png, dpi=110)
+
+
+def save_figure(fig, path: Path, dpi: int = 110):
+    """Write a matplotlib figure atomically (temp file + rename: a reader never sees half an image) and close
+    it. The format follows `path`'s suffix (png, pdf, svg)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def plot_loss_curve(run_dir: Path, log):

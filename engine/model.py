@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fspo_engine.data_gen.atomic import atomic_path, write_bytes_atomic
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.kernels.attention import prefix_shared_attention
 
@@ -540,15 +541,6 @@ def read_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_model(model: Llama, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None):
     """Write an HF Llama directory: config.json, safetensors (sharded past `max_shard_bytes`), tokenizer files.
@@ -584,25 +576,24 @@ def save_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig, out_dir
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        _atomic_write_bytes(out / "model.safetensors", st_save(shards[0], metadata={"format": "pt"}))
+        write_bytes_atomic(out / "model.safetensors", st_save(shards[0], metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(out / fname, st_save(shard, metadata={"format": "pt"}))
+            write_bytes_atomic(out / fname, st_save(shard, metadata={"format": "pt"}))
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_bytes(out / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        write_bytes_atomic(out / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
     cfg = config.to_hf_dict(dtype)
-    _atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
+    write_bytes_atomic(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True).encode())
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out.resolve():
         for fname in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / fname
             if src.is_file():
-                tmp = out / f".{fname}.tmp-{os.getpid()}"
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, out / fname)
+                with atomic_path(out / fname) as tmp:
+                    shutil.copyfile(src, tmp)
 
 
 __all__ = ["LlamaConfig", "NAMED_SIZES", "Llama", "build_model", "meta_model", "load_model", "save_model", "save_state_dict", "read_config", "check_weights",

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import atomic_path
 from fspo_engine.engine.checkpoint import sha256_file
 from fspo_engine.engine.distributed import all_gather_objects
 from fspo_engine.engine.scoring import score_share
@@ -80,16 +80,15 @@ class ReferenceCache:
             model.train(was_training)
             chosen, rejected = out.chosen, out.rejected
             if world > 1:
-                chosen, rejected = torch.empty(len(episodes)), torch.empty(len(episodes))
+                chosen, rejected = (torch.empty(len(episodes), dtype=out.chosen.dtype) for _ in range(2))
                 for r, (c, rj) in enumerate(all_gather_objects((out.chosen, out.rejected))):
                     chosen[r::world], rejected[r::world] = c, rj
             ids = [ep.episode_id for ep in episodes]
             if rank == 0:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                torch.save({"episode_ids": ids, "chosen": chosen, "rejected": rejected, "plan": json.dumps(plan)},
-                           tmp)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    torch.save({"episode_ids": ids, "chosen": chosen, "rejected": rejected,
+                                "plan": json.dumps(plan)}, tmp)
             table = dict(zip(ids, zip(chosen.tolist(), rejected.tolist())))
         self._mem = {key: table}  # one epoch in memory at a time
         return table

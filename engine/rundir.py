@@ -28,6 +28,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fspo_engine.data_gen.atomic import stale_temps, write_text_atomic
 from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import TrainConfig, load_config, tomllib
 from fspo_engine.engine.distributed import all_reduce_sum, barrier, world
@@ -171,7 +172,7 @@ class RunDir:
             _remove_leftovers(self.out)
             if not started:  # leftovers of an attempt that died before its first checkpoint: start clean
                 shutil.rmtree(self.out / "tokenizer", ignore_errors=True)
-            ckpt.atomic_write_text(cfg_path, text)
+            write_text_atomic(cfg_path, text)
         barrier()
 
     def _lock(self) -> bool:
@@ -203,7 +204,7 @@ class RunDir:
 
     def write_info(self, info: RunInfo):
         if self.is_main:
-            ckpt.atomic_write_text(self.out / "run.json", info.text())
+            write_text_atomic(self.out / "run.json", info.text())
 
     def append_metrics(self, record: dict):
         if self.is_main:
@@ -236,7 +237,7 @@ def truncate_metrics(path: Path, stage: str, step: int):
     for s, _, _ in keep:
         first.setdefault(s, len(first))
     keep.sort(key=lambda r: (r[0] != "pref-ft", first[r[0]], r[1] if isinstance(r[1], int) else 0))
-    ckpt.atomic_write_text(path, "".join(f"{ln}\n" for _, _, ln in keep))
+    write_text_atomic(path, "".join(f"{ln}\n" for _, _, ln in keep))
 
 
 def discard_if_unstarted(out: Path) -> bool:
@@ -284,9 +285,10 @@ def _config_diff(old: str, new: str) -> str:
 def _remove_leftovers(out: Path):
     """Temporary files and folders of a killed run (a model copy can be GBs). Called while holding the run
     directory's lock, so no live writer owns them. eval's temporaries are left alone (eval takes no lock)."""
-    names = [f".{n}.tmp-*" for n in ("tokenizer", *STAGES, "run.json", "config.toml", "metrics.jsonl",
-                                     "loss_curve.png")]  # fmt: skip
-    found = [p for pattern in names for p in out.glob(pattern)]
+    names = ("tokenizer", *STAGES, "run.json", "config.toml", "metrics.jsonl", "loss_curve.png")
+    found = stale_temps(out, names) + stale_temps(out / "reference", ["*"])  # the atomic writes' temp files
+    # A stage final's copy (checkpoint.publish), and temp files of older fspo-engine versions.
+    found += [p for pattern in (f".{n}.tmp-*" for n in names) for p in out.glob(pattern)]
     found += [p for pattern in ("*/.tmp-step-*", "*/.old-step-*") for p in (out / "checkpoints").glob(pattern)]
     found += list((out / "reference").glob(".*.tmp-*"))
     for p in found:

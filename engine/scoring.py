@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.engine.distributed import rank_rows
 from fspo_engine.engine.packing import PackedBatch, pack_batches
 from fspo_engine.kernels.logprobs import linear_logprob_sums
@@ -130,16 +131,7 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Sequence[dict]):
     kill) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 __all__ = ["EpisodeLogprobs", "episode_logprobs", "score_episodes", "score_share", "segment_logprobs", "write_jsonl_atomic"]

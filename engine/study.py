@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.engine.dataset import Dataset, Preference
 from fspo_engine.engine.episodes import Episode, render_prompt, render_response
 from fspo_engine.engine.errors import FspoError
@@ -812,10 +813,8 @@ def _cluster_bootstrap(rows: list[dict], seed: int) -> list[float] | None:
 
 def write_report(report: dict, out_json: str | os.PathLike) -> list[Path]:
     """`out_json` and its plot (`.png` beside it), each written atomically; -> the paths."""
-    from fspo_engine.engine.checkpoint import atomic_write_text
-
     out_json = Path(out_json)
-    atomic_write_text(out_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     png = out_json.with_suffix(".png")
     plot_report(report, png)
     return [out_json, png]
@@ -823,6 +822,8 @@ def write_report(report: dict, out_json: str | os.PathLike) -> list[Path]:
 
 def plot_report(report: dict, out_png: Path):
     import matplotlib
+
+    from fspo_engine.engine.metrics import save_figure  # it imports torch: only when a report is plotted
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -850,10 +851,7 @@ def plot_report(report: dict, out_png: Path):
     fig.suptitle(f"{report['shots']}-shot personalised vs {report['baseline']}: {report['participants']} "
                  f"participants" + ("" if sc is None else f", self-consistency {sc:.2f}"), fontsize=9)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png, dpi=100)
 
 
 __all__ = ["CHOICES", "LocalAnswerer", "Participant", "Rejected", "RemoteAnswerer", "Study", "StudyConfig",

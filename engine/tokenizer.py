@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fspo_engine.data_gen.atomic import atomic_path
 from fspo_engine.engine.errors import FspoError
 
 
@@ -309,7 +310,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
         cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
         for f in sorted(Path(tmp).iterdir()):
-            os.replace(f, out / f.name)
+            with atomic_path(out / f.name) as staged:  # fsynced, then renamed over an older file
+                os.replace(f, staged)
     return load_tokenizer(out)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fspo_engine.data_gen.atomic import atomic_dir
 from fspo_engine.engine import checkpoint as ckpt
 from fspo_engine.engine.config import TrainConfig
 from fspo_engine.engine.dataset import Dataset, load_dataset
@@ -123,7 +124,7 @@ class EpisodePlan:
                 raise FspoError(f"{self.dataset.root}: no training episodes (no train users with preferences"
                                 + (f"; official windows need {parse_shots(d.shots) + 2} per user)"
                                    if d.episode_sampling == "official_windows" else ")"))  # fmt: skip
-            tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens, **d.tokenize_options())
+            tok = tokenize_episodes(eps, self.tokenizer, max_tokens=d.max_tokens, options=d.render_options())
             self._cache = {k: v for k, v in self._cache.items() if k == e - 1}  # memory: two epochs at most
             self._cache[e] = tok
         return self._cache[e]
@@ -230,13 +231,11 @@ class Trainer:
             return Path(name)
         tok_dir = self.out / "tokenizer"
         if self.is_main and not (tok_dir / "tokenizer.json").is_file():
-            tmp = self.out / f".tokenizer.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            # The episode format's fixed headers become single tokens (they are most of a context's text).
-            train_tokenizer(self._texts(descriptions=True), self.cfg.model.vocab_size, tmp,
-                            whole_pieces=FORMAT_PIECES)
-            shutil.rmtree(tok_dir, ignore_errors=True)
-            os.replace(tmp, tok_dir)
+            shutil.rmtree(tok_dir, ignore_errors=True)  # a killed attempt's, without its tokenizer.json
+            with atomic_dir(tok_dir) as tmp:
+                # The episode format's fixed headers become single tokens (they are most of a context's text).
+                train_tokenizer(self._texts(descriptions=True), self.cfg.model.vocab_size, tmp,
+                                whole_pieces=FORMAT_PIECES)
         barrier()
         return tok_dir
 
@@ -275,8 +274,9 @@ class Trainer:
         if model_dir is None and m.name in NAMED_SIZES:
             model = self._initial_model()
         elif self.world > 1:
-            return load_sharded(model_dir or m.name, self._param_dtype(), self.device, m.attention_impl,
-                                m.activation_checkpointing, m.compile, mixed_precision=self.autocast).train()
+            return load_sharded(model_dir or m.name, self._param_dtype(), self.device, attention_impl=m.attention_impl,
+                                activation_checkpointing=m.activation_checkpointing, compile=m.compile,
+                                mixed_precision=self.autocast).train()
         else:
             model = self._load(Path(model_dir or m.name))
         return self._wrap(model.train())
@@ -307,7 +307,7 @@ class Trainer:
         beside its policy shards would cost a whole model per GPU."""
         m = self.cfg.model
         if self.world > 1:
-            return load_sharded(model_dir, self._param_dtype(), self.device, m.attention_impl,
+            return load_sharded(model_dir, self._param_dtype(), self.device, attention_impl=m.attention_impl,
                                 mixed_precision=self.autocast).eval()
         return self._load(model_dir).eval()
 
@@ -319,8 +319,9 @@ class Trainer:
         """Activation checkpointing, compile and (under torchrun) FSDP2 are applied to the finished model."""
         m = self.cfg.model
         if self.world > 1:
-            return parallelize(model, m.activation_checkpointing, m.compile, mixed_precision=self.autocast)
-        return apply_ac_and_compile(model, m.activation_checkpointing, m.compile)
+            return parallelize(model, activation_checkpointing=m.activation_checkpointing, compile=m.compile,
+                               mixed_precision=self.autocast)
+        return apply_ac_and_compile(model, activation_checkpointing=m.activation_checkpointing, compile=m.compile)
 
     def _weights_of(self, info: StageRecord) -> Path:
         """Where a later stage reads a finished stage's weights (its initial policy and its reference): the
@@ -486,8 +487,8 @@ class Trainer:
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP2
 
     def _save(self, stage_dir: Path, step: int, model, optimizer) -> Path:
-        return ckpt.save(stage_dir, step, model, optimizer, self.tokenizer_dir, self._param_dtype(),
-                         self.cfg.run.keep_last, self.rank, self.world)
+        return ckpt.save(stage_dir, step, model, optimizer, self.tokenizer_dir, dtype=self._param_dtype(),
+                         keep_last=self.cfg.run.keep_last, rank=self.rank, world=self.world)
 
     def _publish(self, stage: str, total: int, last_ckpt: Path, model) -> StageRecord:
         """The stage's final model `RUN/<stage>/`: its last checkpoint's, cast to model.save_dtype (checkpoints

@@ -40,7 +40,7 @@ class Validator:
             if not eps:
                 raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
             self._episodes = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
-                                               max_tokens=d.max_tokens, **d.tokenize_options())
+                                               max_tokens=d.max_tokens, options=d.render_options())
             users = len({t.user_id for t in self._episodes})
             self.log(f"held-out: {len(self._episodes)} episodes of {users} test users (run.eval_episodes = "
                      f"{self.cfg.run.eval_episodes}, {len(eps)} available)"

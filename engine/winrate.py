@@ -31,19 +31,19 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.data_gen.bayes import models_for
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.labeler import Decision, judge_both_orders, judge_messages, parse_verdict
 from fspo_engine.data_gen.prompts import JUDGE_SCHEMA
-from fspo_engine.engine.checkpoint import atomic_write_text
 from fspo_engine.engine.episodes import Dataset, Episode, load_dataset, sample_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.evaluate import description_accuracy
+from fspo_engine.engine.metrics import save_figure
 from fspo_engine.engine.personalize import answer, default_description_mode, hide_descriptions, load_generator
 from fspo_engine.engine.remote import Server, load_remote_generator
 from fspo_engine.engine.rundir import load_run
@@ -140,7 +140,7 @@ def side_answers(side: Side, items: list[Episode], cache_dir: Path | None, *, de
         out = answer(gen, eps, side.description, on_done=bar.update)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"key": key, "answers": out}, ensure_ascii=False))
+        write_text_atomic(path, json.dumps({"key": key, "answers": out}, ensure_ascii=False))
     return out
 
 
@@ -338,12 +338,12 @@ def summarize(decisions: list[Decision], domains: list[str]) -> dict:
 def write_winrate(report: dict, out_json: Path, records: list[dict] | None = None) -> list[Path]:
     """`out_json`, its bar chart (`.png`) and, given the judged pairs, `.pairs.jsonl` beside it; the paths."""
     out_json = Path(out_json)
-    atomic_write_text(out_json, json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_atomic(out_json, json.dumps(report, indent=2, ensure_ascii=False))
     written = [out_json, out_json.with_suffix(".png")]
     plot_winrate(report, written[1])
     if records is not None:
         written.append(out_json.with_suffix(".pairs.jsonl"))
-        atomic_write_text(written[2], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(written[2], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return written
 
 
@@ -365,10 +365,7 @@ def plot_winrate(report: dict, out_png: Path):
     ax.set_ylabel("winrate (ties = 1/2), 95% CI")
     ax.set_title(f"{report['shots']}-shot model vs {report['baseline']} ({report['judge']} judge)", fontsize=9)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png, dpi=110)
 
 
 __all__ = ["BASELINES", "JUDGES", "ChatJudge", "Server", "Side", "TemplateJudge", "judge_pairs", "plan_sides",

@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -133,6 +134,28 @@ def cli(*args, timeout=600) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def cli_in_process(*args) -> SimpleNamespace:
+    """`fspo-engine ARGS...` in this process (a subprocess would spend seconds importing torch): returncode,
+    stdout, stderr."""
+    from click.testing import CliRunner
+
+    from fspo_engine.cli.main import cli as main
+
+    res = CliRunner().invoke(main, list(map(str, args)))
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released): a server that refuses connections."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def read_metrics(run) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
@@ -206,6 +229,23 @@ def make_tiny_model_dir(
 
         train_tokenizer(tokenizer_corpus(seed), vocab_size, path)
     return path
+
+
+def random_hf_llama(path, seed: int = 0, std: float = 0.08, **config):
+    """A random `transformers.LlamaForCausalLM` (fp32, eval) built from `config` (LlamaConfig keys) and saved
+    at `path`: weights N(0, std), norm weights 1 + N(0, 0.2) so that they are tested too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**config)).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    hf.save_pretrained(path)
+    return hf
 
 
 def hf_model(model_dir):

@@ -182,3 +182,52 @@ def test_engine_has_no_import_cycles():
 
     for m in sorted(modules):
         visit(m)
+
+
+# Writes that are not temp file + rename, each with its reason; every other write in engine/, cli/ and
+# benchmarks/ goes through data_gen/atomic.py (DESIGN.md: "Every file the engine writes is written atomically").
+NOT_ATOMIC = {
+    ("engine/checkpoint.py", "finish_checkpoint"): "renames a whole, sealed checkpoint directory into place",
+    ("engine/checkpoint.py", "publish"): "renames a whole, sealed final model directory into place",
+    ("engine/rundir.py", "append_metrics"): "metrics.jsonl is append-only; a resume drops torn lines",
+    ("engine/tokenizer.py", "train_tokenizer"): "edits a file in its TemporaryDirectory before the atomic moves",
+    ("benchmarks/bench_checkpoint.py", "worker"): "torch.save into scratch files is the operation timed",
+    ("benchmarks/bench_compile_report.py", "ptxas_usage"): "ptxas input in a TemporaryDirectory",
+    ("benchmarks/bench_gen_data.py", "plot"): "not yet moved to the helper (bench gen-data is being reworked)",
+    ("benchmarks/bench_gen_data.py", "main"): "not yet moved to the helper (bench gen-data is being reworked)",
+}
+
+
+def _raw_writes(path: Path) -> list[tuple[str, int]]:
+    """(enclosing function, line) of each write call in `path` that is not inside `with atomic_path(...)` or
+    `with atomic_dir(...)`: Path.write_text/write_bytes, open(.., "w"/"a"/"x"), savefig, torch.save, os.replace."""
+    found = []
+
+    def visit(node, func, atomic):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            func = node.name
+        if isinstance(node, ast.With) and any(
+                isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") in ("atomic_path",
+                                                                                                    "atomic_dir")
+                for i in node.items):  # fmt: skip
+            atomic = True
+        if isinstance(node, ast.Call) and not atomic:
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            owner = getattr(f.value, "id", None) if isinstance(f, ast.Attribute) else None
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                None)  # fmt: skip
+            if name in ("write_text", "write_bytes", "savefig") or (owner, name) in (("torch", "save"), ("os", "replace")) \
+                    or name == "open" and isinstance(mode, ast.Constant) and set(str(mode.value)) & set("wax"):
+                found.append((func, node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, func, atomic)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), "<module>", False)
+    return found
+
+
+def test_every_write_goes_through_the_atomic_helper():
+    bad = [f"{p.relative_to(ROOT)}:{line} ({func})" for p in _source_files("engine", "cli", "benchmarks")
+           for func, line in _raw_writes(p) if (p.relative_to(ROOT).as_posix(), func) not in NOT_ATOMIC]
+    assert not bad, f"write these through fspo_engine.data_gen.atomic (or add a reason to NOT_ATOMIC): {bad}"

@@ -186,6 +186,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# Every worker script ends alike: all ranks agree, then leave the group.
+_WORKER_END = """dist.barrier()
+print(f"rank {rank}: ok", flush=True)
+# Leave the group before exit: gloo threads torn down by interpreter exit can abort one rank (SIGABRT).
+dist.destroy_process_group()
+"""
+
 _SHARDED_LOAD_WORKER = r'''
 import sys
 
@@ -226,11 +233,7 @@ for model_dir in sys.argv[1:]:
             if not torch.equal(a[name].grad.to_local(), b[name].grad.to_local()):
                 failures.append(f"{model_dir} {dtype} {name}: gradient differs")
 assert not failures, failures
-dist.barrier()
-print(f"rank {rank}: ok", flush=True)
-# Leave the group before exit: gloo threads torn down by interpreter exit can abort one rank (SIGABRT).
-dist.destroy_process_group()
-'''
+''' + _WORKER_END
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
@@ -311,11 +314,7 @@ for name, episodes in cases.items():
         # The sharded model gathers the very same weights and runs the same ops: the numbers are bitwise equal.
         assert torch.equal(a, b), (name, (a - b).abs().max())
     assert mine.chosen_tokens.tolist() == ref.chosen_tokens.tolist(), name
-dist.barrier()
-print(f"rank {rank}: ok", flush=True)
-# Leave the group before exit: gloo threads torn down by interpreter exit can abort one rank (SIGABRT).
-dist.destroy_process_group()
-'''
+''' + _WORKER_END
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),

@@ -10,6 +10,7 @@ from helpers import synthetic_records, write_dataset
 from fspo_engine.engine.dataset import Preference, load_dataset
 from fspo_engine.engine.episodes import (
     Episode,
+    RenderOptions,
     episode_stats,
     parse_shots,
     render_prompt,
@@ -151,7 +152,7 @@ def _episode(shots, target=TARGET, desc="Likes temples."):
 
 def test_token_ids_have_bos_and_eos_in_the_right_places():
     tok = CharTokenizer()
-    t = tokenize_episode(_episode([P1, P2]), tok, user_description=True)
+    t = tokenize_episode(_episode([P1, P2]), tok, options=RenderOptions(user_description=True))
     assert t.prompt_ids == [1] + tok.encode(render_prompt([P1, P2], TARGET.question, True))
     assert t.chosen_ids == tok.encode(render_response(TARGET.chosen, "Likes temples.")) + [2]
     assert t.rejected_ids == tok.encode(render_response(TARGET.rejected, "Likes temples.")) + [2]
@@ -210,40 +211,42 @@ def test_real_tokenizer_end_to_end(dataset, tmp_path):
 def test_without_bos_and_with_keep_start_the_prompts_end_is_cut():
     tok = CharTokenizer()
     shots = [Preference(f"s{i}", "u", f"question {i}?", "yes " * 10, "no " * 10) for i in range(5)]
-    whole = tokenize_episode(_episode(shots), tok, bos=False)
+    whole = tokenize_episode(_episode(shots), tok, options=RenderOptions(bos=False))
     assert whole.prompt_ids == tok.encode(render_prompt(shots, TARGET.question))  # no bos
     budget = whole.num_tokens - 25
-    t = tokenize_episode(_episode(shots), tok, max_tokens=budget, bos=False, truncate="keep_start")
+    no_bos_keep_start = RenderOptions(bos=False, truncate="keep_start")
+    t = tokenize_episode(_episode(shots), tok, max_tokens=budget, options=no_bos_keep_start)
     assert t.prompt_ids == whole.prompt_ids[:-25] and t.num_tokens == budget and t.prompt_tokens_cut == 25
     assert (t.chosen_ids, t.rejected_ids, t.n_shots) == (whole.chosen_ids, whole.rejected_ids, 5)
-    with_bos = tokenize_episode(_episode(shots), tok, max_tokens=budget, truncate="keep_start")
+    keep_start = RenderOptions(truncate="keep_start")
+    with_bos = tokenize_episode(_episode(shots), tok, max_tokens=budget, options=keep_start)
     assert with_bos.prompt_ids == [tok.bos_id] + whole.prompt_ids[:-26]
     # The batch path agrees; the stats count the cut prompts.
-    batch = tokenize_episodes([_episode(shots), _episode(shots[:1])], tok, max_tokens=budget, bos=False,
-                              truncate="keep_start")
+    batch = tokenize_episodes([_episode(shots), _episode(shots[:1])], tok, max_tokens=budget, options=no_bos_keep_start)
     assert batch[0].prompt_ids == t.prompt_ids and batch[1].prompt_tokens_cut == 0
     assert episode_stats(batch)["episodes_prompt_cut"] == 1 and episode_stats(batch)["episodes_truncated"] == 0
     room = len(t.chosen_ids) + len(t.rejected_ids)
-    assert tokenize_episode(_episode(shots), tok, max_tokens=room + 1, truncate="keep_start").prompt_ids == [1]
+    assert tokenize_episode(_episode(shots), tok, max_tokens=room + 1, options=keep_start).prompt_ids == [1]
     with pytest.raises(FspoError, match=r"episode u/e0/0: its responses alone need \d+ tokens"):
-        tokenize_episode(_episode(shots), tok, max_tokens=room, truncate="keep_start")
+        tokenize_episode(_episode(shots), tok, max_tokens=room, options=keep_start)
     with pytest.raises(FspoError, match="truncate must be"):
-        tokenize_episodes([_episode(shots)], tok, truncate="keep_end")
+        RenderOptions(truncate="keep_end")
 
 
 def test_rejected_description_is_shared_or_the_rejected_personas():
     tok = CharTokenizer()
     target = Preference("t", "u", "Best city?", "Kyoto.", "Any.", rejected_description="Likes nothing.")
-    shared = tokenize_episode(_episode([P1], target), tok, user_description=True)
-    own = tokenize_episode(_episode([P1], target), tok, user_description=True, rejected_description="rejected_persona")
+    shared = tokenize_episode(_episode([P1], target), tok, options=RenderOptions(user_description=True))
+    theirs = RenderOptions(user_description=True, rejected_description="rejected_persona")
+    own = tokenize_episode(_episode([P1], target), tok, options=theirs)
     assert shared.rejected_ids == tok.encode(render_response("Any.", "Likes temples.")) + [2]
     assert own.rejected_ids == tok.encode(render_response("Any.", "Likes nothing.")) + [2]
     assert own.chosen_ids == shared.chosen_ids == tok.encode(render_response("Kyoto.", "Likes temples.")) + [2]
     # Without the user-description option there is no description to choose.
-    plain = tokenize_episode(_episode([P1], target), tok, rejected_description="rejected_persona")
+    plain = tokenize_episode(_episode([P1], target), tok, options=RenderOptions(rejected_description="rejected_persona"))
     assert plain.rejected_ids == tok.encode(render_response("Any.")) + [2]
     with pytest.raises(FspoError, match="preference t .* has no rejected_description"):
-        tokenize_episodes([_episode([P1])], tok, user_description=True, rejected_description="rejected_persona")
+        tokenize_episodes([_episode([P1])], tok, options=theirs)
 
 
 def test_official_windows_cut_each_users_shuffled_prefs_into_windows(dataset):

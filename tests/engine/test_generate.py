@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-import transformers
+from helpers import random_hf_llama
 
 from fspo_engine.engine.generate import (
     Generation,
@@ -34,18 +34,8 @@ UNTIED = dict(vocab_size=173, hidden_size=48, intermediate_size=96, num_hidden_l
 def make_hf_llama(path, spec: dict, seed: int = 0):
     """A random transformers Llama saved at `path`. Weights N(0, 0.15) and norms away from 1: logits are sharp,
     so an argmax near-tie cannot hide a bug (test_greedy_matches_transformers checks the margins)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**spec, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=None,
-                                   eos_token_id=None, pad_token_id=None)  # fmt: skip
-    hf = transformers.LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    hf.save_pretrained(path)
-    return hf
+    return random_hf_llama(path, seed=seed, std=0.15, **spec, max_position_embeddings=512, rms_norm_eps=1e-5,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def random_prompts(lengths, vocab, seed=0):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
+from helpers import cli, random_hf_llama
 from safetensors.torch import load_file, save_file
 
 from fspo_engine.engine.errors import FspoError
@@ -26,20 +25,8 @@ LLAMA32 = dict(vocab_size=1003, hidden_size=64, intermediate_size=160, num_hidde
 
 
 def make_hf_model(tmp_path, spec: dict, seed: int = 0):
-    """A random transformers Llama saved to disk; norm weights randomised too so they are really tested."""
-    torch.manual_seed(seed)
-    spec = dict(spec)
-    cfg = transformers.LlamaConfig(**spec)
-    hf = transformers.LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-    path = tmp_path / "hf"
-    hf.save_pretrained(path)
-    return hf, path
+    """A random transformers Llama saved at tmp_path/hf (helpers.random_hf_llama) -> (model, its directory)."""
+    return random_hf_llama(tmp_path / "hf", seed=seed, **spec), tmp_path / "hf"
 
 
 def rel_err(a, b):
@@ -213,10 +200,6 @@ def test_tied_config_with_a_different_lm_head_loads_untied_like_transformers(tmp
     assert rel_err(got, want) < 1e-5
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True)
-
-
 def _assert_one_line_error(res, *needles):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr
@@ -228,44 +211,44 @@ def _assert_one_line_error(res, *needles):
 
 def test_model_info_and_bad_model_dirs(tmp_path):
     _, path = make_hf_model(tmp_path, TINY)
-    res = _cli("model-info", str(path))
+    res = cli("model-info", str(path))
     assert res.returncode == 0, res.stderr
     assert "parameters:" in res.stdout and "FLOPs/token" in res.stdout
 
     # missing config
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(_cli("model-info", str(empty)), "config.json")
+    _assert_one_line_error(cli("model-info", str(empty)), "config.json")
     # non-Llama architecture
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    _assert_one_line_error(_cli("model-info", str(other)), "config.json", "not a Llama")
+    _assert_one_line_error(cli("model-info", str(other)), "config.json", "not a Llama")
     # broken JSON
     (other / "config.json").write_text("{not json")
-    _assert_one_line_error(_cli("model-info", str(other)), "config.json", "JSON")
+    _assert_one_line_error(cli("model-info", str(other)), "config.json", "JSON")
     # missing tensor
     weights = path / "model.safetensors"
     state = load_file(weights)
     good = dict(state)
     state.pop("model.layers.1.mlp.up_proj.weight")
     save_file(state, weights, metadata={"format": "pt"})
-    _assert_one_line_error(_cli("model-info", str(path)), "missing tensor", "model.layers.1.mlp.up_proj.weight")
+    _assert_one_line_error(cli("model-info", str(path)), "missing tensor", "model.layers.1.mlp.up_proj.weight")
     # wrong shape
     state = dict(good)
     state["model.norm.weight"] = torch.ones(7)
     save_file(state, weights, metadata={"format": "pt"})
-    _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors", "model.norm.weight", "shape")
+    _assert_one_line_error(cli("model-info", str(path)), "model.safetensors", "model.norm.weight", "shape")
     # quantized codes (fp8) where weights should be
     state = dict(good)
     state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
     save_file(state, weights, metadata={"format": "pt"})
-    _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors", "up_proj", "F8_E4M3")
+    _assert_one_line_error(cli("model-info", str(path)), "model.safetensors", "up_proj", "F8_E4M3")
     # corrupt file
     weights.write_bytes(b"\x00garbage")
-    _assert_one_line_error(_cli("model-info", str(path)), "model.safetensors")
+    _assert_one_line_error(cli("model-info", str(path)), "model.safetensors")
     # not a directory
-    _assert_one_line_error(_cli("model-info", str(tmp_path / "nope")))
+    _assert_one_line_error(cli("model-info", str(tmp_path / "nope")))
 
 
 def test_autocast_bf16_forward_and_logprobs(tmp_path):

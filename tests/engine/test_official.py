@@ -9,19 +9,18 @@ fspo-engine: they read the raw records, not the imported dataset, and use numpy 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 
 from fspo_engine.data_gen import import_dataset
 from fspo_engine.engine.dataset import load_dataset
 from fspo_engine.engine.episodes import (
+    RenderOptions,
     official_epoch_order,
     official_windows,
     render_prompt,
@@ -163,7 +162,7 @@ def test_official_windows_and_keep_start_render_the_released_episodes_byte_for_b
     cut = 0
     for e in range(epochs):
         ordered = official_epoch_order(episodes, seed=0, epoch=e)
-        ours = tokenize_episodes(ordered, tok, max_tokens=budget, bos=False, truncate="keep_start")
+        ours = tokenize_episodes(ordered, tok, max_tokens=budget, options=RenderOptions(bos=False, truncate="keep_start"))
         assert len(ours) == len(released[e])
         for ep, t, (prompt, chosen, rejected) in zip(ordered, ours, released[e]):
             assert (render_prompt(ep.shots, ep.target.question), *target_texts(ep)) == (prompt, chosen, rejected)
@@ -204,11 +203,6 @@ def test_the_epoch_seeds_are_a_prefix_of_the_released_loaders_million():
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "fspo_engine.cli.main", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("lr", [1e-7, pytest.param(3e-3, marks=pytest.mark.slow)])

@@ -250,8 +250,8 @@ def test_packed_logprobs_equal_transformers_on_cuda_triton_paths(tiny_models):
                 assert abs(float(seg[s]) - want) <= 1e-4 * abs(want) + 1e-5, (s, float(seg[s]), want)
 
 
-def test_episode_logprobs_refuses_rows_without_exactly_two_responses():
+def test_episode_logprobs_refuses_rows_without_two_responses_per_episode_or_chosen_only():
     for responses in ([[6, 2]], [[6, 2], [7, 2], [8, 2]]):
         (row,) = pack_batches([PackItem([1, 5], [[6, 2], [7, 2]]), PackItem([1, 5], responses)], 64)
-        with pytest.raises(ValueError, match="exactly two responses"):
+        with pytest.raises(ValueError, match="two responses per episode"):
             episode_logprobs(None, row)  # checked before any forward

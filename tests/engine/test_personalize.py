@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
+from helpers import cli_in_process as cli
 from helpers import make_tiny_model_dir
 
 from fspo_engine.data_gen.pipeline import generate_dataset
@@ -32,16 +32,6 @@ def datasets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("personalize") / "model")
-
-
-def cli(*args):
-    """The CLI in-process (a subprocess would spend seconds importing torch): exit code, stdout, stderr."""
-    from click.testing import CliRunner
-
-    from fspo_engine.cli.main import cli as main
-
-    res = CliRunner().invoke(main, list(map(str, args)))
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 def _run(model_dir, data, description):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,22 +14,13 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from helpers import make_tiny_model_dir, synthetic_records, write_dataset
+from helpers import cli_in_process as cli
+from helpers import closed_port, make_tiny_model_dir, synthetic_records, write_dataset
 
 from fspo_engine.benchmarks.fake_openai import NULL, FakeOpenAI, Raw
 
 MAX_NEW = 6
 SHOTS = 3
-
-
-def cli(*args):
-    """The CLI in-process (a subprocess would spend seconds importing torch): exit code, stdout, stderr."""
-    from click.testing import CliRunner
-
-    from fspo_engine.cli.main import cli as main
-
-    res = CliRunner().invoke(main, list(map(str, args)))
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +149,12 @@ def test_a_server_that_refuses_token_ids_gets_the_text(files, tmp_path):
     assert rows == _rows(tmp_path / "local.jsonl")  # this tokenizer splits the joined text the same way
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("case", ["server down", "wrong model name", "reply without text", "no model name",
                                   "url without openai"])
 def test_bad_servers_are_one_line(files, tmp_path, case):
     server = None
     if case == "server down":
-        url, model = f"http://127.0.0.1:{_closed_port()}/v1", "m"
+        url, model = f"http://127.0.0.1:{closed_port()}/v1", "m"
     else:
         server = FakeOpenAI(models=["served"], complete=lambda body: NULL).__enter__()
         url, model = server.base_url, "served" if case == "reply without text" else "other"

@@ -9,14 +9,13 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
-from helpers import make_tiny_model_dir
+from helpers import cli_in_process as cli
+from helpers import closed_port, make_tiny_model_dir
 
 from fspo_engine.benchmarks.fake_openai import FakeOpenAI
 from fspo_engine.data_gen.domains import get_domain
@@ -47,16 +46,6 @@ def qs_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("winrate") / "model")
-
-
-def cli(*args):
-    """The CLI in-process (a subprocess would spend seconds importing torch): exit code, stdout, stderr."""
-    from click.testing import CliRunner
-
-    from fspo_engine.cli.main import cli as main
-
-    res = CliRunner().invoke(main, list(map(str, args)))
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 def _judge_texts(server) -> list[str]:
@@ -180,14 +169,6 @@ def test_eval_winrate_cli_contract_and_same_seed_same_result(qs_data, model_dir,
     assert strip(first) == strip(out2.read_text())
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("case", ["unknown user", "empty prefs", "missing model", "server down", "garbage judge",
                                   "oracle baseline without descriptions", "two shot counts"])
 def test_bad_inputs_are_one_line(case, qs_data, model_dir, tmp_path):
@@ -204,7 +185,7 @@ def test_bad_inputs_are_one_line(case, qs_data, model_dir, tmp_path):
     elif case == "missing model":
         model = tmp_path / "no-such-model"
     elif case == "server down":
-        judge = ["--judge", "openai", "--judge-model", "m", "--judge-url", f"http://127.0.0.1:{_closed_port()}/v1",
+        judge = ["--judge", "openai", "--judge-model", "m", "--judge-url", f"http://127.0.0.1:{closed_port()}/v1",
                  "--judge-retries", "0"]
     elif case == "garbage judge":
         server = FakeOpenAI(answer=lambda body: "I refuse to answer in JSON.").__enter__()
