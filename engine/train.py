@@ -137,16 +137,45 @@ class EpisodePlan:
             self._size = len(self.epoch(0))
         return self._size
 
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """official_windows: the whole batches of one epoch. The released loop starts every epoch with an
+        empty batch, so each epoch's last partial batch is never trained on. None for sampled episodes, whose
+        batches run on across an epoch's end."""
+        if self.cfg.data.episode_sampling != "official_windows":
+            return None
+        n = self.epoch_size // self.batch_size
+        if n == 0:
+            raise FspoError(f"{self.dataset.root}: an epoch has {self.epoch_size} official-window episodes, fewer "
+                            f"than one batch of {self.batch_size}: the released loop, which drops each epoch's "
+                            f"partial batch, trains nothing on it (lower the stage's batch size)")  # fmt: skip
+        return n
+
+    def steps_for_epochs(self, epochs: int) -> int:
+        """Optimiser steps in `epochs` epochs: whole batches only (the released `n_epochs`)."""
+        return epochs * (self.epoch_size // self.batch_size)
+
     def batch(self, step: int) -> list:
         B = self.batch_size
+        per_epoch = self.steps_per_epoch
+        if per_epoch is not None:  # official windows: batches never straddle two epochs
+            e, k = divmod(step, per_epoch)
+            return self.epoch(e)[k * B : (k + 1) * B]
         out = []
         for i in range(step * B, (step + 1) * B):
             e, j = divmod(i, self.epoch_size)
             out.append(self.epoch(e)[j])
         return out
 
-    def epochs_for(self, steps: int) -> int:
-        return max(1, math.ceil(steps * self.batch_size / self.epoch_size))
+    def episodes_used(self, steps: int) -> list[int]:
+        """How many of each epoch's episodes (a prefix of its order) the first `steps` steps train on, one
+        entry per epoch they reach (at least one): the reference log-probs to compute."""
+        B, E, per_epoch = self.batch_size, self.epoch_size, self.steps_per_epoch
+        if per_epoch is not None:
+            n = max(1, math.ceil(steps / per_epoch))
+            return [min(per_epoch, steps - e * per_epoch) * B for e in range(n)]
+        n = max(1, math.ceil(steps * B / E))
+        return [min(E, steps * B - e * E) for e in range(n)]
 
     def plan_key(self, e: int) -> dict:
         d = self.cfg.data
@@ -427,12 +456,16 @@ class Trainer:
 
     def _stage_steps(self, stage: str, max_steps: int | None, plan: EpisodePlan) -> tuple[int, float]:
         sec = self.cfg.pref_ft if stage == "pref-ft" else self.cfg.pref
+        # Official windows: an epoch smaller than one batch fails here, before any model loads.
+        official = plan.steps_per_epoch is not None
         if max_steps is not None:
             steps = max_steps
-        elif sec.epochs:  # the released loop drops each epoch's last partial batch
-            steps = sec.epochs * (plan.epoch_size // plan.batch_size)
+        elif sec.epochs:  # whole batches per epoch, as the released loop counts them (`plan.steps_for_epochs`)
+            steps = plan.steps_for_epochs(sec.epochs)
+            left = plan.epoch_size % plan.batch_size
             self.log(f"[{stage}] {sec.epochs} epoch(s) of {plan.epoch_size} episodes, {plan.batch_size} a step: "
-                     f"{steps} steps")
+                     f"{steps} steps" + (f" (each epoch's last {left} left out, as released)" if official and left
+                                         else ""))  # fmt: skip
         else:
             steps = sec.steps
         return steps, (sec.lr or self.cfg.optim.lr)
@@ -457,10 +490,10 @@ class Trainer:
         or None). Every rank scores its share of each planned epoch; rank 0 writes the gathered cache."""
         cfg = self.cfg
         cache = ReferenceCache(self.out / "reference", model_fingerprint(ref_dir), self.data_fp)
-        n_epochs = plan.epochs_for(total)
-        ref_model = self._reference(ref_dir)
         # Only the episodes the stage will reach: the last planned epoch is usually partial.
-        used = [min(plan.epoch_size, total * plan.batch_size - e * plan.epoch_size) for e in range(n_epochs)]
+        used = plan.episodes_used(total)
+        n_epochs = len(used)
+        ref_model = self._reference(ref_dir)
         bar = progress_bar(sum(-(-u // self.world) for u in used), f"[{stage}] reference log-probs", "ep",
                            cfg.run.progress and self.is_main)
         table, eval_ref = {}, None

@@ -196,6 +196,55 @@ def test_elix_descriptions_on_both_branches_match_the_released_persona_rule(tmp_
     assert all(c.startswith(head(e)) and r.startswith(head(e)) for e, (c, r) in zip(ordered, shared))
 
 
+def released_batches(epochs, batch_size):
+    """get_batch_iterator's batching (exact=False): every epoch starts with an empty batch and a batch is yielded
+    once full, so an epoch's last partial batch is never trained on and no batch holds two epochs' elements."""
+    out = []
+    for elements in epochs:
+        batch = []
+        for element in elements:
+            batch.append(element)
+            if len(batch) == batch_size:
+                out.append(batch)
+                batch = []
+    return out
+
+
+@pytest.mark.parametrize("stage", ["ipo", "pref-ft"])
+def test_batches_of_several_epochs_are_the_released_loops(tmp_path, stage):
+    """Three epochs whose episode count is not a multiple of the batch: each step's batch equals the released
+    loop's, batch for batch (IPO: 3 pairs; Pref-FT: 6 SFT sequences, chosen then rejected of 3 episodes), and
+    the step count of `epochs = 3` is the released loop's number of batches."""
+    from fspo_engine.engine.config import load_config
+    from fspo_engine.engine.train import EpisodePlan
+
+    records = roleplay_records(seed=0, levels=(1, 2, 3))
+    dataset = import_records(tmp_path, "roleplay", records, "rp")
+    cfg = load_config(OFFICIAL_TOML, {"data.shots": "3", "batch.episodes": 3, "pref_ft.episodes": 3})
+    plan = EpisodePlan(dataset, CharTokenizer(), cfg, stage)
+    epochs = 3
+    released = released_episodes("roleplay", records, 3, epochs=epochs)
+    whole = len(released[0]) // 3 * 3  # episodes in an epoch's whole batches
+    assert whole < len(released[0])  # each epoch leaves a partial batch: counting across epochs would differ
+    if stage == "pref-ft":  # sft_mode: each pair gives its chosen then its rejected sequence
+        released = [[(p, s) for p, c, r in elements for s in (c, r)] for elements in released]
+    want = released_batches(released, 6 if stage == "pref-ft" else 3)
+
+    text = lambda ids: "".join(chr(i - 3) for i in ids)  # noqa: E731  (CharTokenizer's ids back to text)
+    steps = plan.steps_for_epochs(epochs)
+    assert steps == len(want)
+    for step in range(steps):
+        got = []
+        for ep in plan.batch(step):
+            assert ep.chosen_ids[-1] == ep.rejected_ids[-1] == CharTokenizer.eos_id
+            prompt, chosen, rejected = text(ep.prompt_ids), text(ep.chosen_ids[:-1]), text(ep.rejected_ids[:-1])
+            got += [(prompt, chosen), (prompt, rejected)] if stage == "pref-ft" else [(prompt, chosen, rejected)]
+        assert got == want[step], step
+    # The reference log-probs cover exactly the episodes trained on: each epoch's whole batches.
+    assert plan.episodes_used(steps) == [whole] * epochs
+    assert plan.episodes_used(steps - 1) == [whole] * (epochs - 1) + [whole - 3]
+
+
 def test_the_epoch_seeds_are_a_prefix_of_the_released_loaders_million():
     """official_epoch_order draws only the seeds it needs: the same values as the released 1e6 draw."""
     many = np.random.RandomState(5).randint(0, 2**32, size=1_000_000)
