@@ -93,7 +93,9 @@ def resolve_description(description: str | None, legacy: bool | None) -> str | N
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory.")
 @click.option("--shots", default=None,
               help="Comma-separated shot counts [0,1,2,4,8]; with --winrate one count [8].")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="Whose episodes: test (unseen users; report these once, for the final setting), val (held-out "
+                   "users for tuning: gen-data --val-fraction) or train.")
 @click.option("--out", "out_file", default=None, type=click.Path(path_type=str),
               help="JSON report (default: MODEL/eval.json, or MODEL/winrate.json); a PNG plot is written beside it.")
 @click.option("--max-tokens", default=8192, show_default=True, help="Token budget of one packed row (and of a prompt "
@@ -180,16 +182,22 @@ def eval_cmd(model, data_dir, shots, split, out_file, max_tokens, seed, descript
 
 def print_accuracy(report: dict):
     click.echo(f"method: {report['method']} ({'policy vs reference' if report['reference'] else 'no reference'}); "
-               f"description: {report['description']}")
-    bayes = all("bayes_optimal" in r for r in report["results"])
-    trained = bayes and all("training_prior_accuracy" in r for r in report["results"])
-    click.echo("| shots | accuracy |" + (" Bayes-optimal |" if bayes else "")
-               + (" Bayes, training users' prior |" if trained else "") + " mean margin (log-ratio h) | episodes |")
-    click.echo("|---:|---:|" + ("---:|" if bayes else "") + ("---:|" if trained else "") + "---:|---:|")
-    for r in report["results"]:
-        opt = f" {r['bayes_optimal']:.3f} |" if bayes else ""
-        opt += f" {r['training_prior_accuracy']:.3f} |" if trained else ""
-        click.echo(f"| {r['shots']} | {r['accuracy']:.3f} |{opt} {r['mean_margin']:.3f} | {r['episodes']} |")
+               f"description: {report['description']}; {report['split']} users")
+    rows = report["results"]
+    refs = [(key, title) for key, title in (("bayes_optimal", "Bayes, population prior"),
+                                            ("training_prior_accuracy", "Bayes, training users' prior"))
+            if all(key in r for r in rows)]
+    click.echo("| shots | accuracy [95% CI] |" + "".join(f" {title} |" for _, title in refs)
+               + " mean margin (log-ratio h) | episodes | users |")
+    click.echo("|---:|---:|" + "---:|" * len(refs) + "---:|---:|---:|")
+    for r in rows:
+        ci = f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if "ci95" in r else ""
+        cells = "".join(f" {r[key]:.3f} |" for key, _ in refs)
+        click.echo(f"| {r['shots']} | {r['accuracy']:.3f}{ci} |{cells} {r['mean_margin']:.3f} | {r['episodes']} | "
+                   f"{r.get('users', '')} |")
+    if refs:
+        click.echo("CI: users resampled (a user's episodes together). The Bayes rows are references computed from "
+                   "the same shots, not ceilings (eval.json `references`).")
 
 
 def _winrate(model, data_dir, shots, split, out, max_tokens, seed, description, baseline, judge, judge_url,

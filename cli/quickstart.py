@@ -1,9 +1,11 @@
 """`fspo-engine quickstart`: the whole FSPO pipeline on a tiny model, on CPU, in minutes.
 
-gen-data (template backend, quickstart preset) -> train a tiny Llama from scratch (Pref-FT, then IPO with
-Pref-FT as the reference) -> eval on unseen users at 0, 1, 2, 4, 8 shots, beside the Bayes-optimal accuracy
-of each shot count -> the winrate of 8-shot answers over 0-shot answers under the template judge.
-Re-running continues an interrupted run (`--resume` semantics) and skips what is done.
+gen-data (template backend, quickstart preset, with test and val users) -> train a tiny Llama from scratch
+(Pref-FT, then IPO with Pref-FT as the reference) -> eval on unseen users at 0, 1, 2, 4, 8 shots, beside the
+Bayes references of each shot count -> the winrate of 8-shot answers over 0-shot answers under the template
+judge. `--split val` scores the val users instead: tuning runs use it, so that the test users are scored
+once, for the final setting. Re-running continues an interrupted run (`--resume` semantics) and skips what
+is done.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import click
 
-# Tuned on 2 CPU cores (benchmarks/RESULTS.md, quickstart): a 2-layer width-128 Llama that describes the user
-# before answering, 2-8 shots, then IPO. 4 min 41 s from a fresh clone on 2 cores, install included.
+# Tuned on 2 CPU cores (benchmarks/RESULTS.md, quickstart; the step count on val users): a 2-layer width-128
+# Llama that describes the user before answering, 1-8 shots, then IPO.
 QUICKSTART_CONFIG = {
     "model.name": "tiny",
     "model.hidden_size": 128,
@@ -56,8 +58,12 @@ QUICKSTART_CONFIG = {
 @click.option("--ablation", type=click.Choice(["random-labels"]), default=None,
               help="random-labels: the same texts, each label a seeded coin flip (the paper's structure ablation: "
                    "what the model learns when labels carry no user).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5, max_open=True),
+              help="Users in the val split (trait combinations of their own, in neither train nor test).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]),
+              help="Whose accuracy and winrate to report: test (the final numbers) or val (tuning runs).")
 @click.option("--overwrite", is_flag=True, help="Start over: delete --out first (needed after changing options).")
-def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, ablation, overwrite):
+def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, ablation, val_fraction, split, overwrite):
     """gen-data + Pref-FT + IPO + eval on a tiny model, on CPU, in minutes."""
     import shutil
     import time
@@ -80,7 +86,9 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, ablation
     data = out / "data"
     run = out / "run"
     click.echo(f"[1/4] gen-data ({preset} preset) -> {data}")
-    opts = {"preset": preset, "seed": seed}
+    if split == "val" and not val_fraction:
+        raise FspoError("--split val needs --val-fraction > 0")
+    opts = {"preset": preset, "seed": seed, **({"val_fraction": val_fraction} if val_fraction else {})}
     if ablation:
         opts["ablation"] = ablation
     if users:
@@ -111,23 +119,19 @@ def quickstart(out_dir, users, pref_ft_steps, pref_steps, seed, preset, ablation
         trainer.close(failed=True)
         raise
     trainer.close()
-    click.echo(f"[3/4] eval on unseen users -> {run / 'eval.json'}")
+    click.echo(f"[3/4] eval on unseen {split} users -> {run / 'eval.json'}")
     # 2 targets per unseen user (800 episodes per shot count with the preset's 400 test users).
-    report = evaluate(str(run), str(data), [0, 1, 2, 4, 8], split="test", max_tokens=cfg.data.max_tokens,
+    report = evaluate(str(run), str(data), [0, 1, 2, 4, 8], split=split, max_tokens=cfg.data.max_tokens,
                       episodes_per_user=2)
     write_report(report, run / "eval.json", run / "eval.png")
     print_accuracy(report)
-    acc = {r["shots"]: r["accuracy"] for r in report["results"]}
-    opt = {r["shots"]: r["bayes_optimal"] for r in report["results"]}
-    gaps = {n: opt[n] - acc[n] for n in (1, 2, 4, 8)}
-    ok = abs(acc[0] - 0.5) <= 0.05 and all(abs(g) <= 0.05 for g in gaps.values())
-    click.echo(f"target (acc@0 within 0.05 of 0.5; acc@1,2,4,8 within 0.05 of Bayes-optimal): "
-               f"{'met' if ok else 'NOT met'}; gap to optimal "
-               + ", ".join(f"@{n} {g:+.3f}" for n, g in gaps.items()))
+    gaps = ", ".join(f"@{r['shots']} {r['accuracy'] - r['bayes_optimal']:+.3f}" for r in report["results"])
+    click.echo(f"model minus the population-prior reference: {gaps}")
 
-    click.echo(f"[4/4] winrate of 8-shot over 0-shot answers, template judge -> {run / 'winrate.json'}")
+    click.echo(f"[4/4] winrate of 8-shot over 0-shot answers, template judge, {split} users -> {run / 'winrate.json'}")
     win, records = run_winrate(str(run), str(data), baseline="zero-shot", judge="template", shots=8, per_user=1,
-                               cache_dir=run / ".winrate-cache", max_tokens=cfg.data.max_tokens, max_new_tokens=48)
+                               split=split, cache_dir=run / ".winrate-cache", max_tokens=cfg.data.max_tokens,
+                               max_new_tokens=48)
     write_winrate(win, run / "winrate.json", records)
     print_winrate(win)
     click.echo(f"{time.perf_counter() - t0:.0f} s in all; plots: {run / 'loss_curve.png'}, {run / 'eval.png'}, "

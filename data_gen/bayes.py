@@ -1,5 +1,10 @@
-"""The Bayes-optimal few-shot accuracy on a template dataset: the ceiling for any predictor that sees exactly
-the shots a model sees.
+"""The Bayes predictor of a template dataset's labels from exactly the shots a model sees: the reference curve
+for few-shot preference accuracy.
+
+Under the population prior below it is the best possible predictor for a user drawn from the whole
+population; it is not a ceiling on a given split. Test users hold trait combinations that training users
+lack, so a predictor told which ones (the split's own prior) could do better, and a finite sample of
+episodes can land above or below its expectation.
 
 The template generator's model of its data is known in closed form (domains/base.py `make_pair`):
 - a user is a trait vector t, uniform over `domain.trait_space()`. This is the population prior: the
@@ -83,8 +88,9 @@ class BayesModel:
         return seen, first
 
     def prior_of(self, users_traits) -> np.ndarray:
-        """A prior over `self.traits` proportional to how many of the given users (trait dicts) hold each
-        trait vector: the training users' prior, which lacks the combinations held out for test users."""
+        """Counts over `self.traits` of how many of the given users (trait dicts) hold each trait vector: the
+        training users' prior (unnormalised), which lacks the combinations held out for test users. Add a
+        pseudo-count (engine/evaluate.py: 0.1) before `p_chosen`, or those combinations are impossible."""
         key = lambda t: tuple(sorted((k, str(v)) for k, v in t.items()))
         index = {key(t): i for i, t in enumerate(self.traits)}
         prior = np.zeros(len(self.traits))
@@ -98,8 +104,8 @@ class BayesModel:
     def p_chosen(self, shots: list[tuple[str, str]], target: tuple[str, str],
                  prior: np.ndarray | None = None) -> float:
         """P(target[0] is the chosen side | the shots' (chosen, rejected) texts, the target pair's texts),
-        under the uniform population prior or the given one (`prior_of`); 0.5 when the given prior rules out
-        everything the shots allow (a predictor that knows nothing more)."""
+        under the uniform population prior or the given one (`prior_of`, smoothed). ValueError when the prior
+        rules out everything the shots allow."""
         post = np.ones(len(self.traits)) if prior is None else np.asarray(prior, dtype=float).copy()
         for chosen, rejected in shots:
             seen, first = self._pair(self.attr_index(chosen), self.attr_index(rejected))
@@ -108,9 +114,8 @@ class BayesModel:
         weight = post * seen
         total = weight.sum()
         if total <= 0:
-            if prior is not None:
-                return 0.5
-            raise ValueError("the shots and target are impossible under the generator's model")
+            raise ValueError("the shots and target are impossible under the generator's model"
+                             + ("" if prior is None else " and this prior"))
         return float((weight * first).sum() / total)
 
 

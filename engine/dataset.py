@@ -52,7 +52,7 @@ class Dataset:
     prefs: dict[str, list[Preference]]  # user_id -> that user's preferences, in prefs.jsonl order
 
     def users_in(self, split: str | None) -> list[User]:
-        """Users of one split ("train", "test"), or all users for None."""
+        """Users of one split ("train", "val", "test"), or all users for None."""
         if split is not None and split not in SPLITS:
             raise FspoError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return [u for u in self.users.values() if split is None or u.split == split]

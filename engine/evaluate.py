@@ -1,4 +1,4 @@
-"""Preference accuracy on unseen (`test`) users as a function of the number of shots.
+"""Preference accuracy on held-out users (`test`, or `val` while tuning) as a function of the number of shots.
 
 With a reference model (a run directory records which one), accuracy is that of FSPO's implicit reward:
 an episode is right when h = (π_c − π_r) − (ref_c − ref_r) > 0. A plain model directory has no
@@ -6,8 +6,23 @@ reference; it is scored by comparing log π_c with log π_r, and the output says
 
 Runs trained with user descriptions are scored after the description the policy infers from the shots
 (`"description": "generated"`, engine/personalize.py); the user's true description is used only when asked
-for (`"oracle"`), and the report says which. On a template dataset every shot count also gets the
-Bayes-optimal accuracy (data_gen/bayes.py): the best any predictor can do from exactly those shots.
+for (`"oracle"`), and the report says which.
+
+Scoring: an episode scores 1 when the margin is positive, 0 when negative and 1/2 on an exact tie (margin 0,
+e.g. identical responses), as the reference predictors below count their ties. Every accuracy carries `ci95`,
+a 95% interval from a bootstrap that resamples users (engine/intervals.py): a user's episodes stand or fall
+together, so they are not independent trials.
+
+References, on a template dataset (data_gen/bayes.py: the generator's own model, enumerated exactly), each
+scored on the same episodes from the shots the model kept:
+- `bayes_optimal`: the expected accuracy of the Bayes predictor under the *population* prior (every trait
+  combination equally likely), i.e. one that knows how users are made but not which combinations the split
+  held out. It is the right reference for a model that cannot know the split, not a ceiling: a predictor
+  told the held-out combinations could score more, and a finite sample of episodes can land above it.
+- `bayes_predictor_accuracy`: that predictor's score on the data's own labels (ties half).
+- `training_prior_accuracy`: a Bayes predictor that believes the *training* users' prior (their trait
+  combinations as often as they occur, add-0.1 smoothed so that no combination is impossible): what a model
+  that memorised the training users would score on users with combinations it never saw.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from fspo_engine.engine.distributed import pick_device
 from fspo_engine.engine.episodes import RenderOptions, load_dataset, sample_episodes, tokenize_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.generate import turn_stop_ids
+from fspo_engine.engine.intervals import CI95_METHOD, cluster_ci95
 from fspo_engine.engine.metrics import save_figure
 from fspo_engine.engine.model import load_model
 from fspo_engine.engine.personalize import (
@@ -96,15 +112,19 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
             r = score_episodes(ref, tok, max_tokens, impl=impl, device=device, on_row=bar.update)
             margin = margin - _margin(r, length_normalize)
         bar.close()
+        scores = episode_scores(margin)
+        users = [t.user_id for t in tok]
         entry = {
             "shots": n,
-            "accuracy": (margin > 0).float().mean().item(),
+            "accuracy": float(np.mean(scores)),
+            "ci95": cluster_ci95(scores, users, seed=seed),
+            "users": len(set(users)),
             "mean_margin": margin.mean().item(),
             "episodes": len(tok),
             "mean_shots_used": sum(t.n_shots for t in tok) / len(tok),
         }
         if bayes:
-            entry.update(bayes_optimal(dataset, eps, tok, bayes))
+            entry.update(bayes_optimal(dataset, eps, tok, bayes, seed=seed))
         if description == "generated" and bayes:
             entry["description_accuracy"] = description_accuracy(dataset, eps, bayes)
         results.append(entry)
@@ -117,25 +137,44 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         "user_description": description != "none",  # targets carry a description (older readers' key)
         "split": split,
         "data": str(dataset.root),
+        "ci95_method": CI95_METHOD,
+        "scoring": "margin > 0 scores 1, margin = 0 scores 1/2, margin < 0 scores 0",
+        **({"references": REFERENCES} if bayes else {}),
         "results": results,
     }
 
 
-def bayes_optimal(dataset, episodes, tokenized, models) -> dict:
-    """The Bayes-optimal accuracy on these episodes, from the shots each kept after truncation (the oldest
-    are dropped first): `bayes_optimal` is its expected accuracy, mean max(p, 1 - p); `bayes_predictor_accuracy`
-    is how often naming the likelier side matches the data's own label (ties count half).
+# What each reference key in eval.json is (written into the report, so a reader of the JSON needn't find this).
+REFERENCES = {
+    "bayes_optimal": "expected accuracy of the Bayes predictor under the population prior (every trait "
+                     "combination equally likely; it does not know which combinations the split held out): "
+                     "a reference for a model that cannot know the split, not a ceiling",
+    "bayes_predictor_accuracy": "the same predictor scored on the data's own labels (ties 1/2)",
+    "training_prior_accuracy": "a Bayes predictor under the training users' prior (their trait combinations as "
+                               "often as they occur, add-0.1 smoothed), scored on the data's labels: what a model "
+                               "that memorised the training users would score",
+}
+TRAINING_PRIOR_SMOOTHING = 0.1  # pseudo-users added to every trait combination of the training users' prior
 
-    `training_prior_accuracy` is the same count for a Bayes predictor that believes the *training* users'
-    prior (their trait combinations, as often as they occur) instead of the uniform one: what a model that
-    learnt the training users perfectly would score. On test users that hold held-out combinations it falls
-    below the ceiling: the shots point at a combination that prior says never happens."""
+
+def episode_scores(margin: torch.Tensor) -> np.ndarray:
+    """Each episode's score: 1 when the chosen side wins (margin > 0), 0 when it loses, 1/2 on an exact tie."""
+    m = margin.double().cpu().numpy()
+    return np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))
+
+
+def bayes_optimal(dataset, episodes, tokenized, models, seed: int = 0) -> dict:
+    """The references (module docstring) on these episodes, from the shots each kept after truncation (the
+    oldest are dropped first), each with its `<key>_ci95` from the same user-clustered bootstrap as the
+    model's accuracy. `bayes_optimal` is the population-prior predictor's expected accuracy, mean
+    max(p, 1 - p); `bayes_predictor_accuracy` how often naming its likelier side matches the data's label;
+    `training_prior_accuracy` the same count under the training users' smoothed prior."""
     expected, realized, trained = [], [], []
     train_prior = {}
     for name, model in models.items():
         users = [u.traits for u in dataset.users.values() if u.domain == name and u.split == "train"]
         try:
-            train_prior[name] = model.prior_of(users) if users else None
+            train_prior[name] = model.prior_of(users) + TRAINING_PRIOR_SMOOTHING if users else None
         except ValueError:  # a hand-edited template dataset: no training prior to compare with
             train_prior[name] = None
     for ep, t in zip(episodes, tokenized):
@@ -152,9 +191,14 @@ def bayes_optimal(dataset, episodes, tokenized, models) -> dict:
         realized.append(_named_side(p))
         if q is not None:
             trained.append(_named_side(q))
-    out = {"bayes_optimal": float(np.mean(expected)), "bayes_predictor_accuracy": float(np.mean(realized))}
+    users = [t.user_id for t in tokenized]
+    columns = {"bayes_optimal": expected, "bayes_predictor_accuracy": realized}
     if trained and len(trained) == len(realized):
-        out["training_prior_accuracy"] = float(np.mean(trained))
+        columns["training_prior_accuracy"] = trained
+    out = {}
+    for key, values in columns.items():
+        out[key] = float(np.mean(values))
+        out[f"{key}_ci95"] = cluster_ci95(values, users, seed=seed)
     return out
 
 
@@ -194,17 +238,22 @@ def plot_accuracy(report: dict, out_png: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["shots"] for r in report["results"]]
-    ys = [r["accuracy"] for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(xs, ys, marker="o", label="model")
-    if all("bayes_optimal" in r for r in report["results"]):
-        ax.plot(xs, [r["bayes_optimal"] for r in report["results"]], marker="s", ls="--", color="black",
-                label="Bayes-optimal")
-        if all("training_prior_accuracy" in r for r in report["results"]):
-            ax.plot(xs, [r["training_prior_accuracy"] for r in report["results"]], marker="^", ls=":",
-                    color="tab:red", label="Bayes, training users' prior")
-        ax.legend(loc="lower right")
+    rows = report["results"]
+    xs = [r["shots"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    ax.errorbar(xs, [r["accuracy"] for r in rows], yerr=_error_bars(rows, "accuracy"), marker="o", capsize=3,
+                label="model (95% CI, users resampled)")
+    references = (("bayes_optimal", "Bayes, population prior", "s", "--", "black"),
+                  ("training_prior_accuracy", "Bayes, training users' prior", "^", ":", "tab:red"))
+    shown = [key for key, *_ in references if all(key in r for r in rows)]
+    for key, label, marker, ls, color in references:
+        if key in shown:
+            ax.plot(xs, [r[key] for r in rows], marker=marker, ls=ls, color=color, label=label)
+            if all(f"{key}_ci95" in r for r in rows):
+                ax.fill_between(xs, [r[f"{key}_ci95"][0] for r in rows], [r[f"{key}_ci95"][1] for r in rows],
+                                color=color, alpha=0.12, lw=0)
+    if shown:
+        ax.legend(loc="lower right", fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("shots (the user's labelled preferences in context)")
     ax.set_ylabel("preference accuracy")
@@ -214,3 +263,11 @@ def plot_accuracy(report: dict, out_png: Path):
                  + ("" if desc == "none" else f", {desc} description"))
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110)
+
+
+def _error_bars(rows: list[dict], key: str) -> list[list[float]] | None:
+    """matplotlib's yerr (distances below and above) from each row's `ci95`; None when a row has none (an
+    eval.json written before intervals)."""
+    if not all("ci95" in r for r in rows):
+        return None
+    return [[max(r[key] - r["ci95"][0], 0.0) for r in rows], [max(r["ci95"][1] - r[key], 0.0) for r in rows]]

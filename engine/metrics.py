@@ -74,7 +74,7 @@ class StageProgress:
             held = ", ".join(f"{k.removeprefix('eval/')} {rec[k]:.4g}" for k in
                              ("eval/loss", "eval/rewards/accuracy", "eval/episodes") if k in rec)  # fmt: skip
             oracle = " (true descriptions: oracle)" if rec.get("eval/description") == "oracle" else ""
-            self._say(f"[{self.stage}] step {step} held-out{oracle}: {held}")
+            self._say(f"[{self.stage}] step {step} held-out ({rec.get('eval/split', 'test')} users){oracle}: {held}")
         if self.plain_every and (step % self.plain_every == 0 or step == total):
             done, left = step - self.start, total - step
             rate = done / (time.perf_counter() - self.t0)
@@ -118,7 +118,7 @@ def plot_metrics(metrics_path: Path, out_png: Path):
         ev = [r for r in rs if "eval/loss" in r]
         if ev:
             ax.plot([r["step"] for r in ev], [r["eval/loss"] for r in ev], "o--", color="tab:blue", alpha=0.6,
-                    label="held-out loss")
+                    label=f"held-out loss ({ev[0].get('eval/split', 'test')} users)")
             ax.legend(loc="upper left", fontsize=8)
         ax.set_title(s)
         ax.set_xlabel("step")
@@ -130,7 +130,7 @@ def plot_metrics(metrics_path: Path, out_png: Path):
             ev = [r for r in rs if "eval/rewards/accuracy" in r]
             if ev:
                 ax2.plot([r["step"] for r in ev], [r["eval/rewards/accuracy"] for r in ev], "o--",
-                         color="tab:red", alpha=0.8, label="held-out accuracy")
+                         color="tab:red", alpha=0.8, label=f"held-out accuracy ({ev[0].get('eval/split', 'test')})")
             ax2.set_ylabel("reward accuracy")
             ax2.set_ylim(0, 1)
             ax2.legend(loc="lower right", fontsize=8)

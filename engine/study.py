@@ -48,6 +48,7 @@ from fspo_engine.data_gen.atomic import write_text_atomic
 from fspo_engine.engine.dataset import Dataset, Preference
 from fspo_engine.engine.episodes import Episode, render_prompt, render_response
 from fspo_engine.engine.errors import FspoError
+from fspo_engine.engine.intervals import ci95_of_clusters
 
 STUDY_FORMAT = "fspo-study/1"
 BASELINES = ("zero-shot",)  # or a model directory
@@ -799,16 +800,13 @@ def _summarize(rows: list[dict], config: dict, seed: int) -> dict:
 
 
 def _cluster_bootstrap(rows: list[dict], seed: int) -> list[float] | None:
-    """95% percentile interval of the pooled winrate when participants, not comparisons, are resampled:
-    one person's answers are correlated, so resampling comparisons would understate the uncertainty."""
+    """95% percentile interval of the pooled winrate when participants, not comparisons, are resampled
+    (engine/intervals.py): one person's answers are correlated, so resampling comparisons would understate
+    the uncertainty. None with fewer than 2 participants."""
     if len(rows) < 2:
         return None
-    score = np.array([r["wins"] + 0.5 * r["ties"] for r in rows], dtype=np.float64)  # (P,)
-    count = np.array([r["n"] for r in rows], dtype=np.float64)  # (P,)
-    idx = np.random.default_rng(seed).integers(len(rows), size=(BOOTSTRAP_RESAMPLES, len(rows)))  # (B, P)
-    rates = score[idx].sum(1) / count[idx].sum(1)  # (B,) every participant judged >= 1 comparison
-    lo, hi = np.percentile(rates, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    return ci95_of_clusters([r["wins"] + 0.5 * r["ties"] for r in rows], [r["n"] for r in rows],
+                            resamples=BOOTSTRAP_RESAMPLES, seed=seed)
 
 
 def write_report(report: dict, out_json: str | os.PathLike) -> list[Path]:

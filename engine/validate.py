@@ -1,5 +1,7 @@
 """Held-out evaluation during training (run.eval_every): the stage's loss and FSPO's preference accuracy on
-test users, who are never trained on."""
+validation users (`gen-data --val-fraction`), who are never trained on. What is watched while training is
+tuning, so it stays off the test users; a dataset without val users falls back to test users, with a warning
+that says so in the log and `eval/split` in every record."""
 
 from __future__ import annotations
 
@@ -29,20 +31,25 @@ class Validator:
         self.rank, _, self.world = world()
         self.log = log
         self._episodes = None
+        self.split = "val" if any(dataset.prefs.get(u.user_id) for u in dataset.users_in("val")) else "test"
 
     def episodes(self, model) -> list:
-        """The held-out episodes: test users at the training shot counts, a fixed sample (its own seed: the
-        training draws do not move), the same for every stage; checked against `model`'s vocab."""
+        """The held-out episodes: val users (else test users) at the training shot counts, a fixed sample (its
+        own seed: the training draws do not move), the same for every stage; checked against `model`'s vocab."""
         if self._episodes is None:
             d = self.cfg.data
-            eps = sample_episodes(self.dataset, "test", parse_shots(d.shots), seed=d.seed * 7919 + 104729,
+            split = self.split
+            if split == "test":
+                self.log(f"warning: {self.dataset.root} has no val users; run.eval_every scores test users, so "
+                         "do not tune on these numbers (gen-data --val-fraction F makes a val split)")
+            eps = sample_episodes(self.dataset, split, parse_shots(d.shots), seed=d.seed * 7919 + 104729,
                                   shuffle=True)  # fmt: skip
             if not eps:
-                raise FspoError(f"{self.dataset.root}: run.eval_every needs test users with preferences")
+                raise FspoError(f"{self.dataset.root}: run.eval_every needs val or test users with preferences")
             self._episodes = tokenize_episodes(eps[: self.cfg.run.eval_episodes], self.tokenizer,
                                                max_tokens=d.max_tokens, options=d.render_options())
             users = len({t.user_id for t in self._episodes})
-            self.log(f"held-out: {len(self._episodes)} episodes of {users} test users (run.eval_episodes = "
+            self.log(f"held-out: {len(self._episodes)} episodes of {users} {split} users (run.eval_episodes = "
                      f"{self.cfg.run.eval_episodes}, {len(eps)} available)"
                      + ("; scored after each user's true description (oracle: `fspo-engine eval` infers it "
                         "from the shots)" if d.user_description else ""))
@@ -77,7 +84,7 @@ class Validator:
                 pc[idx], pr[idx], ct[idx], rt[idx] = c, r, cn, rn
         nll = -(pc.double().sum() / ct.sum().clamp(min=1)).item()
         # A description run's held-out episodes carry the users' true descriptions: say so in every record.
-        rec = {"eval/nll_per_token": nll, "eval/episodes": E,
+        rec = {"eval/nll_per_token": nll, "eval/episodes": E, "eval/split": self.split,
                **({"eval/description": "oracle"} if cfg.data.user_description else {})}
         if stage == "pref-ft":  # in fp64: E episodes' sums
             policy = EpisodeLogprobs(pc.double(), pr.double(), ct, rt, list(range(E)))

@@ -9,7 +9,8 @@ answers the same question; a judge that knows the user decides which answer the 
 
 Every pair is judged in both orders (data_gen/labeler.py `judge_both_orders`, the code gen-data labels
 with): a verdict that follows the position rather than the content is a tie, as is a tie in either
-order; a tie counts half a win. Judges:
+order; a tie counts half a win. `ci95` resamples users (engine/intervals.py: a user's answers stand or fall
+together); it covers another draw of users, not another training seed. Judges:
 
     template   datasets made by the template generator: the generator's own scoring rule of the user's
                traits, applied to what `domain.read_attrs` reads in each response (offline, exact)
@@ -30,7 +31,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from fspo_engine.data_gen.prompts import JUDGE_SCHEMA
 from fspo_engine.engine.episodes import Dataset, Episode, load_dataset, sample_episodes
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.evaluate import description_accuracy
+from fspo_engine.engine.intervals import CI95_METHOD, cluster_ci95
 from fspo_engine.engine.metrics import save_figure
 from fspo_engine.engine.personalize import answer, default_description_mode, hide_descriptions, load_generator
 from fspo_engine.engine.remote import Server, load_remote_generator
@@ -279,7 +280,8 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
     ours = side_answers(ours_side, items, cache_dir, device=device, progress=progress, **settings)
     theirs = side_answers(their_side, items, cache_dir, device=device, progress=progress, **settings)
     decisions = judge_pairs(the_judge, dataset, items, ours, theirs, progress=progress)
-    report = summarize(decisions, [dataset.users[ep.user_id].domain for ep in items])
+    report = summarize(decisions, [dataset.users[ep.user_id].domain for ep in items], [ep.user_id for ep in items],
+                       seed)
     report.update({
         "model": str(ours_side.model_dir), "baseline": their_side.name, "baseline_model": str(their_side.model_dir),
         "baseline_shots": their_side.shots, "baseline_description": their_side.description,
@@ -302,36 +304,36 @@ def _generator_name(side: Side) -> str:
 
 
 # --- the numbers ------------------------------------------------------------------------------------
-def wilson_interval(p: float, n: int, z: float = 1.959964) -> list[float]:
-    """The 95% Wilson score interval of a rate p over n trials (ties counted as half a win make the true
-    variance smaller, so the interval is conservative). [0, 1] for n = 0."""
-    if n == 0:
-        return [0.0, 1.0]
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def tally(decisions: list[Decision]) -> dict:
-    """winrate (ties count half), ci95, wins/ties/losses/n; order flips are ties, malformed are left out."""
+def tally(decisions: list[Decision], users: list[str] | None = None, seed: int = 0) -> dict:
+    """winrate (ties count half), ci95, wins/ties/losses/n; order flips are ties, malformed are left out.
+    `users`: each decision's user, the bootstrap's clusters (engine/intervals.py); without them every
+    decision is its own cluster."""
+    users = list(range(len(decisions))) if users is None else users
     kinds = [d.kind for d in decisions]
     wins, losses = kinds.count("x"), kinds.count("y")
     ties = kinds.count("tie") + kinds.count("flip")
     n = wins + ties + losses
     rate = (wins + 0.5 * ties) / n if n else float("nan")
-    return {"winrate": rate, "ci95": wilson_interval(rate, n) if n else [0.0, 1.0], "wins": wins, "ties": ties,
-            "losses": losses, "n": n, "order_flips": kinds.count("flip"), "malformed": kinds.count("malformed")}
+    value = {"x": 1.0, "y": 0.0, "tie": 0.5, "flip": 0.5}
+    judged = [(value[k], u) for k, u in zip(kinds, users) if k in value]
+    ci = cluster_ci95([v for v, _ in judged], [u for _, u in judged], seed=seed)
+    return {"winrate": rate, "ci95": ci, "wins": wins, "ties": ties, "losses": losses, "n": n,
+            "users": len({u for _, u in judged}), "order_flips": kinds.count("flip"),
+            "malformed": kinds.count("malformed")}
 
 
-def summarize(decisions: list[Decision], domains: list[str]) -> dict:
+def summarize(decisions: list[Decision], domains: list[str], users: list[str] | None = None, seed: int = 0) -> dict:
+    users = list(range(len(decisions))) if users is None else users
     by_domain = defaultdict(list)
-    for d, dom in zip(decisions, domains):
-        by_domain[dom].append(d)
-    out = tally(decisions)
+    for d, dom, u in zip(decisions, domains, users):
+        by_domain[dom].append((d, u))
+    out = tally(decisions, users, seed)
     if out["n"] == 0:
         raise FspoError(f"the judge gave no usable verdict ({out['malformed']} malformed replies of "
                         f"{len(decisions)} pairs)")
-    out["per_domain"] = {dom: tally(ds) for dom, ds in sorted(by_domain.items())}
+    out["ci95_method"] = CI95_METHOD
+    out["per_domain"] = {dom: tally([d for d, _ in pairs], [u for _, u in pairs], seed)
+                         for dom, pairs in sorted(by_domain.items())}
     return out
 
 
@@ -356,18 +358,19 @@ def plot_winrate(report: dict, out_png: Path):
     rows = [("all", report)] + list(report["per_domain"].items())
     labels = [f"{name}\n(n={r['n']})" for name, r in rows]
     rates = [r["winrate"] for _, r in rows]
-    err = [[r["winrate"] - r["ci95"][0] for _, r in rows], [r["ci95"][1] - r["winrate"] for _, r in rows]]
+    err = [[max(r["winrate"] - r["ci95"][0], 0.0) for _, r in rows],
+           [max(r["ci95"][1] - r["winrate"], 0.0) for _, r in rows]]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(rows), 3.6))
     ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color=["#3b6ea5"] + ["#8fb3d9"] * (len(rows) - 1))
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("winrate (ties = 1/2), 95% CI")
+    ax.set_ylabel("winrate (ties = 1/2)\n95% CI, users resampled")
     ax.set_title(f"{report['shots']}-shot model vs {report['baseline']} ({report['judge']} judge)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out_png, dpi=110)
 
 
 __all__ = ["BASELINES", "JUDGES", "ChatJudge", "Server", "Side", "TemplateJudge", "judge_pairs", "plan_sides",
-           "run_winrate", "sample_items", "side_answers", "summarize", "tally", "wilson_interval",
+           "run_winrate", "sample_items", "side_answers", "summarize", "tally",
            "write_winrate"]

@@ -17,13 +17,14 @@ def test_quickstart_short_run(tmp_path):
            "--pref-ft-steps", "4", "--pref-steps", "3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| 8 |" in res.stdout and "Bayes-optimal" in res.stdout and "target (acc@0" in res.stdout
+    assert "| 8 |" in res.stdout and "Bayes, population prior" in res.stdout and "reference:" in res.stdout
     report = json.loads((out / "run" / "eval.json").read_text())
     assert report["method"] == "implicit_reward"
     assert [r["shots"] for r in report["results"]] == [0, 1, 2, 4, 8]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["episodes"] > 0 for r in report["results"])
+    assert report["split"] == "test" and all(
+        0.0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1.0 and r["episodes"] > 0 for r in report["results"])
     assert all(0.5 <= r["bayes_optimal"] <= 1.0 for r in report["results"])
-    # Beside the ceiling, the Bayes predictor that believes the training users' prior (their combinations).
+    # Beside the population-prior reference, the Bayes predictor that believes the training users' prior (their combinations).
     assert all(0.0 <= r["training_prior_accuracy"] <= 1.0 for r in report["results"])
     assert "training users' prior" in res.stdout
     # The optimal curve rises with shots: the preset reveals a user a few traits at a time.
@@ -31,6 +32,11 @@ def test_quickstart_short_run(tmp_path):
     win = json.loads((out / "run" / "winrate.json").read_text())
     assert win["shots"] == 8 and win["baseline"] == "zero-shot" and win["judge"] == "template"
     assert win["n"] == win["wins"] + win["ties"] + win["losses"] > 0 and "winrate" in res.stdout
+    assert win["ci95"][0] <= win["winrate"] <= win["ci95"][1] and "users" in win["ci95_method"]
+    # The data keeps a val split whose trait combinations are in neither train nor test.
+    users = [json.loads(ln) for ln in (out / "data" / "users.jsonl").read_text().splitlines()]
+    combos = {s: {tuple(sorted(u["traits"].items())) for u in users if u["split"] == s} for s in ("train", "val", "test")}
+    assert combos["val"] and not combos["val"] & (combos["train"] | combos["test"])
     for name in ("loss_curve.png", "eval.png", "winrate.png", "metrics.jsonl", "config.toml", "run.json"):
         assert (out / "run" / name).stat().st_size > 0, name
     stages = [json.loads(ln)["stage"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -46,3 +52,9 @@ def test_quickstart_short_run(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already complete" in res.stderr
+    # A tuning run's numbers: the same run scored on the val users, without training again.
+    res = subprocess.run(cmd + ["--split", "val"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "run" / "eval.json").read_text())["split"] == "val"
+    assert json.loads((out / "run" / "winrate.json").read_text())["split"] == "val"

@@ -202,7 +202,8 @@ def test_a_training_users_prior_that_lacks_the_users_combination_points_away_fro
     """The training-prior predictor (evaluate's `training_prior_accuracy`): with every trait vector in the
     prior it is the uniform predictor; without the user's own combination, shots that reveal all but one of
     the user's traits make it name the *other* value of the last one (the only combination left), where the
-    uniform predictor is at a coin flip; a prior that rules out all the shots allow gives 1/2."""
+    uniform predictor is at a coin flip; add-0.1 smoothing (evaluate's) keeps the user's combination possible
+    but unlikely; a prior that rules out all the shots allow is an error, not a silent 1/2."""
     domain = get_domain("reviews", "quickstart")
     model = BayesModel(domain, 0.0)
     names = sorted(domain.axes)
@@ -224,8 +225,12 @@ def test_a_training_users_prior_that_lacks_the_users_combination_points_away_fro
     assert model.p_chosen(shots, target) == 0.5
     without_user = model.prior_of([t for t in domain.trait_space() if t != user])
     assert model.p_chosen(shots, target, prior=without_user) == 0.0
+    smoothed = model.p_chosen(shots, target, prior=without_user + 0.1)
+    assert 0.0 < smoothed < 0.5
     only_far = model.prior_of([{n: other(n) for n in names}])
-    assert model.p_chosen(shots, target, prior=only_far) == 0.5
+    with pytest.raises(ValueError, match="impossible"):
+        model.p_chosen(shots, target, prior=only_far)
+    assert model.p_chosen(shots, target, prior=only_far + 0.1) == pytest.approx(0.5)  # smoothing alone: uniform
     with pytest.raises(ValueError, match="trait space"):
         model.prior_of([{"sentiment": "lukewarm"}])
 

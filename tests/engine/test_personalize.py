@@ -70,7 +70,7 @@ def test_eval_cli_description_flag_and_json(datasets, model_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["description"] == "oracle" and [r["shots"] for r in report["results"]] == [0, 1]
-    assert "Bayes-optimal" in res.stdout and "description: oracle" in res.stdout
+    assert "Bayes, population prior" in res.stdout and "description: oracle" in res.stdout
     res = cli("eval", "--model", model_dir, "--data", a, "--shots", "1", "--out", out)
     assert res.returncode == 0 and json.loads(out.read_text())["description"] == "none"
     res = cli("eval", "--model", model_dir, "--data", a, "--description", "sometimes", "--out", out)

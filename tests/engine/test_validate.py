@@ -11,8 +11,8 @@ from fspo_engine.engine.losses import ipo_loss, reward_metrics
 
 
 def test_held_out_eval_during_training(tmp_path):
-    """run.eval_every logs held-out metrics (test users) without moving training; the last ones equal an
-    independent scoring of the stage finals."""
+    """run.eval_every logs held-out metrics without moving training (this dataset has no val users: test users,
+    with a warning); the last ones equal an independent scoring of the stage finals."""
     from fspo_engine.engine.model import load_model
     from fspo_engine.engine.scoring import score_episodes
     from fspo_engine.engine.train import Trainer
@@ -47,6 +47,8 @@ def test_held_out_eval_during_training(tmp_path):
     want = reward_metrics(pol.chosen, pol.rejected, ref.chosen, ref.rejected, 0.5)["rewards/accuracy"]
     assert want == ev[3]["eval/rewards/accuracy"]
     assert ev[3]["eval/episodes"] == 10
+    assert all(r["eval/split"] == "test" for r in ev) and "has no val users" in res.stderr
+    assert {t.user_id for t in eps} <= {u.user_id for u in trainer.dataset.users_in("test")}
     # The held-out episodes carry the users' true descriptions: every record and the log line say "oracle".
     assert all(r["eval/description"] == "oracle" for r in ev)
     assert "true descriptions: oracle" in res.stderr and "oracle" in res.stderr.split("held-out:")[1]
@@ -55,3 +57,26 @@ def test_held_out_eval_during_training(tmp_path):
     assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["user_description"] is True
     res = cli("eval", "--model", str(run), "--data", str(data), "--shots", "1", "--no-user-description")
     assert res.returncode == 0 and json.loads((run / "eval.json").read_text())["user_description"] is False
+
+
+def test_held_out_eval_uses_val_users_when_the_data_has_them(tmp_path):
+    """Tuning watches val users: with a val split, run.eval_every never scores a test user."""
+    from fspo_engine.data_gen.pipeline import generate_dataset
+    from fspo_engine.engine.train import Trainer
+
+    data = tmp_path / "data"
+    generate_dataset(data, preset="quickstart", users=40, prefs_per_user=4, progress=False, val_fraction=0.25)
+    run = tmp_path / "run"
+    res = cli("train", "--data", str(data), "--out", str(run), *SMALL, "--set", "pref_ft.steps=2",
+              "--set", "pref.steps=0", "--set", "run.eval_every=2", "--set", "run.eval_episodes=6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ev = [r for r in read_metrics(run) if "eval/loss" in r]
+    assert ev and all(r["eval/split"] == "val" for r in ev)
+    assert "val users" in res.stderr.split("held-out:")[1] and "has no val users" not in res.stderr
+    trainer = Trainer(load_config(run / "config.toml"), str(data), str(run), resume=True, log=lambda m: None)
+    from fspo_engine.engine.model import load_model
+
+    eps = trainer.validator.episodes(load_model(run / "pref-ft"))
+    trainer.close()
+    val = {u.user_id for u in trainer.dataset.users_in("val")}
+    assert eps and {t.user_id for t in eps} <= val

@@ -32,7 +32,6 @@ from fspo_engine.engine.winrate import (
     sample_items,
     side_answers,
     tally,
-    wilson_interval,
 )
 
 
@@ -65,11 +64,19 @@ def test_tally_counts_order_flips_and_one_sided_ties_as_ties():
     assert t["winrate"] == pytest.approx(3 / 5)
     assert t["order_flips"] == 1 and t["malformed"] == 1
     lo, hi = t["ci95"]
-    assert 0.0 < lo < 0.6 < hi < 1.0
-    # The Wilson interval: wider at small n, never outside [0, 1], and not degenerate at all-wins.
-    assert wilson_interval(1.0, 10)[1] == pytest.approx(1.0) and wilson_interval(1.0, 10)[0] < 0.8
-    assert wilson_interval(0.5, 1000)[1] - wilson_interval(0.5, 1000)[0] < wilson_interval(0.5, 10)[1] - \
-        wilson_interval(0.5, 10)[0]
+    assert 0.0 <= lo < 0.6 < hi <= 1.0
+
+
+def test_tally_resamples_users_not_answers():
+    """Two users, each all wins or all losses: the answers are 10 identical pairs per user, so the interval
+    must be that of 2 users (resamples: both winners, one each, both losers: [0, 1]), not of 20 answers."""
+    decisions = [Decision((1, 1))] * 10 + [Decision((-1, -1))] * 10
+    users = ["u1"] * 10 + ["u2"] * 10
+    clustered = tally(decisions, users)
+    assert clustered["winrate"] == 0.5 and clustered["users"] == 2
+    assert clustered["ci95"] == [0.0, 1.0]
+    unclustered = tally(decisions)  # every answer its own cluster: far narrower
+    assert 0.2 < unclustered["ci95"][0] < 0.5 < unclustered["ci95"][1] < 0.8
 
 
 def _items(data, n=6):
