@@ -196,6 +196,29 @@ def test_elix_descriptions_on_both_branches_match_the_released_persona_rule(tmp_
     assert all(c.startswith(head(e)) and r.startswith(head(e)) for e, (c, r) in zip(ordered, shared))
 
 
+def test_an_episode_over_the_released_8192_keeps_its_responses_under_official_toml():
+    """The released max_length = max_prompt_length = 8192: a prompt + longer response over 8192 cuts both
+    responses to nothing (the pair still counts in the batch, with no gradient). official.toml keeps them whole
+    (a deliberate difference, README "The released recipe")."""
+    from fspo_engine.engine.config import load_config
+    from fspo_engine.engine.dataset import Preference
+    from fspo_engine.engine.episodes import Episode
+
+    cfg = load_config(OFFICIAL_TOML)
+    tok = CharTokenizer()
+    shots = tuple(Preference(f"p{i}", "u", f"question {i}?", "y" * 900, "n" * 900) for i in range(4))
+    for extra, released_kept in ((300, True), (400, False)):  # prompt + longer response: 8131, 8231
+        target = Preference("t", "u", "target?" + "?" * extra, "chosen " * 20, "rejected " * 10)
+        ep = Episode("u/w0.0", "u", shots, target, shots_requested=4)
+        prompt, chosen, rejected = render_prompt(shots, target.question), *target_texts(ep)
+        assert (len(prompt) + max(len(chosen), len(rejected)) + 1 <= 8192) == released_kept  # eos included
+        p, c, r = released_tokens(tok.encode, tok.eos_id, prompt, chosen, rejected, 8192, 8192)
+        assert (c, r) == ((tok.encode(chosen) + [2], tok.encode(rejected) + [2]) if released_kept else ([], []))
+        [ours] = tokenize_episodes([ep], tok, max_tokens=cfg.data.max_tokens, options=cfg.data.render_options())
+        assert (ours.prompt_ids, ours.chosen_ids, ours.rejected_ids) == (
+            tok.encode(prompt), tok.encode(chosen) + [2], tok.encode(rejected) + [2])
+
+
 def released_batches(epochs, batch_size):
     """get_batch_iterator's batching (exact=False): every epoch starts with an empty batch and a batch is yielded
     once full, so an epoch's last partial batch is never trained on and no batch holds two epochs' elements."""
