@@ -16,6 +16,8 @@ BENCHMARKS = {
     "--generator openai: vs the remote path against a completions server",
     "gen-data": "LLM client and gen-data against a fake continuous-batching server: in flight vs the cap, client "
     "CPU per request, req/s, resume overhead after kill -9, peak RSS at two sizes",
+    "quickstart": "the quickstart over several seeds: mean, spread and each seed's interval per shot count, and the "
+    "winrate",
     "compile-report": "no GPU: every Triton kernel compiled for sm_90 at its shipped configs (registers, spills, "
     "shared memory, pipeline depth, blocks/SM)",
 }
@@ -38,6 +40,7 @@ def bench(ctx, name, args):
     checkpoint per-rank cost of loading into FSDP2 and saving the optimizer, sharded vs whole
     generate   batched generation vs one prompt at a time vs transformers generate
     gen-data   the LLM client and gen-data against a fake server: in flight, CPU/request, resume
+    quickstart the quickstart over seeds: mean and spread of the few-shot curve and the winrate
     compile-report  no GPU: the Triton kernels compiled for sm_90 (registers, spills, shared, pipelining)
     """
     if name in (None, "-h", "--help"):

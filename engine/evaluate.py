@@ -126,7 +126,8 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
         if bayes:
             entry.update(bayes_optimal(dataset, eps, tok, bayes, seed=seed))
         if description == "generated" and bayes:
-            entry["description_accuracy"] = description_accuracy(dataset, eps, bayes)
+            entry["description_accuracy"], entry["description_accuracy_ci95"] = description_accuracy(
+                dataset, eps, bayes, seed=seed)
         results.append(entry)
     return {
         "model": str(policy_dir),
@@ -208,15 +209,15 @@ def _named_side(p: float) -> float:
     return 0.5 if abs(p - 0.5) < 1e-9 else 1.0 if p > 0.5 else 0.0
 
 
-def description_accuracy(dataset, episodes, models) -> float:
+def description_accuracy(dataset, episodes, models, seed: int = 0) -> tuple[float, list[float]]:
     """Mean over episodes of the fraction of the user's true trait values that the inferred description
-    states (template datasets: the domain knows how each value is worded)."""
+    states (template datasets: the domain knows how each value is worded), and its user-clustered ci95."""
     fractions = []
     for ep in episodes:
         user = dataset.users[ep.user_id]
         stated = models[user.domain].domain.stated_traits(ep.description, user.traits)
         fractions.append(sum(stated.values()) / max(len(stated), 1))
-    return float(np.mean(fractions))
+    return float(np.mean(fractions)), cluster_ci95(fractions, [ep.user_id for ep in episodes], seed=seed)
 
 
 def _margin(lp, length_normalize: bool) -> torch.Tensor:

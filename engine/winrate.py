@@ -292,7 +292,8 @@ def run_winrate(model: str, data: str, *, baseline: str, judge: str, shots: int 
     models = models_for(dataset.manifest)
     if ours_side.description == "generated" and models:
         inferred = [dataclasses.replace(ep, description=a["description"]) for ep, a in zip(items, ours)]
-        report["description_accuracy"] = description_accuracy(dataset, inferred, models)
+        report["description_accuracy"], report["description_accuracy_ci95"] = description_accuracy(
+            dataset, inferred, models, seed=seed)
     records = [{"user_id": ep.user_id, "domain": dataset.users[ep.user_id].domain, "pref_id": ep.target.pref_id,
                 "question": ep.target.question, "model": x, "baseline": y, "votes": d.votes, "verdict": d.kind}
                for ep, x, y, d in zip(items, ours, theirs, decisions)]

@@ -58,6 +58,8 @@ def test_eval_reports_bayes_optimal_and_description_accuracy(datasets, model_dir
         assert 0.5 <= entry["bayes_optimal"] <= 1.0
         assert 0.0 <= entry["bayes_predictor_accuracy"] <= 1.0
         assert 0.0 <= entry["description_accuracy"] <= 1.0  # a random model rarely states a trait
+        lo, hi = entry["description_accuracy_ci95"]
+        assert lo <= entry["description_accuracy"] <= hi
     assert report["results"][0]["bayes_optimal"] == 0.5  # without shots the label is a coin flip
     assert "description_accuracy" not in _run(model_dir, a, "none")["results"][0]
 
