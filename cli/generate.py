@@ -24,7 +24,7 @@ from fspo_engine.cli.eval import description_option, generator_options, generato
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=str), help="Preference dataset directory.")
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="JSON Lines output: one line per (user, question) of --split (written atomically).")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--users", default=None, help="With --out: comma-separated user ids [every user of --split].")
 @click.option("--per-user", default=None, type=click.IntRange(min=1),
               help="With --out: questions per user [all the user's preferences].")

@@ -33,7 +33,7 @@ def study():
               help="Share of the onboarding pairs asked again later, sides swapped.")
 @click.option("--baseline", default="zero-shot", show_default=True,
               help="zero-shot (the same model without shots) or a model/run directory (with the same shots).")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]),
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
               help="Users whose pairs and questions are shown.")
 @click.option("--generator-url", default=None, help="Generate on an OpenAI-compatible server at this URL.")
 @click.option("--generator-model", default=None, help="The model name on --generator-url.")
