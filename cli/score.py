@@ -101,7 +101,7 @@ def score(
         description = default_description_mode(run.config.data.user_description)
     bos, truncate = run.config.data.bos, run.config.data.truncate
     model_dir = run.policy
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, split_special_tokens=run.config.data.split_special_tokens)
     episodes = sample_episodes(dataset, None if split == "all" else split, shots_spec, seed=seed, epoch=0)
     if not episodes:
         raise FspoError(f"{data_dir}: no preferences in split {split!r}")

@@ -61,6 +61,7 @@ class DataSection:
     episode_sampling: str = "sampled"  # sampled (each pref a target once per epoch, shots drawn from the user's others) or official_windows (the released loader's)
     truncate: str = "drop_oldest_shots"  # over max_tokens: drop_oldest_shots, or keep_start (cut the prompt's end, as the released code)
     bos: bool = True  # prompt starts with the tokenizer's bos (the released loader adds no special tokens)
+    split_special_tokens: bool = True  # a special token's text in the data ("</s>", "<|eot_id|>") is plain text; false: it becomes the special id (as released)
     rejected_description: str = "shared"  # with user_description, the rejected branch's: shared (the user's) or rejected_persona (the pref's, as released)
 
     def render_options(self) -> RenderOptions:

@@ -27,23 +27,28 @@ from fspo_engine.engine.errors import FspoError
 
 @dataclass
 class Tokenizer:
-    """A thin wrapper over an HF tokenizer: plain `encode` (no special tokens) plus the bos/eos ids."""
+    """A thin wrapper over an HF tokenizer: plain `encode` (no special tokens added) plus the bos/eos ids."""
 
     hf: object  # a transformers PreTrainedTokenizerBase
     bos_id: int
     eos_id: int
     path: str = ""
+    # True: a special token's text inside a text ("</s>", "<|eot_id|>") is split as plain text. False: it
+    # becomes that special token's id, as the released loader's `tokenizer(text, add_special_tokens=False)`
+    # gives (`data.split_special_tokens`).
+    split_special_tokens: bool = True
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` with no special tokens: none added (episode rendering adds bos/eos itself)
-        and none parsed, so a "</s>" typed in a dataset is plain text, not an eos that ends a response."""
-        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        """Token ids of `text`. None are added (episode rendering adds bos/eos itself); by default none are
+        parsed either, so a "</s>" typed in a dataset is plain text, not an eos that ends a response."""
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=self.split_special_tokens)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts at once (the fast tokenizers run the batch in Rust threads)."""
         if not texts:
             return []
-        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out = self.hf(texts, add_special_tokens=False, split_special_tokens=self.split_special_tokens)
+        return out["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -54,8 +59,9 @@ class Tokenizer:
         return len(self.hf)
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of an HF model directory, offline. Raises FspoError when it is missing or unusable."""
+def load_tokenizer(model_dir: str | os.PathLike, *, split_special_tokens: bool = True) -> Tokenizer:
+    """The tokenizer of an HF model directory, offline. Raises FspoError when it is missing or unusable.
+    `split_special_tokens`: see `Tokenizer` (a run's `data.split_special_tokens`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FspoError(f"{model_dir}: not a model directory")
@@ -100,7 +106,8 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
     if bos is None:
         # Some tokenizers have no bos; the prompt still needs a first token that predicts nothing.
         raise FspoError(f"{model_dir}: the tokenizer has no bos token (prompts start with bos)")
-    return Tokenizer(hf=hf, bos_id=int(bos), eos_id=int(eos), path=str(model_dir))
+    return Tokenizer(hf=hf, bos_id=int(bos), eos_id=int(eos), path=str(model_dir),
+                     split_special_tokens=split_special_tokens)
 
 
 def _apply_tokenizer_config(hf, model_dir: Path) -> None:
@@ -229,6 +236,9 @@ def _load_sentencepiece(path: Path):
     pieces = [sp.id_to_piece(i) for i in range(0, n, max(1, n // 200))
               if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]  # fmt: skip
     probes = [_PROBE_TEXT, "".join(pieces).replace("\u2581", " "), " ".join(pieces[::-1]).replace("\u2581", " ")]
+    # sentencepiece reads "</s>" in a text as text: the probes compare with special tokens split. Loaded with
+    # split_special_tokens = False, the converted tokenizer parses them (bos/eos/unk are its special tokens),
+    # as transformers' own Llama tokenizers do.
     for text in probes:
         if hf.encode(text, add_special_tokens=False, split_special_tokens=True) != sp.encode(text):
             raise FspoError(

@@ -184,7 +184,8 @@ class EpisodePlan:
                "split": "train"}
         # Later keys only where they differ from their defaults: reference caches of older runs stay valid.
         defaults = type(d)()
-        key.update({k: getattr(d, k) for k in ("episode_sampling", "truncate", "bos", "rejected_description")
+        key.update({k: getattr(d, k) for k in ("episode_sampling", "truncate", "bos", "rejected_description",
+                                               "split_special_tokens")
                     if getattr(d, k) != getattr(defaults, k)})  # fmt: skip
         return key
 
@@ -222,14 +223,15 @@ class Trainer:
             source = str(load_run(cfg.model.name).policy.resolve())
             self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=source))
             check_weights(cfg.model.name)
-            self._check_vocab(load_tokenizer(cfg.model.name), read_config(cfg.model.name).vocab_size)
+            self._check_vocab(load_tokenizer(cfg.model.name, split_special_tokens=cfg.data.split_special_tokens),
+                              read_config(cfg.model.name).vocab_size)
             self.source_dtype = stored_dtype(cfg.model.name)
         self.run_dir = RunDir(self.out, log=self.log)
         try:
             self.run_dir.prepare(cfg, resume)
             self.run_info = self.run_dir.read_info(self.dataset.root, self.data_fp)
             self.tokenizer_dir = self._tokenizer()
-            self.tokenizer = load_tokenizer(self.tokenizer_dir)
+            self.tokenizer = load_tokenizer(self.tokenizer_dir, split_special_tokens=cfg.data.split_special_tokens)
         except BaseException:
             self.close(failed=True)  # the run directory's lock too: a corrected retry in this process works
             raise

@@ -231,6 +231,29 @@ def make_tiny_model_dir(
     return path
 
 
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|eot_id|>", "</s>")  # bos, eos, and one more special token
+
+
+def char_tokenizer_dir(path) -> Path:
+    """An HF tokenizer directory with one token per printable character (a BPE without merges) and Llama-3-style
+    special tokens (`LLAMA3_SPECIALS`: ids 1-3; 0 is <unk>): what a special token's text in a dataset turns into
+    is then plain to see. Built in milliseconds, no training."""
+    import string
+
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{t: i for i, t in enumerate(LLAMA3_SPECIALS, 1)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(sorted(set(string.printable)))})
+    rust = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    rust.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", bos_token=LLAMA3_SPECIALS[0],
+                                 eos_token=LLAMA3_SPECIALS[1], additional_special_tokens=[LLAMA3_SPECIALS[2]])
+    hf.save_pretrained(path)
+    return Path(path)
+
+
 def random_hf_llama(path, seed: int = 0, std: float = 0.08, **config):
     """A random `transformers.LlamaForCausalLM` (fp32, eval) built from `config` (LlamaConfig keys) and saved
     at `path`: weights N(0, std), norm weights 1 + N(0, 0.2) so that they are tested too."""

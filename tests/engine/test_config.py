@@ -39,7 +39,7 @@ def test_config_errors(tmp_path):
                        ("optim.name", "adam"), ("optim.alpha", 1.0), ("pref_ft.targets", "rejected"),
                        ("pref_ft.reduction", "none"), ("pref_ft.episodes", -1), ("pref_ft.epochs", -1),
                        ("data.episode_sampling", "windows"), ("data.truncate", "keep_end"),
-                       ("data.rejected_description", "other")):  # fmt: skip
+                       ("data.rejected_description", "other"), ("data.split_special_tokens", "no")):  # fmt: skip
         with pytest.raises(FspoError, match=key.replace(".", r"\.")):
             load_config(None, {key: value})
     # Keys that only make sense together.
@@ -52,10 +52,12 @@ def test_config_errors(tmp_path):
     # The shipped recipe loads; a config.toml written before the recipe's keys existed reads them as defaults.
     official = load_config(Path(__file__).resolve().parents[2] / "configs" / "official.toml")
     assert (official.optim.name, official.pref_ft.targets, official.pref_ft.reduction, official.data.bos,
-            official.data.episode_sampling, official.data.truncate) == ("rmsprop", "both", "sum", False,
-                                                                        "official_windows", "keep_start")  # fmt: skip
+            official.data.episode_sampling, official.data.truncate,
+            official.data.split_special_tokens) == ("rmsprop", "both", "sum", False, "official_windows", "keep_start",
+                                                    False)  # fmt: skip
     new_keys = {"optim": {"name", "alpha"}, "pref_ft": {"targets", "reduction", "episodes", "epochs"},
-                "pref": {"epochs"}, "data": {"episode_sampling", "truncate", "bos", "rejected_description"}}
+                "pref": {"epochs"}, "data": {"episode_sampling", "truncate", "bos", "rejected_description",
+                                             "split_special_tokens"}}
     lines, section = [], ""
     for ln in official.resolved_toml().splitlines():
         section = ln.strip("[]") if ln.startswith("[") else section
@@ -64,6 +66,7 @@ def test_config_errors(tmp_path):
     (tmp_path / "older.toml").write_text("\n".join(lines))
     older = load_config(tmp_path / "older.toml")
     assert older.optim.name == "adamw" and older.data.bos and older.optim.lr == official.optim.lr
+    assert older.data.split_special_tokens
     bad.write_bytes("\ufeff[optim]\nlr = 3e-4\n".encode())  # a BOM, as Windows editors write
     assert load_config(bad).optim.lr == 3e-4
     # The resolved TOML reads back to the same config.

@@ -219,6 +219,48 @@ def test_an_episode_over_the_released_8192_keeps_its_responses_under_official_to
             tok.encode(prompt), tok.encode(chosen) + [2], tok.encode(rejected) + [2])
 
 
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_special_token_texts_in_the_data_are_tokenized_as_the_released_call_under_official_toml(
+        tmp_path, split_special_tokens):
+    """official.toml's data.split_special_tokens = false: "<|begin_of_text|>", "</s>", "<|eot_id|>" in a record
+    become those special tokens' ids in the episodes the trainer trains on, as the released
+    `tokenizer(text, add_special_tokens=False)` gives them; true (our default) keeps them text."""
+    import transformers
+    from helpers import char_tokenizer_dir, random_hf_llama
+
+    from fspo_engine.engine.config import load_config
+    from fspo_engine.engine.train import EpisodePlan, Trainer
+
+    model_dir = tmp_path / "model"
+    random_hf_llama(model_dir, vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    char_tokenizer_dir(model_dir)
+    records = [{**r, "x": "<|begin_of_text|>" + r["x"], "yw": r["yw"] + " done</s>", "yl": "<|eot_id|>" + r["yl"]}
+               for r in roleplay_records(seed=2, levels=(1, 2))]  # fmt: skip
+    import_records(tmp_path, "roleplay", records, "rp")
+    cfg = load_config(OFFICIAL_TOML, {"model.name": str(model_dir), "data.shots": "3",
+                                      "data.split_special_tokens": split_special_tokens})
+    trainer = Trainer(cfg, str(tmp_path / "rp"), str(tmp_path / "run"), log=lambda _msg: None)
+    try:
+        ours = EpisodePlan(trainer.dataset, trainer.tokenizer, trainer.cfg, "pref-ft").epoch(0)
+    finally:
+        trainer.close()
+
+    hf = transformers.AutoTokenizer.from_pretrained(model_dir)  # the released tokenizer call
+    tokenize = lambda text: hf(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    released = [released_tokens(tokenize, hf.eos_token_id, *e, 8192, 8192) for e in released_episodes(
+        "roleplay", records, 3)[0]]  # fmt: skip
+    got = [(t.prompt_ids, t.chosen_ids, t.rejected_ids) for t in ours]
+    assert len(got) == len(released) > 10
+    specials = {1, 2, 3}  # <|begin_of_text|>, <|eot_id|> (eos), </s>
+    assert all(specials <= set(p + c + r) for p, c, r in released)  # every episode has all three in its text
+    if split_special_tokens:
+        assert all(not specials & set(p + c[:-1] + r[:-1]) for p, c, r in got)  # text only; eos ends each response
+        assert all(c[-1] == r[-1] == 2 for _, c, r in got)
+    else:
+        assert got == released
+
+
 def released_batches(epochs, batch_size):
     """get_batch_iterator's batching (exact=False): every epoch starts with an empty batch and a batch is yielded
     once full, so an epoch's last partial batch is never trained on and no batch holds two epochs' elements."""

@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from helpers import tokenizer_corpus
+from helpers import LLAMA3_SPECIALS, char_tokenizer_dir, tokenizer_corpus
 
 from fspo_engine.engine.errors import FspoError
 from fspo_engine.engine.tokenizer import SPM_TRAINER_OPTIONS, _bpe_merges, load_tokenizer, train_tokenizer
@@ -155,6 +155,10 @@ def test_sentencepiece_directory_reads_added_tokens_and_special_names_and_refuse
     tok = load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp.bos_id(), n + 1, n + 2)
     assert tok.encode("say <|im_end|> here") == sp.encode("say <|im_end|> here")  # data text stays text
+    # data.split_special_tokens = false: special tokens are read, the text between them segmented by
+    # sentencepiece piece by piece (as transformers' legacy Llama tokenizers do).
+    released = load_tokenizer(tmp_path, split_special_tokens=False)
+    assert released.encode("say <|im_end|> here</s>") == sp.encode("say ") + [n + 1] + sp.encode(" here") + [2]
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": n + 5}))
     with pytest.raises(FspoError, match="continue the vocabulary"):
         load_tokenizer(tmp_path)
@@ -164,6 +168,26 @@ def test_sentencepiece_directory_reads_added_tokens_and_special_names_and_refuse
     _sentencepiece_dir(uni, model_type="unigram")
     with pytest.raises(FspoError, match="unigram"):
         load_tokenizer(uni)
+
+
+def test_split_special_tokens_false_reads_special_token_texts_as_the_released_call(tmp_path):
+    """`tokenizer(text, add_special_tokens=False)`, the released loader's call, turns "</s>", "<|eot_id|>" and
+    "<|begin_of_text|>" in a text into their ids: split_special_tokens=False gives the same ids; True (our
+    default) splits them as plain text."""
+    from transformers import AutoTokenizer
+
+    path = char_tokenizer_dir(tmp_path)
+    text = "Sure.</s> Next <|eot_id|> end <|begin_of_text|>x"
+    released = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"]
+    ids = {t: i for i, t in enumerate(LLAMA3_SPECIALS, 1)}
+    assert [i for i in released if i in ids.values()] == [ids["</s>"], ids["<|eot_id|>"], ids["<|begin_of_text|>"]]
+
+    parsed = load_tokenizer(path, split_special_tokens=False)
+    assert (parsed.bos_id, parsed.eos_id) == (ids["<|begin_of_text|>"], ids["<|eot_id|>"])
+    assert parsed.encode(text) == released and parsed.encode_batch([text, "a</s>"])[0] == released
+    split = load_tokenizer(path)
+    assert not set(split.encode(text)) & set(ids.values()) and split.decode(split.encode(text)) == text
+    assert split.encode_batch([text]) == [split.encode(text)]
 
 
 def test_tokenizer_config_without_its_vocabulary_is_refused(tmp_path):
