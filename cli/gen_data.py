@@ -220,7 +220,14 @@ def _csv(value: str | None) -> tuple[str, ...]:
     show_default=True,
     help="Split of imported users; auto: from the file name (train/test), else a seeded hash.",
 )
-def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_models, no_progress, dry_run, **options):
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="--import: a record the released loader drops, or reads in its own way (an empty text, a label other "
+    "than 0/1, ...), is an error (path:line: reason) instead of being skipped or kept and counted.",
+)
+def gen_data(out_dir, import_kind, import_files, import_split, strict, domains, gen_models, no_progress, dry_run,
+             **options):
     """Write a fspo-prefs/1 dataset directory (manifest.json, users.jsonl, prefs.jsonl).
 
     Re-running a killed run with the same arguments resumes it; same seed and arguments give
@@ -229,7 +236,7 @@ def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_mode
     from fspo_engine.data_gen.errors import DataGenError
 
     if import_kind is not None:
-        from fspo_engine.data_gen.importers import run_import
+        from fspo_engine.data_gen.importers import import_notes, run_import
         from fspo_engine.data_gen.pipeline import format_summary
 
         result = run_import(
@@ -240,11 +247,17 @@ def gen_data(out_dir, import_kind, import_files, import_split, domains, gen_mode
             test_fraction=options["test_fraction"],
             seed=options["seed"],
             overwrite=options["overwrite"],
+            strict=strict,
         )
+        notes = import_notes(result.manifest)
+        if notes:
+            click.echo(notes, err=True)
         click.echo(format_summary(result))
         return
     if import_files:
         raise DataGenError("--from needs --import roleplay|review|elix")
+    if strict:
+        raise DataGenError("--strict needs --import roleplay|review|elix")
 
     from fspo_engine.data_gen.pipeline import format_plan, format_summary, generate_dataset, plan
 

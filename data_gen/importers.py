@@ -17,8 +17,22 @@ Users are written in the released loader's `groupby` order (sorted levels: numbe
 each user's preferences in file order: `official_windows` in engine/episodes.py then draws the released
 loader's episodes from them.
 
-Every record is checked; the import stops before writing anything if any record is malformed and
-reports each as `path:line: reason` (Parquet: `path:row N: reason`).
+Every record is checked, and read record by record as the released loader reads it:
+- a record it drops is skipped: a null (or NaN) user level, which its `groupby` leaves out;
+- a record it trains on is kept, read as it reads it: empty or whitespace-only texts, a float level (2.0 and
+  2 are one user, as in one pandas column), a blank level, a label other than 0 or 1 (its `label == 0` test
+  makes any other label "response_y preferred"), a null `level_x`/`level_y` (the preference then has no
+  `rejected_description`), a roleplay record without a usable `score_persona` (the loader never reads it;
+  the user's description is its level's first usable one, else empty);
+- a record it cannot read either (a missing, null or non-string question or response; a level of another
+  type) or one no UTF-8 file can hold (a lone surrogate) is skipped.
+One reading differs on purpose: a label "0" or "1" (a string) is read as the number, where `label == 0` would
+make both "response_y preferred" (the released files hold integers).
+Skipped and kept-as-released records are counted, with the first few `file:line: reason`, in the manifest
+(`skipped`, `kept_as_released`) and in one line for the command to print. With `strict` every one of them is
+an error instead. Malformed JSON (bad UTF-8, invalid JSON, a line that is not an object) is an error in either
+mode. On any error the import stops before writing anything and reports each as `path:line: reason`
+(Parquet: `path:row N: reason`).
 """
 
 from __future__ import annotations
@@ -27,9 +41,11 @@ import codecs
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from fspo_engine.data_gen.errors import DataGenError
 from fspo_engine.data_gen.outdir import foreign_files, json_text, locked_dir, remove_stale_temps, write_staged
@@ -37,20 +53,11 @@ from fspo_engine.data_gen.pipeline import GenResult
 from fspo_engine.data_gen.stats import dataset_stats
 
 KINDS = {"roleplay": "roleplay", "review": "reviews", "elix": "elix"}  # import kind -> domain name
-FIELDS = {
-    "roleplay": {"x": str, "yw": str, "yl": str, "level": (str, int), "score_persona": (str, dict)},
-    "review": {
-        "prompt": str,
-        "response_x": str,
-        "response_y": str,
-        "label": (int, str),
-        "level_x": (str, int),
-        "level_y": (str, int),
-        "scorer_level": (str, int),
-    },
-}
-FIELDS["elix"] = FIELDS["review"]
-MAX_REPORTED = 20
+TEXTS = {"roleplay": ("x", "yw", "yl"), "review": ("prompt", "response_x", "response_y")}  # .strip()ped by the loader
+USER_LEVEL = {"roleplay": "level", "review": "scorer_level"}  # the column the released loader groups by
+TEXTS["elix"], USER_LEVEL["elix"] = TEXTS["review"], USER_LEVEL["review"]
+MAX_REPORTED = 20  # errors listed
+MAX_EXAMPLES = 5  # skipped / kept-as-released records named in the manifest and the summary line
 # The released `get_review`'s user descriptions (`mapped_level`), by scorer_level.
 REVIEW_DESCRIPTIONS = {
     "negative": "This user prefers negative reviews.",
@@ -65,11 +72,19 @@ REVIEW_DESCRIPTIONS = {
 
 
 def _persona_text(score_persona) -> str | None:
-    """A roleplay record's persona description: the string, or the object's `description` string."""
-    if isinstance(score_persona, str):
-        return score_persona
-    text = score_persona.get("description")
-    return text if isinstance(text, str) else None
+    """A roleplay record's persona description (the string, or the object's `description` string), stripped;
+    None when it has none that can describe a user (missing, another type, blank, a lone surrogate)."""
+    text = score_persona.get("description") if isinstance(score_persona, dict) else score_persona
+    if not isinstance(text, str) or not text.strip() or not _is_unicode(text):
+        return None
+    return text.strip()
+
+
+def _level_key(level) -> str:
+    """The user a level names: one pandas column holds 2 and 2.0 as one value, so they are one user."""
+    if isinstance(level, float) and level.is_integer():
+        return str(int(level))
+    return str(level)
 
 
 def _level_description(kind: str, level) -> str:
@@ -130,39 +145,81 @@ def _records(path: Path):
             yield where, rec
 
 
-def _check(kind: str, rec) -> str | None:
-    """The reason `rec` is malformed, or None."""
+class _Problem(NamedTuple):
+    """Why a record is not clean. `action`: "error" (malformed, in any mode), "skip" (not imported: the
+    released loader drops it or cannot read it) or "keep" (imported as the released loader reads it).
+    `reason` is the error's text; `outcome` what the default mode does instead."""
+
+    action: str
+    reason: str
+    outcome: str = ""
+
+
+def _check(kind: str, rec) -> _Problem | None:
+    """How `rec` differs from a clean record, the worst way first (error, then skip, then keep); None if clean."""
     if isinstance(rec, _Unreadable):
-        return rec.reason
+        return _Problem("error", rec.reason)
     if not isinstance(rec, dict):
-        return f"expected a JSON object, got {type(rec).__name__}"
-    for name, types in FIELDS[kind].items():
-        if name not in rec or rec[name] is None:
-            return f"missing field {name!r}"
-        if not isinstance(rec[name], types) or isinstance(rec[name], bool):
-            return f"field {name!r} has type {type(rec[name]).__name__}"
-        if isinstance(rec[name], str) and not _is_unicode(rec[name]):
-            # JSON's "\\ud800" escape: valid JSON, but no UTF-8 writer (ours included) can write it.
-            return f"field {name!r} is not valid Unicode (lone surrogate)"
-        if "level" in name and isinstance(rec[name], str) and not rec[name].strip():
-            # A blank level names no user: it would become "The user's level is ." for all such records.
-            return f"empty {name}"
+        return _Problem("error", f"expected a JSON object, got {type(rec).__name__}")
+    unreadable = "skipped: the released loader cannot read it either"
+    unwritable = "skipped: no UTF-8 file can hold it"
+    level_name = USER_LEVEL[kind]
+    level = rec.get(level_name)
+    if level is None or isinstance(level, float) and math.isnan(level):  # absent or null: "missing"
+        reason = f"missing field {level_name!r}" if level is None else f"field {level_name!r} is NaN"
+        return _Problem("skip", reason, "skipped: the released loader's groupby drops the record")
+    if isinstance(level, bool) or not isinstance(level, (str, int, float)):
+        return _Problem("skip", f"field {level_name!r} has type {type(level).__name__}", unreadable)
+    for name in TEXTS[kind]:
+        if rec.get(name) is None:
+            return _Problem("skip", f"missing field {name!r}", unreadable)
+        if not isinstance(rec[name], str):
+            return _Problem("skip", f"field {name!r} has type {type(rec[name]).__name__}", unreadable)
+    for name, value in rec.items():
+        if isinstance(value, str) and name in (*TEXTS[kind], level_name, "level_x", "level_y") \
+                and not _is_unicode(value):  # JSON's "\\ud800": valid JSON, but no UTF-8 writer can write it
+            return _Problem("skip", f"field {name!r} is not valid Unicode (lone surrogate)", unwritable)
+    kept = "kept: the released loader trains on it"
     if kind == "roleplay":
-        if not rec["x"].strip() or not rec["yw"].strip() or not rec["yl"].strip():
-            return "empty question or response"
-        persona = _persona_text(rec["score_persona"])
+        persona = rec.get("score_persona")
+        no_persona = "kept: the released loader never reads score_persona"
         if persona is None:
-            return "field 'score_persona' is an object without a 'description' string"
-        if not _is_unicode(persona):
-            return "field 'score_persona' is not valid Unicode (lone surrogate)"
-        if not persona.strip():
-            return "empty score_persona"
+            return _Problem("keep", "missing field 'score_persona'", no_persona)
+        if not isinstance(persona, (str, dict)):
+            return _Problem("keep", f"field 'score_persona' has type {type(persona).__name__}", no_persona)
+        text = persona.get("description") if isinstance(persona, dict) else persona
+        if not isinstance(text, str):
+            return _Problem("keep", "field 'score_persona' is an object without a 'description' string", no_persona)
+        if not _is_unicode(text):
+            return _Problem("keep", "field 'score_persona' is not valid Unicode (lone surrogate)", no_persona)
+        if not text.strip():
+            return _Problem("keep", "empty score_persona", no_persona)
     else:
-        if str(rec["label"]) not in ("0", "1"):
-            return f"label must be 0 or 1, not {rec['label']!r}"
-        if not rec["prompt"].strip() or not rec["response_x"].strip() or not rec["response_y"].strip():
-            return "empty prompt or response"
+        label = rec.get("label")
+        if not (label in ("0", "1") or not isinstance(label, (bool, str)) and label in (0, 1)):
+            winner = "response_x" if _x_preferred(label) else "response_y"
+            return _Problem("keep", f"label must be 0 or 1, not {label!r}",
+                            f"kept with {winner} preferred, as the released loader's `label == 0` reads it")
+        for name in ("level_x", "level_y"):
+            value = rec.get(name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                return _Problem("keep", f"missing field {name!r}" if value is None
+                                else f"field {name!r} has type {type(value).__name__}",
+                                "kept without rejected_description: the released loader trains on it")  # fmt: skip
+            if isinstance(value, str) and not value.strip():
+                return _Problem("keep", f"empty {name}", kept)
+    for name in TEXTS[kind]:
+        if not rec[name].strip():
+            return _Problem("keep", f"empty {name}", kept)
+    if isinstance(level, str) and not level.strip():
+        # A blank level still names a user in the released loader (descriptions "The user is .").
+        return _Problem("keep", f"empty {level_name}", kept)
     return None
+
+
+def _x_preferred(label) -> bool:
+    """The released loader's reading: response_x is preferred iff `label == 0` (here the string "0" too)."""
+    return label == "0" or not isinstance(label, str) and label == 0
 
 
 def _is_unicode(text: str) -> bool:
@@ -196,7 +253,7 @@ def import_dataset(kind: str, files: list[str | os.PathLike], out_dir: str | os.
 
     Options are `run_import`'s: `split` "train" or "test" for every user, or "auto" (a file whose name says
     train/test (or eval) gives its users that split, other files split users by a seeded hash of the user),
-    `test_fraction`, `seed`, `overwrite`. Re-running an import identical to the dataset already in `out_dir`
+    `test_fraction`, `seed`, `overwrite`, `strict`. Re-running an import identical to the dataset already in `out_dir`
     writes nothing and succeeds.
     """
     return run_import(kind, files, out_dir, **options).manifest
@@ -211,9 +268,11 @@ def run_import(
     test_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    strict: bool = False,
 ) -> GenResult:
     """Import the files (see `import_dataset`) -> a GenResult whose `prefs_written` is 0 when there was nothing to
-    do (what the CLI prints)."""
+    do (what the CLI prints). `strict`: every record that is not clean is an error (see the module docstring);
+    otherwise records are skipped or kept as the released loader reads them, and counted in the manifest."""
     if kind not in KINDS:
         raise DataGenError(f"--import must be one of {', '.join(KINDS)}, not {kind!r}")
     if split not in ("auto", "train", "test"):
@@ -226,39 +285,51 @@ def run_import(
     users: dict[tuple, dict] = {}
     prefs: list[dict] = []
     errors: list[str] = []
+    skipped: list[str] = []  # "file:line: reason (outcome)", records not imported
+    kept: list[str] = []  # records --strict refuses, imported as the released loader reads them
     for file in map(Path, files):
         if not file.is_file():
             raise DataGenError(f"{file}: no such file")
         file_split = _split_of(file, split)
-        n_before = len(prefs) + len(errors)
+        n_prefs, n_errors, n_skipped = len(prefs), len(errors), len(skipped)
         for where, rec in _records(file):
-            reason = _check(kind, rec)
-            if reason is not None:
-                errors.append(f"{where}: {reason}")
-                continue
+            problem = _check(kind, rec)
+            if problem is not None:
+                if problem.action == "error" or strict:
+                    errors.append(f"{where}: {problem.reason}")
+                    continue
+                note = f"{file.name}:{where.rsplit(':', 1)[-1]}: {problem.reason} ({problem.outcome})"
+                if problem.action == "skip":
+                    skipped.append(note)
+                    continue
+                kept.append(note)
             if kind == "roleplay":
                 level = rec["level"]
-                description = _persona_text(rec["score_persona"]).strip()
+                description = _persona_text(rec.get("score_persona"))
                 question, chosen, rejected = rec["x"], rec["yw"], rec["yl"]
                 extra = {}
             else:
                 level = rec["scorer_level"]
                 description = _level_description(kind, level)
-                x_wins = str(rec["label"]) == "0"
+                x_wins = _x_preferred(rec.get("label"))
                 question = rec["prompt"]
                 chosen, rejected = (
                     (rec["response_x"], rec["response_y"])
                     if x_wins
                     else (rec["response_y"], rec["response_x"])
                 )
-                levels = (str(rec["level_x"]), str(rec["level_y"]))
-                extra = {
-                    "chosen_level": levels[0 if x_wins else 1],
-                    "rejected_level": levels[1 if x_wins else 0],
+                # The level each response was written for (absent where the record has none).
+                levels = [str(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
+                          for v in (rec.get("level_x"), rec.get("level_y"))]  # fmt: skip
+                chosen_level, rejected_level = levels if x_wins else levels[::-1]
+                extra = {}
+                if chosen_level is not None:
+                    extra["chosen_level"] = chosen_level
+                if rejected_level is not None:
+                    extra["rejected_level"] = rejected_level
                     # The released `persona_rejected` ("The user is {level}." for review too).
-                    "rejected_description": f"The user is {levels[1 if x_wins else 0]}.",
-                }
-            key = str(level)  # one level is one user, as the released loader's groupby makes it
+                    extra["rejected_description"] = f"The user is {rejected_level}."
+            key = _level_key(level)  # one level is one user, as the released loader's groupby makes it
             traits = {"level": key}
             user_split = file_split or _hash_split(key, seed, test_fraction)
             # A user seen in both a train and a test file becomes two users: test users stay unseen.
@@ -270,14 +341,18 @@ def run_import(
                     "user_id": f"{kind}-{digest}{suffix}",
                     "domain": domain,
                     "split": user_split,
-                    "description": description,
+                    "description": description or "",
                     "traits": traits,
                     "_n": 0,
                     "_order": _level_order(level),
+                    "_described": description is not None,
                 }
             user = users[ukey]
-            if kind == "roleplay" and description != user["description"]:
-                extra = {"score_persona": description}  # this record's own persona, where it is not the user's
+            if kind == "roleplay" and description is not None:
+                if not user["_described"]:  # the level's first usable persona describes the user
+                    user["description"], user["_described"] = description, True
+                elif description != user["description"]:
+                    extra = {"score_persona": description}  # this record's own persona, where it is not the user's
             prefs.append(
                 {
                     "pref_id": f"{user['user_id']}-{user['_n']:05d}",
@@ -291,8 +366,10 @@ def run_import(
                 }
             )
             user["_n"] += 1
-        if len(prefs) + len(errors) == n_before:
-            errors.append(f"{file}: no records")
+        if len(prefs) == n_prefs and len(errors) == n_errors:
+            why = f" to import ({len(skipped) - n_skipped} skipped, e.g. {skipped[n_skipped]})" \
+                if len(skipped) > n_skipped else ""  # fmt: skip
+            errors.append(f"{file}: no records{why}")
     if errors:
         more = f"\n... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
         raise DataGenError("\n".join(errors[:MAX_REPORTED]) + more)
@@ -309,13 +386,29 @@ def run_import(
     try:
         out.mkdir(parents=True, exist_ok=True)
         with locked_dir(out):  # one writer per directory, as for gen-data
-            manifest, wrote = _write(out, kind, files, user_records, prefs, seed, overwrite)
+            notes = {"skipped": skipped, "kept_as_released": kept}
+            manifest, wrote = _write(out, kind, files, user_records, prefs, seed, overwrite, notes)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty
         raise
     return GenResult(out, manifest, 0.0, len(prefs) if wrote else 0, imported=True)
+
+
+def import_notes(manifest: dict) -> str | None:
+    """One line on what an import skipped and kept as released (the command prints it), or None when it was
+    clean."""
+    parts = []
+    for key, what in (("skipped", "skipped {n} record{s}"),
+                      ("kept_as_released", "kept {n} record{s} --strict refuses, read as the released loader reads "
+                                           "them")):  # fmt: skip
+        entry = manifest.get(key) or {}
+        n = entry.get("count", 0)
+        if n:
+            more = "; ..." if n > len(entry["examples"]) else ""
+            parts.append(what.format(n=n, s="" if n == 1 else "s") + f" ({'; '.join(entry['examples'])}{more})")
+    return f"import: {'; '.join(parts)} (manifest.json has the counts; --strict makes them errors)" if parts else None
 
 
 def _lines(records: list[dict]):
@@ -336,8 +429,9 @@ def _same_bytes(path: Path, chunks) -> bool:
     return want.digest() == have.digest()
 
 
-def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> tuple[dict, bool]:
-    """Write the three files (the caller holds the directory lock); returns (manifest, whether written)."""
+def _write(out: Path, kind, files, users, prefs, seed, overwrite, notes) -> tuple[dict, bool]:
+    """Write the three files (the caller holds the directory lock); returns (manifest, whether written).
+    `notes`: {"skipped": [...], "kept_as_released": [...]}, each record's "file:line: reason (outcome)"."""
     n_test = sum(u["split"] == "test" for u in users)
     manifest = {
         "format": "fspo-prefs/1",
@@ -356,6 +450,9 @@ def _write(out: Path, kind, files, users, prefs, seed, overwrite) -> tuple[dict,
             "test_users": n_test,
         },
         "stats": dataset_stats(users, prefs),
+        # Records not imported, and records imported as the released loader reads them though --strict refuses
+        # them: how many, and the first few (files by name, as in "sources": the manifest names no directory).
+        **{key: {"count": len(lines), "examples": lines[:MAX_EXAMPLES]} for key, lines in notes.items()},
     }
     if not overwrite:
         if (out / "manifest.json").exists():

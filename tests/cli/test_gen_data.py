@@ -63,6 +63,7 @@ def test_unreadable_import_file_in_a_real_process(tmp_path):
             "review",
             "--from",
             str(src),
+            "--strict",  # line 1, with no user level, is an error too (by default it is skipped)
         ],
         capture_output=True,
         text=True,
@@ -70,7 +71,7 @@ def test_unreadable_import_file_in_a_real_process(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
-        f"error: {src}:1: missing field 'response_x'",
+        f"error: {src}:1: missing field 'scorer_level'",
         f"{src}:2: not valid UTF-8",
     ]
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -131,9 +131,16 @@ def test_roleplay_users_are_levels_in_the_released_loaders_groupby_order(tmp_pat
      (["a list"], "field 'score_persona' has type list")],
 )
 def test_a_bad_score_persona_is_reported(tmp_path, persona, message):
-    src = write_jsonl(tmp_path / "roleplay.jsonl", [{**ROLEPLAY[0], "score_persona": persona}])
+    """--strict refuses it; by default the record is kept (the released loader never reads score_persona) and
+    the user is described by its level's first usable persona."""
+    src = write_jsonl(tmp_path / "roleplay.jsonl", [{**ROLEPLAY[0], "score_persona": persona}, ROLEPLAY[1]])
     with pytest.raises(DataGenError, match=rf"{src}:1: {message}"):
-        import_dataset("roleplay", [src], tmp_path / "out")
+        import_dataset("roleplay", [src], tmp_path / "out", strict=True)
+    manifest = import_dataset("roleplay", [src], tmp_path / "out")
+    [user] = read_jsonl(tmp_path / "out" / "users.jsonl")
+    assert user["description"] == ROLEPLAY[1]["score_persona"] and manifest["counts"]["prefs"] == 2
+    assert manifest["kept_as_released"]["count"] == 1 and manifest["skipped"]["count"] == 0
+    assert manifest["kept_as_released"]["examples"][0].startswith(f"roleplay.jsonl:1: {message} (kept")
 
 
 @pytest.mark.parametrize("kind", ["review", "elix"])
@@ -199,7 +206,7 @@ def test_malformed_files_report_path_and_line_and_write_nothing(tmp_path, conten
     src = tmp_path / "bad.jsonl"
     src.write_bytes(content)
     with pytest.raises(DataGenError, match=message) as info:
-        import_dataset("roleplay", [src], tmp_path / "out")
+        import_dataset("roleplay", [src], tmp_path / "out", strict=True)
     assert str(info.value).startswith(str(src))
     assert (
         not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "prefs.jsonl").exists()
@@ -210,7 +217,7 @@ def test_every_malformed_record_is_reported(tmp_path):
     bad = [{**REVIEW[0], "label": 2}, REVIEW[1], {**REVIEW[2], "prompt": None}]
     src = write_jsonl(tmp_path / "review.jsonl", bad)
     with pytest.raises(DataGenError) as info:
-        import_dataset("review", [src], tmp_path / "out")
+        import_dataset("review", [src], tmp_path / "out", strict=True)
     assert str(info.value).splitlines() == [
         f"{src}:1: label must be 0 or 1, not 2",
         f"{src}:3: missing field 'prompt'",
@@ -323,10 +330,10 @@ def test_unparsable_lines_are_reported_per_line_not_raised(tmp_path):
 
 
 @pytest.mark.parametrize("field", ["scorer_level", "level_x"])
-def test_a_blank_level_is_rejected(tmp_path, field):
+def test_a_blank_level_is_rejected_with_strict(tmp_path, field):
     src = write_jsonl(tmp_path / "review.jsonl", [{**REVIEW[0], field: "   "}])
     with pytest.raises(DataGenError, match=rf"{src}:1: empty {field}"):
-        import_dataset("review", [src], tmp_path / "out")
+        import_dataset("review", [src], tmp_path / "out", strict=True)
 
 
 def test_auto_split_matches_whole_words_of_the_file_name(tmp_path):
@@ -349,3 +356,150 @@ def test_foreign_dataset_files_are_not_replaced_without_overwrite(tmp_path):
     assert sorted(os.listdir(out)) == ["prefs.jsonl"]
     import_dataset("roleplay", [src], out, overwrite=True)
     assert "hand-labelled" not in (out / "prefs.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ released reading
+# The released loader (preference_datasets.py get_roleplay / get_review / get_elix), re-implemented from its rules
+# independently of the importer: which records it trains on, grouped into which users, read how.
+
+
+def released_groups(kind, records):
+    """Each user's (question, preferred, dispreferred) rows as the released loader reads the records: the
+    DataFrame grouped by its user column (groupby drops null and NaN keys; one column holds 2 and 2.0 as one
+    value), groups in sorted order, rows in file order, texts .strip()ped, and for review/elix response_x
+    preferred iff `label == 0`."""
+    column = "level" if kind == "roleplay" else "scorer_level"
+    groups = {}
+    for rec in records:
+        level = rec.get(column)
+        if level is None or level != level:  # null, NaN: not a group
+            continue
+        if kind == "roleplay":
+            row = (rec["x"].strip(), rec["yw"].strip(), rec["yl"].strip())
+        else:
+            x, y = rec["response_x"].strip(), rec["response_y"].strip()
+            row = (rec["prompt"].strip(), *((x, y) if rec["label"] == 0 else (y, x)))
+        groups.setdefault(level, []).append(row)
+    return [groups[level] for level in sorted(groups)]
+
+
+def imported_groups(out):
+    """The imported users' preferences, users in users.jsonl order, as stripped rows (rendering strips)."""
+    prefs = read_jsonl(out / "prefs.jsonl")
+    return [[(p["question"].strip(), p["chosen"].strip(), p["rejected"].strip()) for p in prefs
+             if p["user_id"] == u["user_id"]] for u in read_jsonl(out / "users.jsonl")]  # fmt: skip
+
+
+def test_roleplay_records_the_released_loader_drops_or_trains_on(tmp_path):
+    """A null or NaN level is dropped (groupby); a float level 2.0 is the user of level 2; empty and blank texts
+    and a missing score_persona are trained on. --strict refuses each of them."""
+    base = {"x": "q", "yw": "a", "yl": "b", "score_persona": "P"}
+    records = [
+        {**base, "level": 2, "x": "two"},
+        {**base, "level": None, "x": "null level"},
+        {**base, "level": 2.0, "x": "two, as a float", "yl": "   "},
+        {**base, "level": float("nan"), "x": "NaN level"},
+        {**base, "level": 1, "yw": ""},
+        {"x": "no persona", "yw": "a", "yl": "b", "level": 3},
+        {**base, "level": 1.5, "x": "a level between"},
+    ]
+    src = write_jsonl(tmp_path / "rp_train.jsonl", records)  # json.dumps writes NaN, which json.loads reads
+    manifest = import_dataset("roleplay", [src], tmp_path / "out")
+    assert imported_groups(tmp_path / "out") == released_groups("roleplay", records)
+    users = read_jsonl(tmp_path / "out" / "users.jsonl")
+    assert [u["traits"]["level"] for u in users] == ["1", "1.5", "2", "3"]
+    assert users[-1]["description"] == ""  # level 3's only record has no persona
+    assert manifest["skipped"] == {"count": 2, "examples": [
+        "rp_train.jsonl:2: missing field 'level' (skipped: the released loader's groupby drops the record)",
+        "rp_train.jsonl:4: field 'level' is NaN (skipped: the released loader's groupby drops the record)"]}
+    kept = manifest["kept_as_released"]
+    assert kept["count"] == 3 and [e.split(" (")[0] for e in kept["examples"]] == [
+        "rp_train.jsonl:3: empty yl", "rp_train.jsonl:5: empty yw", "rp_train.jsonl:6: missing field 'score_persona'"]
+
+    with pytest.raises(DataGenError) as info:
+        import_dataset("roleplay", [src], tmp_path / "strict", strict=True)
+    assert [ln.split(": ", 1)[0] for ln in str(info.value).splitlines()] == [f"{src}:{n}" for n in (2, 3, 4, 5, 6)]
+    assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.parametrize("kind", ["review", "elix"])
+def test_review_and_elix_records_the_released_loader_drops_or_trains_on(tmp_path, kind):
+    """A null scorer_level is dropped; a blank one is a user; any label but 0 (2, null, true) makes response_y
+    preferred, as `label == 0` reads it, and 0.0 / false response_x; a null level_x is trained on (no
+    rejected_description then); a whitespace-only response too."""
+    base = {**REVIEW[0], "scorer_level": "expert"}
+    records = [
+        {**base, "label": 2, "prompt": "label 2"},
+        {**base, "label": None, "prompt": "label null"},
+        {**base, "label": 0.0, "prompt": "label 0.0"},
+        {**base, "label": True, "prompt": "label true"},
+        {**base, "label": False, "prompt": "label false"},
+        {**base, "scorer_level": None, "prompt": "no user"},
+        {**base, "scorer_level": "", "prompt": "blank user"},
+        {**base, "label": 1, "level_x": None, "prompt": "null level_x"},
+        {**base, "label": 1, "response_y": " \n ", "prompt": "blank response"},
+        {**base, "label": 1.0, "prompt": "label 1.0"},
+    ]
+    src = write_jsonl(tmp_path / f"{kind}_train.jsonl", records)
+    manifest = import_dataset(kind, [src], tmp_path / "out")
+    assert imported_groups(tmp_path / "out") == released_groups(kind, records)
+    prefs = {p["question"]: p for p in read_jsonl(tmp_path / "out" / "prefs.jsonl")}
+    # label 1: response_x, written for the null level, is the rejected one.
+    assert "rejected_description" not in prefs["null level_x"] and prefs["null level_x"]["chosen_level"] == "technical"
+    assert prefs["label 2"]["rejected_description"] == "The user is casual."  # response_x lost: written for casual
+    assert manifest["skipped"]["count"] == 1 and manifest["skipped"]["examples"][0].startswith(
+        f"{kind}_train.jsonl:6: missing field 'scorer_level'")
+    assert manifest["kept_as_released"]["count"] == 7  # labels 2, null, true, false; blank user; level_x; response
+
+    with pytest.raises(DataGenError) as info:
+        import_dataset(kind, [src], tmp_path / "strict", strict=True)
+    assert [ln.split(": ", 1)[0] for ln in str(info.value).splitlines()] == [
+        f"{src}:{n}" for n in (1, 2, 4, 5, 6, 7, 8, 9)]
+
+
+def test_records_no_reader_can_read_are_skipped_and_malformed_json_is_an_error_in_either_mode(tmp_path):
+    """A null or non-string text makes the released loader fail (`.strip()`), a lone surrogate cannot be written
+    as UTF-8, a level that is a list names no user: skipped and counted by default, errors with --strict. A
+    line that is not JSON is an error either way; a file whose records are all skipped is one too."""
+    good = ROLEPLAY[0]
+    records = [good, {**good, "x": None}, {**good, "yw": 7}, {**good, "level": [1]}, good]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(4, json.dumps(good).replace("A quiet", "\\ud800 quiet"))
+    src = tmp_path / "rp.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    manifest = import_dataset("roleplay", [src], tmp_path / "out")
+    assert manifest["counts"]["prefs"] == 2 and manifest["kept_as_released"]["count"] == 0
+    assert [e.split(" (")[0] for e in manifest["skipped"]["examples"]] == [
+        "rp.jsonl:2: missing field 'x'", "rp.jsonl:3: field 'yw' has type int", "rp.jsonl:4: field 'level' has type list",
+        "rp.jsonl:5: field 'yw' is not valid Unicode"]
+    with pytest.raises(DataGenError) as info:
+        import_dataset("roleplay", [src], tmp_path / "strict", strict=True)
+    assert len(str(info.value).splitlines()) == 4
+
+    src.write_text("\n".join(lines) + "\n{not json\n")
+    for strict in (False, True):
+        with pytest.raises(DataGenError, match=rf"{src}:7: invalid JSON"):
+            import_dataset("roleplay", [src], tmp_path / "json", strict=strict)
+    bad = write_jsonl(tmp_path / "all_bad.jsonl", [{**good, "level": None}])
+    with pytest.raises(DataGenError, match=rf"^{bad}: no records to import \(1 skipped, e\.g\. all_bad\.jsonl:1: "):
+        import_dataset("roleplay", [write_jsonl(tmp_path / "fine.jsonl", [good]), bad], tmp_path / "none")
+
+
+def test_cli_prints_one_summary_line_and_strict_exits_non_zero(tmp_path):
+    from helpers import cli_in_process
+
+    records = [ROLEPLAY[0], {**ROLEPLAY[0], "level": None}, {**ROLEPLAY[1], "yl": ""}, *[{**ROLEPLAY[1], "level": None}] * 6]
+    src = write_jsonl(tmp_path / "rp.jsonl", records)
+    res = cli_in_process("gen-data", "--import", "roleplay", "--from", src, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith("import: skipped 7 records (rp.jsonl:2: missing field 'level' (skipped: ")
+    assert "; ...)" in line and "kept 1 record --strict refuses" in line and "rp.jsonl:3: empty yl" in line
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]["count"] == 7
+
+    res = cli_in_process("gen-data", "--import", "roleplay", "--from", src, "--out", tmp_path / "strict", "--strict")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"{src}:2: missing field 'level'" in res.stderr and f"{src}:3: empty yl" in res.stderr
+    assert not (tmp_path / "strict").exists()
+    res = cli_in_process("gen-data", "--out", tmp_path / "gen", "--strict")
+    assert res.returncode != 0 and "--strict needs --import" in res.stderr

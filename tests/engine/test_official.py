@@ -73,7 +73,9 @@ def released_episodes(kind, records, num_shots, seed=0, epochs=1, add_persona=Fa
     column = "level" if kind == "roleplay" else "scorer_level"
     groups: dict = {}
     for rec in records:
-        groups.setdefault(rec[column], []).append(rec)
+        if rec[column] is None or rec[column] != rec[column]:  # groupby drops null and NaN keys
+            continue
+        groups.setdefault(rec[column], []).append(rec)  # one key for 2 and 2.0, as in one DataFrame column
     data: dict[str, list] = {}  # the released loader keys its data by prompt text
     for _ in range(2 * (num_shots + 1)):
         for level in sorted(groups):  # DataFrame.groupby sorts its keys
@@ -308,6 +310,33 @@ def test_batches_of_several_epochs_are_the_released_loops(tmp_path, stage):
     # The reference log-probs cover exactly the episodes trained on: each epoch's whole batches.
     assert plan.episodes_used(steps) == [whole] * epochs
     assert plan.episodes_used(steps - 1) == [whole] * (epochs - 1) + [whole - 3]
+
+
+def test_records_the_released_loader_drops_or_reads_oddly_still_give_its_episodes(tmp_path):
+    """Null and NaN levels (dropped by its groupby), float levels (2.0 is level 2), empty and blank responses,
+    records without a score_persona: the imported dataset's official windows are still the released episodes."""
+    rng = random.Random(4)
+    records = []
+    for rec in roleplay_records(seed=4, levels=(1, 2, 3)):
+        roll = rng.random()
+        if roll < 0.1:
+            rec = {**rec, "level": None if roll < 0.05 else float("nan")}
+        elif roll < 0.3:
+            rec = {**rec, "level": float(rec["level"])}
+        elif roll < 0.4:
+            rec = {**rec, "yl": " " * rng.randint(0, 2)}
+        elif roll < 0.5:
+            rec = {k: v for k, v in rec.items() if k != "score_persona"}
+        records.append(rec)
+    dataset = import_records(tmp_path, "roleplay", records, "odd")
+    manifest = json.loads((tmp_path / "odd" / "manifest.json").read_text())
+    assert manifest["skipped"]["count"] > 0 and manifest["kept_as_released"]["count"] > 0
+    released = released_episodes("roleplay", records, 3, epochs=2)
+    episodes = official_windows(dataset, "train", 3, seed=0)
+    for e in range(2):
+        ordered = official_epoch_order(episodes, seed=0, epoch=e)
+        assert [(render_prompt(ep.shots, ep.target.question), *target_texts(ep)) for ep in ordered] == released[e]
+    assert len(released[0]) > 20
 
 
 def test_the_epoch_seeds_are_a_prefix_of_the_released_loaders_million():
