@@ -307,6 +307,11 @@ def test_batches_of_several_epochs_are_the_released_loops(tmp_path, stage):
             prompt, chosen, rejected = text(ep.prompt_ids), text(ep.chosen_ids[:-1]), text(ep.rejected_ids[:-1])
             got += [(prompt, chosen), (prompt, rejected)] if stage == "pref-ft" else [(prompt, chosen, rejected)]
         assert got == want[step], step
+    # A resumed run builds a fresh plan and asks for its steps from the checkpoint on: the same batches, in any
+    # order (nothing carries over from the steps before).
+    fresh = EpisodePlan(dataset, CharTokenizer(), cfg, stage)
+    for step in (steps - 1, len(want) // 2, 0):
+        assert [e.episode_id for e in fresh.batch(step)] == [e.episode_id for e in plan.batch(step)]
     # The reference log-probs cover exactly the episodes trained on: each epoch's whole batches.
     assert plan.episodes_used(steps) == [whole] * epochs
     assert plan.episodes_used(steps - 1) == [whole] * (epochs - 1) + [whole - 3]
