@@ -75,10 +75,9 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
     policy_dir = run.policy
     if description is None:
         description = default_description_mode(run.config.data.user_description)
-    settings_bos = run.config.data.bos
     settings = dict(max_tokens=max_tokens, max_new_tokens=max_new_tokens,
                     max_description_tokens=max_description_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    bos=settings_bos)
+                    bos=run.config.data.bos, split_special_tokens=run.config.data.split_special_tokens)
     if out_file is None:
         return _one(dataset, policy_dir, user_id, question, shots, description, settings, show_prompt, device, server)
 
@@ -87,10 +86,10 @@ def generate(model, data_dir, out_file, split, users, per_user, user_id, questio
 
     user_list = [u.strip() for u in users.split(",") if u.strip()] if users else None
     items = sample_items(dataset, split, shots, seed, user_list, per_user)
-    bos = settings.pop("bos")
+    bos, split_special = settings.pop("bos"), settings.pop("split_special_tokens")
     # Remote replies are cached beside the output (resume after a kill); local answers are not cached.
     cache_dir = None if server is None else Path(out_file).parent / f".{Path(out_file).stem}-cache"
-    answers = side_answers(Side("model", policy_dir, shots, description, bos, server), items, cache_dir,
+    answers = side_answers(Side("model", policy_dir, shots, description, bos, server, split_special), items, cache_dir,
                            device=device, **settings)
     records = [{
         "user_id": ep.user_id,

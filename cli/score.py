@@ -25,7 +25,7 @@ from fspo_engine.cli.eval import description_option, resolve_description
     type=click.Path(dir_okay=False, path_type=str),
     help="Output JSON Lines file (written atomically).",
 )
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "all"]))
 @click.option(
     "--shots", default="8", show_default=True, help="Shots per episode: N or LO-HI (sampled per episode)."
 )

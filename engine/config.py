@@ -119,7 +119,7 @@ class RunSection:
     log_every: int = 1  # metrics.jsonl line every N steps
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard extra)
     progress: bool = True  # progress bar
-    eval_every: int = 0  # held-out metrics (test users) every N optimiser steps and at each stage's end (0 = never)
+    eval_every: int = 0  # held-out metrics (val users; test users when the data has none) every N optimiser steps and at each stage's end (0 = never)
     eval_episodes: int = 64  # held-out episodes per evaluation: a fixed sample at the training shot counts
 
 

@@ -79,7 +79,7 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
     device = pick_device(device)
     policy_dir, ref_dir = run.policy, run.reference
     dataset = load_dataset(data)
-    tokenizer = load_tokenizer(policy_dir)
+    tokenizer = load_tokenizer(policy_dir, split_special_tokens=run.config.data.split_special_tokens)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = load_model(policy_dir, dtype=dtype, device=device).eval()
     ref = load_model(ref_dir, dtype=dtype, device=device).eval() if ref_dir is not None else None

@@ -131,10 +131,11 @@ class Generator:
                 for o, n, p in zip(outs, kept, prompts)]
 
 
-def load_generator(model_dir, device=None, **settings) -> Generator:
-    """A Generator over the model in `model_dir` (HF format), on `device` (bf16 on CUDA, fp32 elsewhere)."""
+def load_generator(model_dir, device=None, split_special_tokens: bool = True, **settings) -> Generator:
+    """A Generator over the model in `model_dir` (HF format), on `device` (bf16 on CUDA, fp32 elsewhere);
+    `split_special_tokens` as the run trained (data.split_special_tokens)."""
     dev = pick_device(device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, split_special_tokens=split_special_tokens)
     model = load_model(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev).eval()
     return Generator(model, tokenizer, turn_stop_ids(model_dir, tokenizer.eos_id, model.config.eos_token_id),
                      where=str(model_dir), **settings)

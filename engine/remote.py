@@ -140,14 +140,15 @@ def _refused_status(exc) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def load_remote_generator(model_dir, server: Server, cache_dir: Path | None = None, **settings) -> RemoteGenerator:
+def load_remote_generator(model_dir, server: Server, cache_dir: Path | None = None, split_special_tokens: bool = True,
+                          **settings) -> RemoteGenerator:
     """A RemoteGenerator for the model in `model_dir` served by `server`: only the tokenizer and config.json are
     read here (the server holds the weights)."""
     try:
         import openai  # noqa: F401
     except ImportError:
         raise FspoError(f"{server.flag} openai needs the openai package: pip install 'fspo-engine[llm]'") from None
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, split_special_tokens=split_special_tokens)
     config = read_config(model_dir)
     check_ids_fit(tokenizer, config.vocab_size, str(model_dir))
     return RemoteGenerator(None, tokenizer, turn_stop_ids(model_dir, tokenizer.eos_id, config.eos_token_id),

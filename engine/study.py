@@ -567,7 +567,8 @@ class LocalAnswerer:
         for side in sides:
             key = (str(side.model_dir), side.bos)
             if key not in self._gens:
-                self._gens[key] = load_generator(side.model_dir, device=device, bos=side.bos, **settings)
+                self._gens[key] = load_generator(side.model_dir, device=device, bos=side.bos,
+                                                 split_special_tokens=side.split_special_tokens, **settings)
 
     def generate_answers(self, side, episodes: list[Episode], seed: int) -> list[dict]:
         """`side`'s answer to each episode's target question after `side.shots` of its shots: dicts with
@@ -606,7 +607,7 @@ class RemoteAnswerer:
             except ImportError:
                 raise FspoError("--generator-url needs the openai package: pip install 'fspo-engine[llm]'") from None
             client_factory = lambda: LLMClient(model=model, base_urls=url, concurrency=concurrency)
-        self.tokenizer = load_tokenizer(sides[0].model_dir)
+        self.tokenizer = load_tokenizer(sides[0].model_dir, split_special_tokens=sides[0].split_special_tokens)
         self.bos = sides[0].bos
         self.settings = dict(max_tokens=max_tokens, max_new_tokens=max_new_tokens,
                              max_description_tokens=max_description_tokens, temperature=temperature, top_p=top_p)

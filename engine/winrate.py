@@ -63,6 +63,7 @@ class Side:
     description: str  # "none" | "generated" | "oracle"
     bos: bool = True  # the prompt starts with bos, as the run trained (data.bos)
     server: Server | None = None  # generate on this completions server (engine/remote.py), else in-process
+    split_special_tokens: bool = True  # a special token's text in the data is plain text (data.split_special_tokens)
 
 
 def plan_sides(model: str, baseline: str, shots: int, description: str | None) -> tuple[Side, Side]:
@@ -71,19 +72,19 @@ def plan_sides(model: str, baseline: str, shots: int, description: str | None) -
     policy_dir, bos = run.policy, run.config.data.bos
     trained_with = run.config.data.user_description
     mode = description or default_description_mode(trained_with)
-    ours = Side("model", policy_dir, shots, mode, bos)
+    ours = Side("model", policy_dir, shots, mode, bos, split_special_tokens=run.config.data.split_special_tokens)
     if baseline == "zero-shot":
-        return ours, Side("zero-shot", policy_dir, 0, mode, bos)
+        return ours, dataclasses.replace(ours, name="zero-shot", shots=0)
     if baseline == "oracle-description":
         if not trained_with:
             raise FspoError(f"--baseline oracle-description: {model} did not train with user descriptions "
                             "(data.user_description), so it cannot answer after one")
         if mode == "oracle":
             raise FspoError("--baseline oracle-description against --description oracle compares a model with itself")
-        return ours, Side("oracle-description", policy_dir, shots, "oracle", bos)
+        return ours, dataclasses.replace(ours, name="oracle-description", description="oracle")
     other = load_run(baseline)
     return ours, Side(str(baseline), other.policy, shots, default_description_mode(other.config.data.user_description),
-                      other.config.data.bos)
+                      other.config.data.bos, split_special_tokens=other.config.data.split_special_tokens)
 
 
 def sample_items(dataset: Dataset, split: str, shots: int, seed: int, users: list[str] | None = None,
@@ -132,10 +133,11 @@ def side_answers(side: Side, items: list[Episode], cache_dir: Path | None, *, de
         except (OSError, ValueError):
             pass  # a damaged cache file: generate again
     if side.server is None:
-        gen = load_generator(side.model_dir, device=device, bos=side.bos, **settings)
+        gen = load_generator(side.model_dir, device=device, bos=side.bos,
+                             split_special_tokens=side.split_special_tokens, **settings)
     else:
         gen = load_remote_generator(side.model_dir, side.server, None if cache_dir is None else cache_dir / "generate",
-                                    bos=side.bos, **settings)
+                                    bos=side.bos, split_special_tokens=side.split_special_tokens, **settings)
     with tqdm(total=len(eps), desc=f"generate ({side.name})", unit="answer", leave=False,
               disable=None if progress else True) as bar:
         out = answer(gen, eps, side.description, on_done=bar.update)
@@ -151,6 +153,8 @@ def _answers_key(side: Side, eps: list[Episode], settings: dict) -> str:
     blob = {"model": str(side.model_dir.resolve()), "files": files, "description": side.description, "bos": side.bos,
             "items": [[ep.episode_id, [s.pref_id for s in ep.shots], ep.description] for ep in eps],
             "settings": settings}
+    if not side.split_special_tokens:  # only when not the default: older caches keep their keys
+        blob["split_special_tokens"] = False
     if side.server is not None:  # not the URL: any server of the same model gives the same answers
         blob["served_model"] = side.server.model
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
