@@ -113,7 +113,7 @@ class TemplateDomain(ABC):
         """The attribute vector this user likes best (needed only with `minimal_pairs`)."""
         return {axis: traits[axis] for axis in self.axes}
 
-    # --- reading texts back: the template judge and the Bayes-optimal accuracy ----------------
+    # --- reading texts back: the template judge and the Bayes references ----------------
     @abstractmethod
     def read_attrs(self, text: str) -> dict[str, str | None]:
         """The attribute vector a response carries, read back from its text: the inverse of `compose` on

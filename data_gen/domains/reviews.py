@@ -205,7 +205,8 @@ QS_AXES = {axis: tuple(words) for axis, words in QS_TRAIT_WORDS.items()}
 # once or twice, and cannot tell the held-out ones from the others they happen not to cover. With few
 # combinations (six binary traits, 64) the training users covered all but the held-out ones, and a model that
 # learnt their prior wrote the test users' unrevealed traits *against* the shots' evidence: a predictor
-# believing that prior scored 0.51/0.56/0.72/0.75 at 1/2/4/8 shots where the ceiling was 0.62/0.71/0.83/0.94.
+# believing that prior scored 0.51/0.56/0.72/0.75 at 1/2/4/8 shots where the population-prior reference was
+# 0.62/0.71/0.83/0.94.
 QS_HELDOUT_ORBITS = 2
 # The quickstart-easy preset's words: each trait value owns a small set, used two at a time.
 QS_SENTIMENT = {
@@ -231,8 +232,8 @@ class QuickstartReviews(TemplateDomain):
     responses mention only that axis, with different values, and the chosen one carries the user's value, so a
     shot reveals exactly one trait of the user. Two-trait pairs (one or two, as the other template domains)
     also made pairs whose chosen side matched the user on only one of its two traits; the descriptions the
-    model wrote then copied the other one too, and 8-shot accuracy stayed 0.08 below the ceiling
-    (benchmarks/RESULTS.md). With the other axes filled in at random instead, Pref-FT's signal was too weak
+    model wrote then copied the other one too, and 8-shot accuracy stayed 0.08 below the population-prior
+    reference (benchmarks/RESULTS.md). With the other axes filled in at random instead, Pref-FT's signal was too weak
     for a 3-layer model to learn from in CPU minutes."""
 
     name = "reviews"

@@ -1,5 +1,5 @@
 """The template generator read backwards: responses back into attributes, descriptions back into traits,
-and the Bayes-optimal few-shot accuracy, checked against an exact brute force and against the generator."""
+and the Bayes (population-prior) few-shot reference, checked against an exact brute force and against the generator."""
 
 from __future__ import annotations
 

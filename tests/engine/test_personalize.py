@@ -1,5 +1,5 @@
 """User descriptions at evaluation time: inferred from the shots by default, the true one only as "oracle";
-`generate --out` writes every (user, question); the Bayes-optimal column on template data."""
+`generate --out` writes every (user, question); the Bayes reference columns on template data."""
 
 from __future__ import annotations
 
