@@ -88,7 +88,8 @@ def evaluate(model: str, data: str, shots: list[int], split: str = "test", max_t
     for n in shots:
         eps = sample_episodes(dataset, split, n, seed=seed, epoch=0, episodes_per_user=episodes_per_user)
         if not eps:
-            raise FspoError(f"{dataset.root}: no {split} users with preferences to evaluate on")
+            hint = "; gen-data --val-fraction F makes a val split" if split == "val" else ""
+            raise FspoError(f"{dataset.root}: no {split} users with preferences to evaluate on{hint}")
         if description != "oracle":
             eps = hide_descriptions(eps)
         if description == "generated":

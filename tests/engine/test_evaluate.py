@@ -129,3 +129,12 @@ def test_a_policy_equal_to_its_reference_scores_half(data_with_val, model_dir, t
     for r in report["results"]:
         assert r["mean_margin"] == 0.0
         assert r["accuracy"] == 0.5 and r["ci95"] == [0.5, 0.5]
+
+
+def test_eval_split_val_without_val_users_says_how_to_make_them(model_dir, tmp_path):
+    data = tmp_path / "no-val"
+    generate_dataset(data, preset="quickstart", users=20, prefs_per_user=3, progress=False)
+    res = cli("eval", "--model", model_dir, "--data", data, "--split", "val", "--shots", "0", "--out",
+              tmp_path / "F.json")
+    assert res.returncode != 0 and "no val users" in res.stderr and "--val-fraction" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "F.json").exists()
